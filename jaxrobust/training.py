@@ -79,7 +79,8 @@ def accuracy(net: Network, x, y, batch_size: int = 1000) -> float:
 def train(net: Network, x, y, *, epochs: int = 3, batch_size: int = 128, learning_rate: float = 1e-3,
           eps: float = 0.0, eps_warmup: int = 0, pgd_steps: int = 10, seed: int = 0,
           progress: bool = True) -> tuple[Network, list[float]]:
-    """Train ``net`` on ``x: (N, *input_shape)``, ``y: (N,)`` with Adam; PGD adversarial training when ``eps > 0``.
+    """Train ``net`` on ``x: (N, *input_shape)``, ``y: (N,)`` with Adam and a cosine learning-rate decay;
+    PGD adversarial training when ``eps > 0``.
 
     ``eps_warmup`` epochs of standard training come first (stabilises adversarial training of small nets).
     Returns the trained network and the mean loss of each epoch.
@@ -90,14 +91,14 @@ def train(net: Network, x, y, *, epochs: int = 3, batch_size: int = 128, learnin
         raise InputError(f"training labels must be integers in [0, {net.num_classes}) of shape ({len(x)},)")
     if eps < 0:
         raise InputError(f"eps must be >= 0, got {eps}")
-    optimizer = optax.adam(learning_rate)
+    steps_per_epoch = len(x) // batch_size
+    optimizer = optax.adam(optax.cosine_decay_schedule(learning_rate, max(epochs * steps_per_epoch, 1)))
     state = TrainState(net.params, optimizer.init(net.params))
     plain = make_step(net.apply, optimizer, domain=net.domain)
     robust = make_step(net.apply, optimizer, eps=eps, steps=pgd_steps, domain=net.domain) if eps > 0 else plain
     key = jax.random.PRNGKey(seed)
     rng = np.random.default_rng(seed)
     history = []
-    steps_per_epoch = len(x) // batch_size
     for epoch in range(epochs):
         step = plain if epoch < eps_warmup else robust
         order = rng.permutation(len(x))
