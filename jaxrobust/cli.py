@@ -106,6 +106,138 @@ def train_cmd(args):
     print(f"saved {args.out} (hash {digest})")
 
 
+# --- critical-eps / distribution / demo -------------------------------------------------------
+def _critical_eps_options(p):
+    p.add_argument("--network", "-n", default="mnist-mlp",
+                   help="bundled name (mnist-mlp, mnist-mlp-pgd), .onnx file or .msgpack weights")
+    p.add_argument("--dataset", "-d", default="mnist", help="mnist | fashion_mnist | cifar10 | gtsrb, optionally NAME:PATH")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--indices", default="0:100", help="e.g. 0:100, 3,5,9 or 0:1000:10")
+    p.add_argument("--oracle", default="crown", choices=["attack", "ibp", "crown", "alpha-crown", "complete"])
+    p.add_argument("--tol", type=float, default=0.001, help="bisection tolerance (default 0.001)")
+    p.add_argument("--grid-step", type=float, help="search the grid step, 2·step, ... ≤ eps-max instead (paper: 0.002)")
+    p.add_argument("--eps-max", type=float, default=0.5, help="upper end of the search interval")
+    p.add_argument("--attack-steps", type=int, default=40)
+    p.add_argument("--timeout", type=float, default=60.0, help="per-query time limit of the complete oracle (s)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--chunk", type=int, default=64, help="inputs per committed chunk")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
+    p.add_argument("--resume", action="store_true", help="skip inputs already stored with the same configuration")
+    p.add_argument("--csv", help="also export all rows of the results file to this CSV")
+
+
+def _search_config(args):
+    from .critical_eps import SearchConfig
+    grid = None
+    if args.grid_step:
+        import numpy as np
+        grid = tuple(float(v) for v in np.round(np.arange(1, int(args.eps_max / args.grid_step + 1e-9) + 1)
+                                                * args.grid_step, 10))
+    return SearchConfig(eps_max=args.eps_max, tol=args.tol, grid=grid, seed=args.seed)
+
+
+@command("critical-eps", "critical ε per input by batched bisection over an oracle, stored in HDF5",
+         _critical_eps_options)
+def critical_eps_cmd(args):
+    from .critical_eps import CSV_COLUMNS, run
+    from .data import load_dataset, parse_indices
+    from .weights import load_network
+    net = load_network(args.network)
+    ds = load_dataset(args.dataset, args.split)
+    idx = parse_indices(args.indices, len(ds.y))
+    options = {"attack_steps": args.attack_steps}
+    if args.oracle == "complete":
+        options["timeout"] = args.timeout
+    store = run(net, ds, idx, args.oracle, _search_config(args), args.out, resume=args.resume, chunk=args.chunk,
+                batch_size=args.batch_size, oracle_options=options)
+    print(f"{len(store)} rows in {args.out}")
+    if args.csv:
+        print(f"wrote {store.to_csv(args.csv, CSV_COLUMNS)} rows to {args.csv}")
+
+
+def _distribution_options(p):
+    p.add_argument("results", help="HDF5 file written by critical-eps")
+    p.add_argument("--by", default="network_name,split", help="grouping columns (default network_name,split)")
+    p.add_argument("--plot", metavar="DIR", help="write ECDF, histogram and correlation PNGs here")
+    p.add_argument("--bootstrap", type=int, default=1000, help="replicates of the Lilliefors-style bootstrap")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+@command("distribution", "analyse critical-ε results: ECDF, log-normal fit + KS, train vs test, correlations",
+         _distribution_options)
+def distribution_cmd(args):
+    from pathlib import Path
+    from .distributions import summarize
+    if not Path(args.results).is_file():
+        raise FileNotFoundError(f"no results file {args.results}")
+    out = summarize(args.results, by=tuple(args.by.split(",")), bootstrap=args.bootstrap, plot_dir=args.plot)
+    if args.json:
+        print(json.dumps(out, indent=2, default=float))
+    else:
+        print(_format_summary(out))
+
+
+def _fmt(v, spec=".4f"):
+    return "-" if v is None else format(v, spec)
+
+
+def _format_summary(out) -> str:
+    lines = []
+    for g in out["groups"]:
+        name = " / ".join(str(v) for k, v in g.items() if k in ("network_name", "split", "network", "dataset", "oracle"))
+        lines.append(f"{name}: n={g['n']}  " + "  ".join(f"{k}={v}" for k, v in g["status"].items()))
+        lines.append(f"  median ε lower {_fmt(g['median_lower'])}  upper {_fmt(g['median_upper'])}  "
+                     f"median time {_fmt(g['median_time_s'], '.3f')} s")
+        if "lognormal" in g:
+            f = g["lognormal"]
+            lines.append(f"  log-normal fit (n={f['n']}): median {f['median']:.4f}, σ(log) {f['sigma']:.3f}; "
+                         f"KS D={f['ks_statistic']:.3f} p={f['ks_p']:.3f}, bootstrap p={f['lilliefors_p']:.3f}")
+    for c in out["comparisons"]:
+        lines.append(f"train vs test {c.get('network_name', '')}: medians {c['median_a']:.4f} vs {c['median_b']:.4f}; "
+                     f"KS p={c['ks_p']:.3g}, Mann-Whitney p={c['mannwhitney_p']:.3g}")
+    if out["correlation"]:
+        c = out["correlation"]
+        lines.append("Spearman correlation across networks (shared inputs):")
+        for i, n in enumerate(c["names"]):
+            lines.append(f"  {n:>24} " + " ".join("   -  " if v != v else f"{v:6.2f}" for v in c["spearman"][i]))
+    for p in out.get("plots", []):
+        lines.append(f"plot: {p}")
+    return "\n".join(lines)
+
+
+def _demo_options(p):
+    p.add_argument("--network", "-n", default="mnist-mlp", help="network (default: the bundled mnist-mlp)")
+    p.add_argument("--images", type=int, default=100, help="number of MNIST test images (default 100)")
+    p.add_argument("--out", "-o", help="keep the HDF5 results here (default: a temporary file)")
+
+
+@command("demo", "critical-ε distribution of the bundled MNIST network on bundled test images, end to end",
+         _demo_options)
+def demo_cmd(args):
+    import tempfile
+    import time
+    from pathlib import Path
+    from .critical_eps import SearchConfig, run
+    from .data import load_dataset, to_network_input
+    from .distributions import summarize
+    from .training import accuracy
+    from .weights import load_network
+    t0 = time.perf_counter()
+    net = load_network(args.network)
+    ds = load_dataset("mnist", "test")
+    n = min(args.images, len(ds.y))
+    acc = accuracy(net, to_network_input(ds.x, net.input_shape), ds.y)
+    print(f"network {net.name} ({net.num_params:,} parameters, hash {net.hash}); "
+          f"accuracy {acc:.4f} on {len(ds.y)} MNIST test images")
+    print(f"critical ε of test images 0..{n - 1}: CROWN proofs + PGD counterexamples, bisection to 0.001")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or str(Path(tmp) / "demo.h5")
+        run(net, ds, range(n), "crown", SearchConfig(eps_max=0.3, tol=0.001), out, resume=True)
+        print(_format_summary(summarize(out, bootstrap=500)))
+    print(f"done in {time.perf_counter() - t0:.1f} s")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrobust", description="Robustness of neural-network classifiers in JAX.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")

@@ -116,3 +116,78 @@ def correlations(by_network: Mapping[str, Mapping[int, float]]) -> Correlation:
                     rho[i, j] = stats.spearmanr(a, b).statistic
                     r[i, j] = stats.pearsonr(a, b).statistic
     return Correlation(names, n, rho, r)
+
+
+def critical_value(rows: Mapping[str, np.ndarray]) -> np.ndarray:
+    """The critical ε of each stored row: the proved ``eps_lower``, or ``eps_upper`` for attack-only rows
+    (an upper bound). NaN for misclassified, errored and censored rows."""
+    attack = rows["oracle"] == "attack"
+    v = np.where(attack, rows["eps_upper"], rows["eps_lower"]).astype(float)
+    bad = np.isin(rows["status"], ["misclassified", "error"]) | (attack & (rows["status"] == "censored"))
+    return np.where(bad, np.nan, v)
+
+
+def summarize(path, *, by: tuple = ("network_name", "split"), bootstrap: int = 1000, plot_dir=None) -> dict:
+    """Analyse a ``critical_eps`` results file: per group (default network × split) status counts, medians,
+    log-normal fit with KS and bootstrap p-values; train vs test comparison per network; correlation across
+    networks on shared inputs. Writes ECDF, histogram and heat-map PNGs into ``plot_dir`` when given."""
+    from . import plots
+    from .critical_eps import TABLE, columns
+    from .store import ResultStore
+
+    import h5py
+    with h5py.File(path, "r") as f:
+        if TABLE not in f:
+            raise InputError(f"{path} holds no critical-ε results (table {TABLE!r} missing)")
+        shape = f[TABLE]["counterexample"].shape[1:]
+    rows = ResultStore(path, TABLE, columns(shape)).read(
+        ["network", "network_name", "dataset", "split", "index", "oracle", "status", "eps_lower", "eps_upper", "time_s"])
+    value = critical_value(rows)
+    keys = [tuple(str(rows[k][i]) for k in by) for i in range(len(value))]
+    out = {"groups": [], "comparisons": [], "correlation": None}
+    curves, fits, hists = {}, {}, {}
+    for g in sorted(set(keys)):
+        m = np.array([k == g for k in keys])
+        v = value[m]
+        pos = v[np.isfinite(v) & (v > 0)]
+        st = rows["status"][m]
+        entry = {**dict(zip(by, g)), "n": int(m.sum()),
+                 "status": {s: int((st == s).sum()) for s in np.unique(st)},
+                 "median_lower": _nanmedian(rows["eps_lower"][m]), "median_upper": _nanmedian(rows["eps_upper"][m]),
+                 "median_time_s": _nanmedian(rows["time_s"][m]), "n_fit": int(pos.size)}
+        if pos.size >= 3:
+            entry["lognormal"] = lognormal_fit(pos, bootstrap=bootstrap)._asdict()
+            fits["/".join(g)] = (entry["lognormal"]["mu"], entry["lognormal"]["sigma"])
+        out["groups"].append(entry)
+        ok = ~np.isin(st, ["misclassified", "error"])
+        curves["/".join(g)] = (rows["eps_lower"][m][ok], rows["eps_upper"][m][ok])
+        hists["/".join(g)] = v
+    if "split" in by:
+        others = [k for k in by if k != "split"]
+        for g in sorted({tuple(dict(zip(by, k))[o] for o in others) for k in keys}):
+            sel = {s: np.array([all(dict(zip(by, k))[o] == gv for o, gv in zip(others, g))
+                                and dict(zip(by, k))["split"] == s for k in keys]) for s in ("train", "test")}
+            a, b = value[sel["train"]], value[sel["test"]]
+            a, b = a[np.isfinite(a)], b[np.isfinite(b)]
+            if a.size >= 2 and b.size >= 2:
+                out["comparisons"].append({**dict(zip(others, g)), "a": "train", "b": "test", **compare(a, b)._asdict()})
+    by_net: dict[str, dict] = {}
+    for i in range(len(value)):
+        if np.isfinite(value[i]):
+            key = f'{rows["dataset"][i]}/{rows["split"][i]}/{rows["index"][i]}'
+            by_net.setdefault(str(rows["network_name"][i]), {})[key] = float(value[i])
+    if len(by_net) >= 2:
+        c = correlations(by_net)
+        out["correlation"] = {"names": c.names, "n_shared": c.n_shared.tolist(),
+                              "spearman": np.round(c.spearman, 4).tolist(), "pearson": np.round(c.pearson, 4).tolist()}
+    if plot_dir is not None:
+        out["plots"] = [str(plots.ecdf(curves, f"{plot_dir}/ecdf.png", fit=fits)),
+                        str(plots.histogram(hists, f"{plot_dir}/histogram.png"))]
+        if out["correlation"]:
+            out["plots"].append(str(plots.heatmap(c.spearman, c.names, f"{plot_dir}/correlation.png")))
+    return out
+
+
+def _nanmedian(a) -> float | None:
+    a = np.asarray(a, float)
+    return float(np.nanmedian(a)) if np.isfinite(a).any() else None
