@@ -44,7 +44,8 @@ class SearchConfig(NamedTuple):
 class CriticalEps(NamedTuple):
     """Per-input results, arrays of length N."""
     eps_lower: np.ndarray       # (N,) largest ε proved robust (0 = only ε = 0, by the forward pass)
-    eps_upper: np.ndarray       # (N,) distance of the closest counterexample; NaN if none found
+    eps_upper: np.ndarray       # (N,) distance of the closest counterexample (on a grid: the smallest grid
+                                #      value it lies within); NaN if none found
     status: np.ndarray          # (N,) str, one of STATUSES
     counterexample: np.ndarray  # (N, *shape), NaN rows where none
     predicted: np.ndarray       # (N,) label predicted at ε = 0
@@ -125,6 +126,9 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
                 if vio.any():
                     bv = b[vio]
                     d = linf_distance(v.counterexample[vio], x[bv])
+                    if cfg.grid is not None:  # on a grid, upper is the smallest grid value holding a counterexample
+                        g = np.asarray(cfg.grid)
+                        d = g[np.minimum(np.searchsorted(g, d - 1e-6), len(g) - 1)]
                     closer = np.isnan(upper[bv]) | (d < upper[bv])
                     upper[bv[closer]] = d[closer]
                     cex[bv[closer]] = v.counterexample[vio][closer]
@@ -189,7 +193,7 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
     from .store import ResultStore
 
     store = ResultStore(out, TABLE, columns(net.input_shape))
-    config = {"oracle": oracle_kind, **cfg._asdict(), "chunk": chunk, "options": oracle_options or {}}
+    config = {"oracle": oracle_kind, **cfg._asdict(), "options": oracle_options or {}}
     chash = store.save_config(config)
     positions = np.asarray(indices, dtype=int)
     done = store.done(net.hash, dataset.name, dataset.split, chash)
