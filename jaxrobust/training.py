@@ -26,10 +26,9 @@ def loss(apply: Callable, params, x: jax.Array, y: jax.Array) -> jax.Array:
 def adversarial_examples(apply: Callable, params, x, y, key, *, eps: float, steps: int = 10,
                          domain=(0.0, 1.0)) -> jax.Array:
     """L∞ PGD (cross-entropy, random start, step 2.5·ε/steps) against the current ``params``; no gradient flows back."""
-    from .kernels.attacks import pgd_steps
-    x_adv = pgd_steps(lambda z: apply(params, z), x, y, jnp.full(x.shape[:1], eps, x.dtype), key,
-                      steps=steps, step_size=2.5 * eps / steps, loss="ce", domain=domain)
-    return jax.lax.stop_gradient(x_adv)
+    from .kernels.attacks import pgd
+    adv = pgd(lambda z: apply(params, z), x, y, eps, key=key, steps=steps, loss="ce", domain=domain)
+    return jax.lax.stop_gradient(adv.x_adv)
 
 
 def adversarial_loss(apply: Callable, params, x, y, key, *, eps: float, steps: int = 10,
