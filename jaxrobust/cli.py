@@ -82,6 +82,8 @@ def _train_options(p):
 
 @command("train", "train a zoo network (standard or PGD adversarial) and save its weights", _train_options)
 def train_cmd(args):
+    from pathlib import Path
+
     import jax
     from . import zoo
     from .data import load_dataset
@@ -97,7 +99,7 @@ def train_cmd(args):
     tr, te = load_dataset(args.dataset, "train"), load_dataset(args.dataset, "test")
     a["input_shape"] = list(tr.x.shape[1:])
     a["num_classes"] = tr.num_classes
-    net = zoo.init(a, jax.random.PRNGKey(args.seed))
+    net = zoo.init(a, jax.random.PRNGKey(args.seed), name=Path(args.out).stem)
     net, hist = train(net, tr.x, tr.y, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                       eps=args.eps, eps_warmup=args.warmup, pgd_steps=args.pgd_steps, seed=args.seed)
     digest = save_network(net, args.out)
@@ -204,6 +206,97 @@ def _format_summary(out) -> str:
     for p in out.get("plots", []):
         lines.append(f"plot: {p}")
     return "\n".join(lines)
+
+
+def _roma_options(p):
+    p.add_argument("--network", "-n", action="append",
+                   help="network (repeat to compare models on the same inputs and seeds; default mnist-mlp)")
+    p.add_argument("--dataset", "-d", default="mnist", help="dataset spec (default mnist)")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--indices", default="0:100", help="e.g. 0:1000")
+    p.add_argument("--eps", default="0.04", help="L∞ radius; a comma list runs an ε sweep")
+    p.add_argument("--delta", type=float, default=0.6, help="confidence threshold δ of a confident misclassification")
+    p.add_argument("--samples", type=int, default=10_000, help="perturbations per input")
+    p.add_argument("--sampler", default="linf", choices=["linf", "l2", "gaussian"])
+    p.add_argument("--significance", type=float, default=0.05, help="Anderson–Darling level (0.15, 0.10, 0.05, 0.025, 0.01)")
+    p.add_argument("--confidence", type=float, default=0.95, help="Clopper–Pearson level of the Monte Carlo bound")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--csv", help="also export all rows to this CSV")
+    p.add_argument("--plot", metavar="DIR", help="write per-class bars and plr-vs-ε PNGs here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+@command("roma", "RoMA probabilistic robustness: sampling, Anderson–Darling, Box-Cox, categorical robustness",
+         _roma_options)
+def roma_cmd(args):
+    import numpy as np
+    from . import plots
+    from .data import load_dataset, parse_indices
+    from .roma import CSV_COLUMNS, RomaConfig, categorical, compare_models, run
+    from .weights import load_network
+    ds = load_dataset(args.dataset, args.split)
+    idx = parse_indices(args.indices, len(ds.y))
+    eps_values = [float(e) for e in args.eps.split(",")]
+    nets = [load_network(n) for n in (args.network or ["mnist-mlp"])]
+    if len({n.name for n in nets}) < len(nets):  # keep labels apart when files share a name
+        nets = [n.replace(name=f"{n.name}@{n.hash[:6]}") for n in nets]
+    summary = {"networks": [], "comparisons": []}
+    plr_by = {}
+    for net in nets:
+        for eps in eps_values:
+            cfg = RomaConfig(eps=eps, delta=args.delta, samples=args.samples, sampler=args.sampler,
+                             significance=args.significance, confidence=args.confidence, seed=args.seed)
+            store = run(net, ds, idx, cfg, args.out, resume=args.resume)
+            rows = store.read()
+            m = ((rows["network"] == net.hash) & (rows["config"] == store.save_config({"method": "roma", **cfg._asdict()}))
+                 & np.isin(rows["index"], ds.indices[idx]))
+            r = {k: v[m] for k, v in rows.items()}
+            ok = r["status"] != "FAIL"
+            plr_by[(net.name, eps)] = dict(zip(r["index"].tolist(), r["log10_tail"].tolist()))
+            summary["networks"].append({
+                "network": net.name, "eps": eps, "inputs": int(m.sum()), "complete": float(ok.mean()),
+                "plr_mean": float(np.nanmean(r["plr"])) if ok.any() else None,
+                "median_log10_tail": float(np.nanmedian(r["log10_tail"])) if ok.any() else None,
+                "mc_upper_mean": float(r["mc_upper"].mean()), "n_adversarial_total": int(r["n_adversarial"].sum()),
+                "median_time_s": float(np.median(r["time_s"])),
+                "per_class": [c._asdict() for c in categorical(r["label"], r["plr"], r["status"], r["mc_upper"])]})
+    for eps in eps_values:
+        for a in range(len(nets)):
+            for b in range(a + 1, len(nets)):
+                pa, pb = plr_by[(nets[a].name, eps)], plr_by[(nets[b].name, eps)]
+                keys = sorted(set(pa) & set(pb))
+                summary["comparisons"].append({"a": nets[a].name, "b": nets[b].name, "eps": eps,
+                                               **compare_models([pa[k] for k in keys], [pb[k] for k in keys])})
+    if args.csv:
+        from .roma import COLUMNS, TABLE
+        from .store import ResultStore
+        ResultStore(args.out, TABLE, COLUMNS).to_csv(args.csv, CSV_COLUMNS)
+    if args.plot:
+        for e in summary["networks"]:
+            plots.bars({str(c["label"]): c["plr_mean"] for c in e["per_class"]},
+                       f"{args.plot}/plr_by_class_{e['network']}_eps{e['eps']:g}.png", ylabel="mean plr",
+                       title=f"{e['network']}, ε={e['eps']:g}")
+        if len(eps_values) > 1:
+            plots.curves(eps_values, {n.name: [1 - e["plr_mean"] if e["plr_mean"] is not None else float("nan")
+                                               for e in summary["networks"] if e["network"] == n.name] for n in nets},
+                         f"{args.plot}/plr_vs_eps.png", xlabel="ε", ylabel="1 − mean plr", logy=True,
+                         title="RoMA ε sweep")
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return
+    for e in summary["networks"]:
+        print(f"{e['network']}  ε={e['eps']:g}: {e['inputs']} inputs, complete {e['complete']:.3f}, "
+              f"mean plr {_fmt(e['plr_mean'], '.6f')}, median log10 P(c>δ) {_fmt(e['median_log10_tail'], '.1f')}, "
+              f"mean Monte Carlo upper bound {e['mc_upper_mean']:.2e}, {e['median_time_s'] * 1e3:.1f} ms/input")
+        print("   class     n  complete  mean plr   var plr   t-test p  binom p")
+        for c in e["per_class"]:
+            print(f"   {c['label']:>5} {c['n']:>5}  {c['complete']:8.3f}  {_fmt(c['plr_mean'], '.6f')}  "
+                  f"{_fmt(c['plr_var'], '.2e')}  {_fmt(c['t_p'], '.3g'):>8}  {_fmt(c['binom_p'], '.3g'):>7}")
+    for c in summary["comparisons"]:
+        print(f"{c['a']} vs {c['b']} at ε={c['eps']:g}: mean log10 P(c>δ) {_fmt(c['mean_a'], '.1f')} vs "
+              f"{_fmt(c['mean_b'], '.1f')} on {c['n']} inputs, Wilcoxon p={c['wilcoxon_p']:.3g}")
 
 
 def _demo_options(p):

@@ -73,7 +73,7 @@ def load_network(spec: str | os.PathLike, **onnx_options) -> Network:
     """Resolve a bundled name (``mnist-mlp``, ``mnist-mlp-pgd``), an ``.onnx`` file or a weights file."""
     s = str(spec)
     if s in BUNDLED:
-        return load_weights(BUNDLED_DIR / BUNDLED[s])
+        return load_weights(BUNDLED_DIR / BUNDLED[s]).replace(name=s)
     path = Path(s)
     if path.suffix.lower() == ".onnx":
         from .onnx_import import load_onnx

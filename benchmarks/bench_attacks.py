@@ -1,0 +1,194 @@
+"""PGD-40 (L∞, cross-entropy, random start): jaxrobust vs torchattacks on identical weights.
+
+Networks are rebuilt from the ONNX initializers of the shared MNIST networks, once as a JAX
+function and once as a torch module. Prints examples/s (median of several timed runs), the ratio
+jaxrobust / torchattacks and the share of the JAX float32 2048² matmul peak measured in the same run
+(FLOPs per PGD step counted as 3x a forward pass). ``--loops`` also times the step-loop variants
+(rolled `fori_loop`, partial and full unrolling).
+
+    python benchmarks/bench_attacks.py [--shared ../shared] [--batches 1 32 256] [--loops]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from jax import lax
+from onnx import numpy_helper
+
+from jaxrobust.kernels.attacks import pgd
+from jaxrobust.network import from_function
+
+NETS = {
+    "mnist-net_256x2": "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx",
+    "mnist_relu_6_100": "networks/mnist/eran_ffnn/mnist_relu_6_100.onnx",
+    "convSmallRELU__Point": "networks/mnist/eran_cnn/convSmallRELU__Point.onnx",
+}
+EPS, STEPS = 0.03, 40
+
+
+def initializers(path):
+    return {t.name: numpy_helper.to_array(t).astype(np.float32) for t in onnx.load(path).graph.initializer}
+
+
+def dense_layers(w):
+    """Gemm (weight (out, in), bias) pairs of a feed-forward ONNX file, in order."""
+    names = sorted({k.rsplit(".", 1)[0] for k in w}, key=lambda s: [int(p) if p.isdigit() else p for p in s.split(".")])
+    return [(w[n + ".weight"], w[n + ".bias"]) for n in names]
+
+
+def jax_mlp(layers, relu_last, input_shape):
+    params = [(jnp.asarray(W.T), jnp.asarray(b)) for W, b in layers]
+
+    def apply(p, x):
+        h = x.reshape(x.shape[0], -1)
+        for i, (W, b) in enumerate(p):
+            h = h @ W + b
+            if i < len(p) - 1 or relu_last:
+                h = jax.nn.relu(h)
+        return h
+
+    return from_function(apply, params, input_shape, 10)
+
+
+def jax_convsmall(w):
+    conv = lambda h, k, b, s: lax.conv_general_dilated(  # noqa: E731
+        h, k, (s, s), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
+    hwio = lambda k: jnp.asarray(k.transpose(2, 3, 1, 0))  # noqa: E731  OIHW -> HWIO
+    params = dict(k0=hwio(w["0.weight"]), b0=w["0.bias"], k1=hwio(w["1.0.weight"]), b1=w["1.0.bias"],
+                  k2=hwio(w["2.0.weight"]), b2=w["2.0.bias"], W5=w["5.0.weight"].T, b5=w["5.0.bias"],
+                  W6=w["6.weight"].T, b6=w["6.bias"])
+
+    def apply(p, x):  # x: (B, 1, 28, 28) NCHW with one channel == NHWC (B, 28, 28, 1)
+        h = x.reshape(x.shape[0], 28, 28, 1)
+        h = conv(h, p["k0"], p["b0"], 1)
+        h = jax.nn.relu(conv(h, p["k1"], p["b1"], 2))
+        h = jax.nn.relu(conv(h, p["k2"], p["b2"], 2))  # (B, 5, 5, 32), flattened HWC like the ONNX graph
+        h = jax.nn.relu(h.reshape(h.shape[0], -1) @ p["W5"] + p["b5"])
+        return h @ p["W6"] + p["b6"]
+
+    return from_function(apply, jax.tree_util.tree_map(jnp.asarray, params), (1, 28, 28), 10)
+
+
+def torch_model(name, w):
+    import torch
+    from torch import nn
+
+    def linear(W, b):
+        m = nn.Linear(W.shape[1], W.shape[0])
+        m.weight.data, m.bias.data = torch.from_numpy(W), torch.from_numpy(b)
+        return m
+
+    if name == "convSmallRELU__Point":
+        def conv(k, b, s):
+            m = nn.Conv2d(k.shape[1], k.shape[0], k.shape[2], stride=s)
+            m.weight.data, m.bias.data = torch.from_numpy(k), torch.from_numpy(b)
+            return m
+
+        class Nhwc(nn.Module):
+            def forward(self, h):
+                return h.permute(0, 2, 3, 1).reshape(h.shape[0], -1)
+
+        mods = [conv(w["0.weight"], w["0.bias"], 1), conv(w["1.0.weight"], w["1.0.bias"], 2), nn.ReLU(),
+                conv(w["2.0.weight"], w["2.0.bias"], 2), nn.ReLU(), Nhwc(),
+                linear(w["5.0.weight"], w["5.0.bias"]), nn.ReLU(), linear(w["6.weight"], w["6.bias"])]
+    else:
+        layers = dense_layers(w)
+        mods = [nn.Flatten()]
+        for i, (W, b) in enumerate(layers):
+            mods.append(linear(W, b))
+            if i < len(layers) - 1 or name == "mnist_relu_6_100":
+                mods.append(nn.ReLU())
+    return nn.Sequential(*mods).eval()
+
+
+def build(name, path):
+    w = initializers(path)
+    if name == "convSmallRELU__Point":
+        net = jax_convsmall(w)
+    else:
+        net = jax_mlp(dense_layers(w), name == "mnist_relu_6_100",
+                      (784,) if name == "mnist-net_256x2" else (1, 28, 28))
+    return net, torch_model(name, w)
+
+
+def forward_flops(name, w=None):
+    if name == "convSmallRELU__Point":
+        return 2 * (28 * 28 * 1 + 13 * 13 * 16 * 16 + 5 * 5 * 32 * 16 * 16 + 800 * 100 + 100 * 10)
+    return 2 * sum(W.size for W, _ in dense_layers(w))
+
+
+def timeit(f, min_time=0.3, runs=5):
+    """Median seconds per call of ``f`` (already compiled), over ``runs`` timed groups."""
+    f()
+    t0 = time.perf_counter()
+    f()
+    one = time.perf_counter() - t0
+    reps = max(1, int(min_time / max(one, 1e-6)))
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        out.append((time.perf_counter() - t0) / reps)
+    return float(np.median(out))
+
+
+def matmul_peak():
+    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    return 2 * 2048 ** 3 / timeit(lambda: mm(a, a).block_until_ready(), runs=7)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--nets", nargs="+", default=list(NETS))
+    ap.add_argument("--loops", action="store_true", help="also time rolled vs unrolled step loops")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = ap.parse_args()
+
+    import torch
+    import torchattacks
+    torch.set_num_threads(args.threads)
+
+    shared = Path(args.shared)
+    mnist = np.load(shared / "data/mnist.npz")
+    peak = matmul_peak()
+    print(f"JAX f32 2048^2 matmul peak: {peak / 1e9:.1f} GFLOP/s   ({jax.devices()[0].platform}, "
+          f"torch threads {torch.get_num_threads()})")
+    print(f"PGD-{STEPS} L∞ eps={EPS} CE loss, random start; examples/s (median)")
+    print(f"{'network':22s} {'B':>4s} {'jaxrobust':>10s} {'torchattacks':>12s} {'ratio':>6s} {'%peak':>6s}")
+    rows = []
+    for name in args.nets:
+        net, tmodel = build(name, shared / NETS[name])
+        fl = 3 * forward_flops(name, initializers(shared / NETS[name])) * STEPS  # per example
+        for B in args.batches:
+            x = (mnist["x_test"][:B].astype(np.float32) / 255).reshape((B,) + net.input_shape)
+            y = mnist["y_test"][:B].astype(np.int32)
+            xj, yj, key = jnp.asarray(x), jnp.asarray(y), jax.random.key(0)
+            run = lambda: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce").x_adv.block_until_ready()  # noqa
+            tj = timeit(run)
+            atk = torchattacks.PGD(tmodel, eps=EPS, alpha=2.5 * EPS / STEPS, steps=STEPS, random_start=True)
+            xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
+            tt = timeit(lambda: atk(xt, yt))
+            ej, et = B / tj, B / tt
+            pct = 100 * ej * fl / peak
+            print(f"{name:22s} {B:4d} {ej:10.0f} {et:12.0f} {ej / et:6.2f} {pct:5.1f}%", flush=True)
+            rows.append((name, B, ej, et))
+            if args.loops and B > 1:
+                for u in (1, 4, STEPS):
+                    t = timeit(lambda: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce",  # noqa
+                                           unroll=u).x_adv.block_until_ready())
+                    print(f"{'':22s} {'':4s} unroll={u:<3d} {B / t:8.0f} ex/s", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

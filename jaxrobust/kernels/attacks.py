@@ -1,0 +1,298 @@
+"""Adversarial attacks (falsifiers): FGSM, PGD (L∞ / L2) and a black-box random search.
+
+Uniform call shape ``attack(fn, x, y, eps, *, key=..., ...) -> AttackResult``:
+
+* ``fn``: batched classifier ``(B, *shape) -> (B, C)`` logits — a `Network` or any JAX callable;
+* ``x: (B, *shape)`` inputs, ``y: (B,)`` integer labels, ``eps`` scalar or ``(B,)`` radius;
+* ``domain``: ``(lo, hi)`` box of valid inputs (default ``fn.domain`` for a Network, else none).
+
+Every result is re-checked: the returned point is projected onto ball ∩ domain and its margin
+comes from a plain forward pass of ``fn`` at exactly that point, so ``success`` is a confirmed
+misclassification (``margin < 0``).
+
+Step loops: on CPU a rolled `lax.fori_loop` around convolutions ran 2-3x slower than the
+unrolled loop, while for dense networks the rolled loop is as fast and compiles faster
+(see ``benchmarks/bench_attacks.py``). ``unroll=None`` therefore fully unrolls the PGD step loop
+when ``fn`` contains a convolution and keeps it rolled otherwise. Gradients are those of the
+batch-summed loss (one backward pass for the batch), never ``vmap(grad)``.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.extend.core
+import jax.numpy as jnp
+from jax import lax
+
+from ..errors import InputError
+from ..network import Network
+from .perturb import check_domain, check_eps, check_x, draw, is_concrete, uniform_l2, uniform_linf
+
+NORMS = ("linf", "l2")
+LOSSES = ("margin", "ce")
+SCHEDULES = ("constant", "cosine", "step")
+
+
+class AttackResult(NamedTuple):
+    """Outcome of an attack on a batch.
+
+    Attributes:
+      x_adv: ``(B, *shape)`` best point found, inside ball ∩ domain.
+      success: ``(B,)`` bool, ``margin < 0`` (confirmed by a forward pass at ``x_adv``).
+      margin: ``(B,)`` ``logit_y - max_{j != y} logit_j`` at ``x_adv``; negative = misclassified.
+    """
+
+    x_adv: jax.Array
+    success: jax.Array
+    margin: jax.Array
+
+
+# --- small pure helpers ---------------------------------------------------------------------------
+def margin(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """``logits: (B, C)``, ``y: (B,)`` -> ``(B,)`` ``logit_y - max_{j != y} logit_j``."""
+    onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=jnp.bool_)
+    z_y = jnp.sum(jnp.where(onehot, logits, 0.0), axis=-1)
+    return z_y - jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
+
+
+def attack_loss(logits: jax.Array, y: jax.Array, kind: str) -> jax.Array:
+    """Per-example loss to *maximise*: ``"margin"`` (CW, ``-margin``) or ``"ce"`` (cross-entropy)."""
+    if kind == "margin":
+        return -margin(logits, y)
+    z_y = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    return jax.nn.logsumexp(logits, axis=-1) - z_y
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable against ``like: (B, *shape)``."""
+    return v.reshape(v.shape + (1,) * (like.ndim - 1))
+
+
+def project(x_adv, x, eps, norm: str = "linf", domain=None) -> jax.Array:
+    """Project ``x_adv: (B, *shape)`` onto the ``norm`` ball of radius ``eps: (B,)`` around ``x``,
+    then onto the domain box (``x`` inside the domain keeps the result inside the ball)."""
+    e = _bcast(eps, x)
+    if norm == "linf":
+        out = jnp.clip(x_adv, x - e, x + e)
+    else:
+        d = x_adv - x
+        n = jnp.sqrt(jnp.sum(d.reshape(d.shape[0], -1) ** 2, axis=1))
+        out = x + d * _bcast(jnp.minimum(1.0, eps / jnp.maximum(n, 1e-30)), x)
+    return out if domain is None else jnp.clip(out, domain[0], domain[1])
+
+
+def step_sizes(alpha: jax.Array, steps: int, schedule: str) -> jax.Array:
+    """``(steps, B)`` step sizes from base ``alpha: (B,)``: ``"constant"``; ``"cosine"``
+    (``alpha * (1 + cos(pi t / steps)) / 2``); ``"step"`` (halved at 1/2 and again at 3/4 of the steps)."""
+    t = jnp.arange(steps, dtype=jnp.float32)
+    if schedule == "constant":
+        f = jnp.ones_like(t)
+    elif schedule == "cosine":
+        f = 0.5 * (1.0 + jnp.cos(jnp.pi * t / steps))
+    else:
+        f = jnp.where(t >= steps / 2, 0.5, 1.0) * jnp.where(t >= 3 * steps / 4, 0.5, 1.0)
+    return f[:, None] * alpha[None, :]
+
+
+# --- validation --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=128)
+def _signature(fn, shape, dtype):
+    """(number of classes, whether the traced ``fn`` contains a convolution) for inputs ``shape``."""
+    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(shape, dtype))
+    out = closed.out_avals
+    if len(out) != 1 or out[0].ndim != 2 or out[0].shape[0] != shape[0]:
+        raise InputError(f"fn must map (B, *shape) to logits (B, C); got outputs "
+                         f"{[tuple(o.shape) for o in out]} for inputs {shape}")
+    return int(out[0].shape[1]), _has_conv(closed.jaxpr)
+
+
+def _has_conv(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            return True
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            if _has_conv(sub):
+                return True
+    return False
+
+
+def _prepare(fn, x, y, eps, domain):
+    """Validate inputs; return ``(x, y, eps (B,), domain, num_classes, has_conv)``."""
+    if not callable(fn):
+        raise InputError(f"fn must be callable, got {type(fn).__name__}")
+    x = check_x(x)
+    if isinstance(fn, Network):
+        if tuple(x.shape[1:]) != tuple(fn.input_shape):
+            raise InputError(f"inputs must have shape (B, {', '.join(map(str, fn.input_shape))}), "
+                             f"got {tuple(x.shape)}")
+        if domain is None:
+            domain = fn.domain
+    domain = check_domain(domain)
+    B = x.shape[0]
+    if domain is not None and is_concrete(x):
+        if bool(jnp.any(x < domain[0] - 1e-6)) or bool(jnp.any(x > domain[1] + 1e-6)):
+            raise InputError("inputs lie outside the domain")
+    num_classes, has_conv = _signature(fn, tuple(x.shape), x.dtype)
+    y = jnp.asarray(y)
+    if y.shape != (B,) or not jnp.issubdtype(y.dtype, jnp.integer):
+        raise InputError(f"labels must be integers of shape ({B},), got {y.dtype} {y.shape}")
+    if is_concrete(y) and (bool(jnp.any(y < 0)) or bool(jnp.any(y >= num_classes))):
+        raise InputError(f"labels must lie in [0, {num_classes}), got range "
+                         f"[{int(jnp.min(y))}, {int(jnp.max(y))}]")
+    return x, y.astype(jnp.int32), check_eps(eps, B), domain, num_classes, has_conv
+
+
+def _option(value, allowed, what):
+    if value not in allowed:
+        raise InputError(f"unknown {what} {value!r}; choose one of {allowed}")
+    return value
+
+
+def _recheck(fn, x_adv, x, y, eps, norm, domain) -> AttackResult:
+    x_adv = project(x_adv, x, eps, norm, domain)
+    m = margin(fn(x_adv), y)
+    return AttackResult(x_adv, m < 0, m)
+
+
+# --- FGSM ----------------------------------------------------------------------------------------------
+def fgsm(fn, x, y, eps, *, loss: str = "ce", domain=None) -> AttackResult:
+    """Fast gradient sign method: ``x + eps * sign(grad loss)`` projected onto ball ∩ domain."""
+    x, y, eps, domain, _, _ = _prepare(fn, x, y, eps, domain)
+    return _fgsm(fn, x, y, eps, domain, _option(loss, LOSSES, "loss"))
+
+
+@partial(jax.jit, static_argnames=("fn", "loss"))
+def _fgsm(fn, x, y, eps, domain, loss):
+    g = jax.grad(lambda xa: jnp.sum(attack_loss(fn(xa), y, loss)))(x)
+    return _recheck(fn, x + _bcast(eps, x) * jnp.sign(g), x, y, eps, "linf", domain)
+
+
+# --- PGD -----------------------------------------------------------------------------------------------
+def pgd(fn, x, y, eps, *, key, steps: int = 40, step_size=None, restarts: int = 1, norm: str = "linf",
+        loss: str = "margin", domain=None, schedule: str = "constant", unroll=None) -> AttackResult:
+    """Projected gradient descent with a random start, keeping the best point over steps and restarts.
+
+    Args:
+      fn, x, y, eps, domain: see the module docstring.
+      key: PRNG key; restart ``r`` starts input ``b`` at the sample ``fold_in(fold_in(fold_in(key, r), b), 0)``
+        of `perturb` (uniform in the ball ∩ domain), so results do not depend on the batch split.
+      steps: gradient steps per restart.
+      step_size: scalar or ``(B,)``; default ``2.5 * eps / steps``.
+      restarts: independent random starts, run side by side as one batch of ``restarts * B``.
+      norm: ``"linf"`` (signed-gradient steps) or ``"l2"`` (normalised-gradient steps).
+      loss: ``"margin"`` (CW) or ``"ce"`` (cross-entropy).
+      schedule: ``"constant"``, ``"cosine"`` or ``"step"`` (see `step_sizes`).
+      unroll: unroll factor of the step loop; None picks full unrolling for convolutional ``fn``
+        and a rolled loop otherwise.
+    Returns:
+      `AttackResult` with the lowest-margin point seen (re-checked by a forward pass).
+    """
+    x, y, eps, domain, _, has_conv = _prepare(fn, x, y, eps, domain)
+    steps, restarts = int(steps), int(restarts)
+    if steps < 1 or restarts < 1:
+        raise InputError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
+    alpha = 2.5 * eps / steps if step_size is None else check_eps(step_size, x.shape[0], "step_size")
+    if unroll is None:
+        unroll = steps if has_conv else 1
+    return _pgd(fn, x, y, eps, alpha, key, domain, steps, restarts, _option(norm, NORMS, "norm"),
+                _option(loss, LOSSES, "loss"), _option(schedule, SCHEDULES, "schedule"), int(unroll))
+
+
+@partial(jax.jit, static_argnames=("fn", "steps", "restarts", "norm", "loss", "schedule", "unroll"))
+def _pgd(fn, x, y, eps, alpha, key, domain, steps, restarts, norm, loss, schedule, unroll):
+    B, R = x.shape[0], restarts
+    tile = lambda a: jnp.concatenate([a] * R, axis=0)  # noqa: E731  (R*B, ...)
+    xr, yr, er = tile(x), tile(y), tile(eps)
+    sampler = uniform_linf if norm == "linf" else uniform_l2
+    b_idx, zero = jnp.arange(B), jnp.zeros((1,), jnp.int32)
+    x0 = jnp.concatenate([draw(sampler, jax.random.fold_in(key, r), x, eps, b_idx, zero, domain)[:, 0]
+                          for r in range(R)], axis=0)
+    lr = jnp.concatenate([step_sizes(alpha, steps, schedule)] * R, axis=1)  # (steps, R*B)
+
+    def objective(xa):
+        z = fn(xa)
+        return jnp.sum(attack_loss(z, yr, loss)), z
+
+    grad_fn = jax.grad(objective, has_aux=True)
+
+    def body(t, carry):
+        xa, best_x, best_m = carry
+        g, z = grad_fn(xa)
+        m = margin(z, yr)
+        better = m < best_m
+        best_x = jnp.where(_bcast(better, xa), xa, best_x)
+        best_m = jnp.where(better, m, best_m)
+        if norm == "linf":
+            d = jnp.sign(g)
+        else:
+            gn = jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1))
+            d = g / _bcast(jnp.maximum(gn, 1e-30), g)
+        xa = project(xa + _bcast(lr[t], xa) * d, xr, er, norm, domain)
+        return xa, best_x, best_m
+
+    init = (x0, x0, jnp.full((R * B,), jnp.inf, jnp.float32))
+    xa, best_x, best_m = lax.fori_loop(0, steps, body, init, unroll=unroll)
+    m = margin(fn(xa), yr)
+    best_x = jnp.where(_bcast(m < best_m, xa), xa, best_x)
+    best_m = jnp.minimum(m, best_m)
+    pick = jnp.argmin(best_m.reshape(R, B), axis=0)  # (B,)
+    best_x = best_x.reshape((R, B) + x.shape[1:])[pick, b_idx]
+    return _recheck(fn, best_x, x, y, eps, norm, domain)
+
+
+# --- black-box random search ---------------------------------------------------------------------------
+_MILESTONES = (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
+
+
+def random_search(fn, x, y, eps, *, key, queries: int = 1000, p_init: float = 0.1,
+                  domain=None) -> AttackResult:
+    """Black-box L∞ random local search on the margin loss (Square-attack-like, coordinate version).
+
+    Starts at a random vertex ``x ± eps`` of the box; each iteration re-draws a random fraction
+    ``p`` of the coordinates to ``x ± eps`` and keeps the candidate when the margin drops. ``p``
+    starts at ``p_init`` and halves at fixed fractions of the budget. Uses ``queries`` forward
+    passes per input (the initial point included) plus one for the re-check; no gradients.
+    Input ``b`` at iteration ``t`` draws from ``fold_in(fold_in(key, b), t)``.
+    """
+    x, y, eps, domain, _, _ = _prepare(fn, x, y, eps, domain)
+    queries = int(queries)
+    if queries < 1:
+        raise InputError(f"queries must be >= 1, got {queries}")
+    if not 0.0 < float(p_init) <= 1.0:
+        raise InputError(f"p_init must lie in (0, 1], got {p_init}")
+    return _random_search(fn, x, y, eps, key, domain, queries, float(p_init))
+
+
+@partial(jax.jit, static_argnames=("fn", "queries", "p_init"))
+def _random_search(fn, x, y, eps, key, domain, queries, p_init):
+    B, e = x.shape[0], _bcast(eps, x)
+    kb = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(B))
+    d = math.prod(x.shape[1:])
+
+    def proposal(t, p):
+        """Per input: random signs ``(B, *shape)`` and a mask of ~``p * d`` coordinates (at least one)."""
+        def one(k):
+            ks, km, kj = jax.random.split(jax.random.fold_in(k, t), 3)
+            mask = jax.random.bernoulli(km, p, (d,)) | (jnp.arange(d) == jax.random.randint(kj, (), 0, d))
+            return jax.random.rademacher(ks, x.shape[1:], x.dtype), mask.reshape(x.shape[1:])
+        return jax.vmap(one)(kb)
+
+    cur = project(x + e * proposal(0, 1.0)[0], x, eps, "linf", domain)
+    cur_m = margin(fn(cur), y)
+    edges = jnp.asarray([math.ceil(f * queries) for f in _MILESTONES], jnp.int32)
+
+    def body(t, carry):
+        cur, cur_m = carry
+        p = p_init * 0.5 ** jnp.sum(t >= edges).astype(jnp.float32)
+        sign, mask = proposal(t, p)
+        cand = project(jnp.where(mask, x + e * sign, cur), x, eps, "linf", domain)
+        m = margin(fn(cand), y)
+        better = m < cur_m
+        return jnp.where(_bcast(better, cur), cand, cur), jnp.where(better, m, cur_m)
+
+    cur, _ = lax.fori_loop(1, queries, body, (cur, cur_m))
+    return _recheck(fn, cur, x, y, eps, "linf", domain)

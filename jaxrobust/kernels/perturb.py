@@ -1,0 +1,246 @@
+"""Perturbation sampling around a batch of inputs, chunked over samples.
+
+Samplers (one input ``x: shape``, one key, one radius ``eps``; ``domain = (lo, hi)`` or None):
+
+* ``"linf"``     uniform on the box ``[x - eps, x + eps] ∩ [lo, hi]`` (the L∞ ball clipped to the domain);
+* ``"l2"``       uniform in the L2 ball: Gaussian direction normalised, radius ``eps * U^(1/d)``,
+                 then clipped to the domain (clipping only moves coordinates toward ``x``, so the
+                 norm stays ``<= eps``);
+* ``"gaussian"`` ``x + eps * N(0, I)`` clipped to the domain (``eps`` is the standard deviation).
+
+Randomness scheme
+-----------------
+Sample ``i`` of input ``b`` is drawn from ``fold_in(fold_in(key, offset + b), i)``, where
+``offset + b`` is the input's global index and ``i`` the global sample index. A sample depends
+only on (key, global input index, sample index): drawing ``n`` samples at once, in chunks of any
+size, for a sub-batch (with ``offset``) or sharded over devices gives bit-identical samples.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ..errors import InputError
+from ..network import Network
+
+Sampler = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+REDUCTIONS = ("sum", "mean", "min", "max", "any", "all")
+
+
+# --- validation ---------------------------------------------------------------------------------
+def is_concrete(a) -> bool:
+    """True when ``a`` holds values (not a tracer inside `jit`/`vmap`)."""
+    return not isinstance(a, jax.core.Tracer)
+
+
+def check_x(x, what: str = "inputs") -> jax.Array:
+    """Validate a batch ``x: (B, *shape)`` (numeric, at least 1-d, finite); return it as float32."""
+    if not hasattr(x, "dtype"):
+        x = jnp.asarray(x)
+    if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
+        raise InputError(f"{what} must be numeric, got dtype {x.dtype}")
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise InputError(f"{what} must have a non-empty leading batch dimension, got shape {x.shape}")
+    x = jnp.asarray(x, jnp.float32)
+    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        raise InputError(f"{what} contain NaN or inf")
+    return x
+
+
+def check_eps(eps, batch: int, what: str = "eps") -> jax.Array:
+    """Validate a radius: scalar or ``(B,)``, finite, ``>= 0``; return it broadcast to ``(B,)`` float32."""
+    e = jnp.asarray(eps, jnp.float32)
+    if e.ndim == 0:
+        e = jnp.broadcast_to(e, (batch,))
+    elif e.shape != (batch,):
+        raise InputError(f"{what} must be a scalar or have shape ({batch},), got {e.shape}")
+    if is_concrete(e):
+        if not bool(jnp.all(jnp.isfinite(e))):
+            raise InputError(f"{what} must be finite, got NaN or inf")
+        if bool(jnp.any(e < 0)):
+            raise InputError(f"{what} must be >= 0, got min {float(jnp.min(e)):.4g}")
+    return e
+
+
+def check_domain(domain) -> tuple[jax.Array, jax.Array] | None:
+    """``None`` or ``(lo, hi)`` (scalars or arrays broadcastable to one input) as float32 arrays."""
+    if domain is None:
+        return None
+    try:
+        lo, hi = domain
+    except (TypeError, ValueError):
+        raise InputError(f"domain must be None or a pair (lo, hi), got {domain!r}") from None
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    if is_concrete(lo) and is_concrete(hi) and bool(jnp.any(lo > hi)):
+        raise InputError("domain must satisfy lo <= hi")
+    return lo, hi
+
+
+# --- samplers: one input, one key ---------------------------------------------------------------
+def _clip(v, domain):
+    return v if domain is None else jnp.clip(v, domain[0], domain[1])
+
+
+def uniform_linf(key, x, eps, domain=None):
+    """Uniform sample of the box ``[x - eps, x + eps] ∩ domain``. ``x: shape -> shape``."""
+    lo, hi = x - eps, x + eps
+    if domain is not None:
+        lo, hi = jnp.maximum(lo, domain[0]), jnp.minimum(hi, domain[1])
+    u = jax.random.uniform(key, x.shape, x.dtype)
+    return jnp.clip(lo + u * (hi - lo), lo, hi)
+
+
+def uniform_l2(key, x, eps, domain=None):
+    """Uniform sample of the L2 ball of radius ``eps`` around ``x``, clipped to the domain."""
+    kd, kr = jax.random.split(key)
+    g = jax.random.normal(kd, x.shape, x.dtype)
+    g = g / jnp.maximum(jnp.linalg.norm(g.ravel()), jnp.finfo(x.dtype).tiny)
+    r = eps * jax.random.uniform(kr, (), x.dtype) ** (1.0 / x.size)
+    return _clip(x + r * g, domain)
+
+
+def gaussian(key, x, sigma, domain=None):
+    """``x + sigma * N(0, I)`` clipped to the domain."""
+    return _clip(x + sigma * jax.random.normal(key, x.shape, x.dtype), domain)
+
+
+SAMPLERS: dict[str, Sampler] = {"linf": uniform_linf, "l2": uniform_l2, "gaussian": gaussian}
+
+
+def _sampler_fn(sampler) -> Sampler:
+    if callable(sampler):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} or pass a function")
+    return SAMPLERS[sampler]
+
+
+def draw(sampler: Sampler, key, x, eps, batch_idx, sample_idx, domain=None) -> jax.Array:
+    """Samples ``(B, c, *shape)`` for inputs ``x: (B, *shape)``, radii ``eps: (B,)``, global input
+    indices ``batch_idx: (B,)`` and global sample indices ``sample_idx: (c,)`` (no validation)."""
+    def per_input(kb, xb, eb):
+        return jax.vmap(lambda i: sampler(jax.random.fold_in(kb, i), xb, eb, domain))(sample_idx)
+
+    kbs = jax.vmap(lambda b: jax.random.fold_in(key, b))(batch_idx)
+    return jax.vmap(per_input)(kbs, x, eps)
+
+
+# --- public drivers -------------------------------------------------------------------------------
+def sample(key, x, eps, n: int, *, sampler="linf", domain=None, offset=0, start=0) -> jax.Array:
+    """Draw samples ``n`` around every input: ``x: (B, *shape)``, ``eps`` scalar or ``(B,)`` ->
+    ``(B, n, *shape)``. Samples ``start .. start + n - 1`` of inputs ``offset .. offset + B - 1``."""
+    x = check_x(x)
+    eps = check_eps(eps, x.shape[0])
+    if int(n) < 0:
+        raise InputError(f"n must be >= 0, got {n}")
+    return _sample(_sampler_fn(sampler), key, x, eps, check_domain(domain), offset, start, int(n))
+
+
+@partial(jax.jit, static_argnames=("sampler", "n"))
+def _sample(sampler, key, x, eps, domain, offset, start, n):
+    b_idx = offset + jnp.arange(x.shape[0])
+    return draw(sampler, key, x, eps, b_idx, start + jnp.arange(n), domain)
+
+
+def map_samples(fn, key, x, eps, n: int, chunk: int, *, sampler="linf", reduce: str | None = None,
+                domain=None, offset=0):
+    """Apply ``fn`` to ``n`` samples around every input, ``chunk`` samples at a time.
+
+    Only one chunk ``(B, chunk, *shape)`` of samples exists at any moment (`lax.map` / `lax.scan`
+    over chunks), so ``n`` may be 10^6 per input.
+
+    Args:
+      fn: ``samples (B, c, *shape) -> pytree of arrays with leading dims (B, c)``; or a `Network`,
+        which yields logits ``(B, c, num_classes)`` and supplies the default domain.
+      key: PRNG key; see the module docstring for how samples derive from it.
+      x: inputs ``(B, *shape)``.  eps: radius (or σ for ``"gaussian"``), scalar or ``(B,)``.
+      n: samples per input.  chunk: samples per input per step (any value gives the same samples).
+      sampler: ``"linf"``, ``"l2"``, ``"gaussian"`` or a function ``(key, x, eps, domain) -> sample``.
+      reduce: None returns every per-sample output ``(B, n, ...)``; ``"sum"``, ``"mean"``, ``"min"``,
+        ``"max"``, ``"any"``, ``"all"`` reduce over the samples and return ``(B, ...)``.
+      domain: ``(lo, hi)`` to clip samples to; defaults to ``fn.domain`` for a Network, else None.
+      offset: global index of ``x[0]`` (to reproduce the samples of a larger batch).
+    """
+    x = check_x(x)
+    eps = check_eps(eps, x.shape[0])
+    n, chunk = int(n), int(chunk)
+    if n < 1 or chunk < 1:
+        raise InputError(f"n and chunk must be >= 1, got n={n}, chunk={chunk}")
+    if reduce is not None and reduce not in REDUCTIONS:
+        raise InputError(f"unknown reduce {reduce!r}; choose None or one of {REDUCTIONS}")
+    if isinstance(fn, Network):
+        if tuple(x.shape[1:]) != tuple(fn.input_shape):
+            raise InputError(f"inputs must have shape (B, {fn.input_shape}), got {tuple(x.shape)}")
+        if domain is None:
+            domain = fn.domain
+    return _map_samples(fn, _sampler_fn(sampler), key, x, eps, check_domain(domain), offset,
+                        n, min(chunk, n), reduce)
+
+
+def _identity(reduce, dtype):
+    """Neutral element of a reduction for ``dtype``."""
+    if reduce in ("sum", "mean", "any"):
+        return jnp.zeros((), dtype)
+    if reduce == "all" or (dtype == jnp.bool_ and reduce == "min"):
+        return jnp.ones((), dtype)
+    if dtype == jnp.bool_:
+        return jnp.zeros((), dtype)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(jnp.inf if reduce == "min" else -jnp.inf, dtype)
+    info = jnp.iinfo(dtype)
+    return jnp.asarray(info.max if reduce == "min" else info.min, dtype)
+
+
+_COMBINE = {"sum": jnp.add, "mean": jnp.add, "min": jnp.minimum, "max": jnp.maximum,
+            "any": jnp.logical_or, "all": jnp.logical_and}
+_REDUCE = {"sum": jnp.sum, "mean": jnp.sum, "min": jnp.min, "max": jnp.max, "any": jnp.any, "all": jnp.all}
+
+
+@partial(jax.jit, static_argnames=("fn", "sampler", "n", "chunk", "reduce"))
+def _map_samples(fn, sampler, key, x, eps, domain, offset, n, chunk, reduce):
+    B = x.shape[0]
+    b_idx = offset + jnp.arange(B)
+    n_chunks = -(-n // chunk)
+
+    def run(c):
+        s_idx = c * chunk + jnp.arange(chunk)
+        s = draw(sampler, key, x, eps, b_idx, s_idx, domain)
+        if isinstance(fn, Network):
+            return fn(s.reshape((B * chunk,) + s.shape[2:])).reshape(B, chunk, -1), s_idx < n
+        return fn(s), s_idx < n
+
+    if reduce is None:
+        out = lax.map(lambda c: run(c)[0], jnp.arange(n_chunks))
+        return jax.tree_util.tree_map(
+            lambda a: jnp.moveaxis(a, 0, 1).reshape((B, n_chunks * chunk) + a.shape[3:])[:, :n], out)
+
+    def prep(a):
+        if reduce in ("sum", "mean") and a.dtype == jnp.bool_:
+            return a.astype(jnp.int32)
+        if reduce in ("any", "all"):
+            return a.astype(jnp.bool_)
+        return a
+
+    out_shape = jax.eval_shape(lambda: jax.tree_util.tree_map(prep, run(0)[0]))
+    init = jax.tree_util.tree_map(
+        lambda s: jnp.full((s.shape[0],) + s.shape[2:], _identity(reduce, s.dtype)), out_shape)
+
+    def step(acc, c):
+        out, valid = run(c)
+
+        def fold(a_acc, a):
+            a = prep(a)
+            m = valid.reshape((1, chunk) + (1,) * (a.ndim - 2))
+            a = jnp.where(m, a, _identity(reduce, a.dtype))
+            return _COMBINE[reduce](a_acc, _REDUCE[reduce](a, axis=1))
+
+        return jax.tree_util.tree_map(fold, acc, out), None
+
+    acc, _ = lax.scan(step, init, jnp.arange(n_chunks))
+    if reduce == "mean":
+        acc = jax.tree_util.tree_map(lambda a: a / n, acc)
+    return acc

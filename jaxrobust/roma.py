@@ -1,0 +1,209 @@
+"""RoMA (Levy & Katz): probabilistic local robustness of a black-box classifier, one batched pipeline.
+
+Per input ``x0`` with label ``l0``: ``n`` perturbations in the L∞ ε-ball (clipped to the domain), a
+forward pass, and per sample the highest softmax confidence among the labels other than ``l0``. On
+device, vmapped over inputs: Anderson–Darling normality test, Box-Cox with the MLE λ (Yeo-Johnson as
+fallback), re-test, and ``plr = 1 − P(c > δ)`` from the fitted normal (`kernels.stats.roma_statistics`).
+
+Beside the paper's parametric estimate, the sound direct Monte Carlo estimate of
+``P(confident misclassification) = P(c > δ)`` with its exact Clopper–Pearson upper bound.
+
+Memory: samples are generated and evaluated ``chunk`` at a time (`kernels.perturb.map_samples`); only
+the per-sample confidences ``(inputs, n)`` are kept, and inputs are processed ``batch`` at a time, so
+``batch · n`` floats bound the memory (n = 10^6 works with a small batch).
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from scipy import stats as sps
+
+from .errors import InputError
+from .kernels.perturb import map_samples
+from .kernels.stats import RomaStatus, clopper_pearson, roma_statistics
+from .network import Network
+
+STATUS_NAMES = {RomaStatus.NORMAL: "normal", RomaStatus.BOXCOX: "normal after Box-Cox",
+                RomaStatus.YEOJOHNSON: "normal after Yeo-Johnson", RomaStatus.FAIL: "FAIL"}
+
+
+class RomaConfig(NamedTuple):
+    eps: float = 0.04
+    delta: float = 0.6
+    samples: int = 10_000
+    sampler: str = "linf"
+    significance: float = 0.05   # Anderson–Darling level
+    confidence: float = 0.95     # Clopper–Pearson upper bound level
+    chunk: int = 1000            # samples per input evaluated at once (does not change the samples)
+    seed: int = 0
+
+
+class RomaResult(NamedTuple):
+    """Per-input arrays ``(N,)``."""
+    plr: np.ndarray            # 1 − P(c > δ) from the fitted normal; NaN when status is FAIL
+    log10_tail: np.ndarray     # log10 P(c > δ), finite where plr rounds to 1
+    lmbda: np.ndarray          # Box-Cox λ (NaN if not applicable)
+    lmbda_yj: np.ndarray       # Yeo-Johnson λ where that fallback ran
+    ad_before: np.ndarray      # Anderson–Darling A² of the raw confidences
+    ad_after: np.ndarray       # A² after Box-Cox
+    status: np.ndarray         # str: normal / normal after Box-Cox / normal after Yeo-Johnson / FAIL
+    n_adversarial: np.ndarray  # samples with wrong-label confidence > δ
+    mc_estimate: np.ndarray    # n_adversarial / n
+    mc_upper: np.ndarray       # one-sided Clopper–Pearson upper bound on P(c > δ) at `confidence`
+    mean: np.ndarray
+    std: np.ndarray
+    time_s: np.ndarray         # wall time per input (its share of the batch)
+
+
+def wrong_label_confidence(net: Network):
+    """``f(samples (B, c, *shape), labels (B,)) -> (B, c)``: highest softmax probability among labels ≠ label."""
+    def f(samples, labels):
+        b, c = samples.shape[:2]
+        p = jax.nn.softmax(net(samples.reshape((b * c,) + samples.shape[2:])), axis=-1).reshape(b, c, -1)
+        mask = jax.nn.one_hot(labels, p.shape[-1], dtype=bool)[:, None, :]
+        return jnp.max(jnp.where(mask, -jnp.inf, p), axis=-1)
+    return f
+
+
+def confidences(net: Network, x, y, cfg: RomaConfig, *, offset: int = 0) -> jax.Array:
+    """Wrong-label confidences ``(B, n)`` of ``cfg.samples`` perturbations of each ``x: (B, *shape)``.
+
+    ``offset`` is the global index of ``x[0]``: a sample depends only on (seed, input index, sample index).
+    """
+    f = wrong_label_confidence(net)
+    yj = jnp.asarray(y)
+    return map_samples(lambda s: f(s, yj), jax.random.PRNGKey(cfg.seed), x, cfg.eps, cfg.samples, cfg.chunk,
+                       sampler=cfg.sampler, domain=net.domain, offset=offset)
+
+
+def roma(net: Network, x, y, cfg: RomaConfig = RomaConfig(), *, indices: Sequence[int] | None = None,
+         batch: int | None = None) -> RomaResult:
+    """RoMA statistics of every input ``x: (N, *input_shape)`` with labels ``y: (N,)``.
+
+    ``indices`` are the inputs' global ids (they seed the samples); ``batch`` inputs are processed at a
+    time (default: as many as keep ``batch · samples`` under 2^25 confidences).
+    """
+    x = net.check_inputs(x)
+    y = np.asarray(y)
+    n = len(x)
+    if y.shape != (n,) or y.dtype.kind not in "iu" or (n and (y.min() < 0 or y.max() >= net.num_classes)):
+        raise InputError(f"labels must be integers in [0, {net.num_classes}) of shape ({n},)")
+    if not cfg.eps >= 0 or not 0 < cfg.delta <= 1 or cfg.samples < 3:
+        raise InputError(f"need eps >= 0, 0 < delta <= 1 and samples >= 3 (got {cfg.eps}, {cfg.delta}, {cfg.samples})")
+    indices = np.arange(n) if indices is None else np.asarray(indices)
+    batch = batch or max(1, min(256, (1 << 25) // cfg.samples))
+    parts = []
+    for s in range(0, n, batch):
+        t0 = time.perf_counter()
+        conf = _batch_confidences(net, x[s:s + batch], y[s:s + batch], cfg, indices[s:s + batch])
+        st = roma_statistics(conf, cfg.delta, cfg.significance)
+        k = np.asarray(st.n_adversarial)
+        _, upper = clopper_pearson(k, cfg.samples, cfg.confidence, side="upper")
+        m = len(k)
+        dt = (time.perf_counter() - t0) / m
+        parts.append(dict(plr=st.plr, log10_tail=st.log10_tail, lmbda=st.lmbda, lmbda_yj=st.lmbda_yj,
+                          ad_before=st.ad_before, ad_after=st.ad_after,
+                          status=np.array([STATUS_NAMES[RomaStatus(int(c))] for c in np.asarray(st.status)], object),
+                          n_adversarial=k, mc_estimate=k / cfg.samples, mc_upper=upper, mean=st.mean, std=st.std,
+                          time_s=np.full(m, dt)))
+    if not parts:
+        return RomaResult(*(np.zeros(0) for _ in RomaResult._fields))
+    return RomaResult(**{f: np.concatenate([np.asarray(p[f]) for p in parts]) for f in RomaResult._fields})
+
+
+def _batch_confidences(net, x, y, cfg, ids):
+    """Confidences ``(B, n)``: one `confidences` call per run of consecutive global ids, so every input's
+    samples are tied to its own id."""
+    runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(ids) != 1) + 1)
+    return jnp.concatenate([confidences(net, x[r], y[r], cfg, offset=int(ids[r[0]])) for r in runs])
+
+
+TABLE = "roma"
+CSV_COLUMNS = ("index", "label", "plr", "log10_tail", "lambda", "status", "n_adversarial", "mc_upper",
+               "network_name", "eps", "delta", "samples", "mc_estimate", "ad_before", "ad_after", "time_s")
+COLUMNS = {"label": ("i8", ()), "eps": ("f8", ()), "delta": ("f8", ()), "samples": ("i8", ()),
+           "plr": ("f8", ()), "log10_tail": ("f8", ()), "lambda": ("f8", ()), "lambda_yj": ("f8", ()),
+           "ad_before": ("f8", ()), "ad_after": ("f8", ()), "status": ("str", ()), "n_adversarial": ("i8", ()),
+           "mc_estimate": ("f8", ()), "mc_upper": ("f8", ()), "mean": ("f8", ()), "std": ("f8", ()),
+           "time_s": ("f8", ()), "network_name": ("str", ())}
+
+
+def run(net: Network, dataset, indices, cfg: RomaConfig, out, *, resume: bool = False, chunk: int = 64,
+        progress: bool = True):
+    """RoMA for ``dataset`` rows ``indices`` (positions), one row per input appended to the HDF5 ``out``
+    (table ``roma``), committed every ``chunk`` inputs; ``resume`` skips stored rows. Returns the store."""
+    from tqdm.auto import tqdm
+
+    from .data import to_network_input
+    from .store import ResultStore
+
+    store = ResultStore(out, TABLE, COLUMNS)
+    chash = store.save_config({"method": "roma", **cfg._asdict()})
+    positions = np.asarray(indices, dtype=int)
+    done = store.done(net.hash, dataset.name, dataset.split, chash)
+    if done and not resume:
+        raise InputError(f"{out} already holds {len(done)} of these rows (same network, data and configuration); "
+                         "pass --resume to continue or choose another --out")
+    todo = np.array([p for p in positions if int(dataset.indices[p]) not in done], dtype=int)
+    bar = tqdm(total=len(positions), initial=len(positions) - len(todo), unit="input", disable=not progress,
+               desc=f"RoMA ε={cfg.eps:g}")
+    for s in range(0, len(todo), chunk):
+        pos = todo[s:s + chunk]
+        ids = dataset.indices[pos]
+        r = roma(net, to_network_input(dataset.x[pos], net.input_shape), dataset.y[pos], cfg, indices=ids)
+        m = len(ids)
+        store.append({"network": [net.hash] * m, "dataset": [dataset.name] * m, "split": [dataset.split] * m,
+                      "index": ids, "config": [chash] * m, "label": dataset.y[pos], "eps": [cfg.eps] * m,
+                      "delta": [cfg.delta] * m, "samples": [cfg.samples] * m, "plr": r.plr,
+                      "log10_tail": r.log10_tail, "lambda": r.lmbda, "lambda_yj": r.lmbda_yj,
+                      "ad_before": r.ad_before, "ad_after": r.ad_after, "status": r.status,
+                      "n_adversarial": r.n_adversarial, "mc_estimate": r.mc_estimate, "mc_upper": r.mc_upper,
+                      "mean": r.mean, "std": r.std, "time_s": r.time_s, "network_name": [net.name] * m})
+        bar.update(m)
+    bar.close()
+    return store
+
+
+class ClassSummary(NamedTuple):
+    label: int
+    n: int
+    complete: float        # fraction of inputs whose confidences were normal (after a transform)
+    plr_mean: float
+    plr_var: float
+    mc_upper_mean: float
+    t_p: float             # Welch t-test of this class's plr against all other classes
+    binom_p: float         # binomial test: this class's completeness against the overall rate
+
+
+def categorical(labels, plr, status, mc_upper) -> list[ClassSummary]:
+    """Per-class ("categorical") robustness: mean and variance of plr over the inputs of each class whose
+    fit succeeded, completeness, and the between-class tests (Welch t-test of the class against the rest;
+    exact binomial test of the class's completeness against the overall completeness)."""
+    labels, plr = np.asarray(labels), np.asarray(plr, float)
+    ok = np.asarray(status) != STATUS_NAMES[RomaStatus.FAIL]
+    overall = ok.mean() if ok.size else np.nan
+    out = []
+    for c in np.unique(labels):
+        m = labels == c
+        a, b = plr[m & ok], plr[~m & ok]
+        t_p = float(sps.ttest_ind(a, b, equal_var=False).pvalue) if a.size >= 2 and b.size >= 2 else np.nan
+        bp = float(sps.binomtest(int(ok[m].sum()), int(m.sum()), overall).pvalue) if 0 < overall < 1 else 1.0
+        out.append(ClassSummary(int(c), int(m.sum()), float(ok[m].mean()),
+                                float(a.mean()) if a.size else np.nan, float(a.var(ddof=1)) if a.size > 1 else np.nan,
+                                float(np.mean(np.asarray(mc_upper)[m])), t_p, bp))
+    return out
+
+
+def compare_models(plr_a, plr_b) -> dict:
+    """Paired comparison of two networks on the same inputs and seeds: means and the Wilcoxon signed-rank
+    test (inputs where either fit failed are dropped). Pass ``log10_tail`` values where plr rounds to 1."""
+    a, b = np.asarray(plr_a, float), np.asarray(plr_b, float)
+    ok = np.isfinite(a) & np.isfinite(b)
+    d = a[ok] - b[ok]
+    p = float(sps.wilcoxon(a[ok], b[ok]).pvalue) if ok.sum() >= 2 and np.any(d != 0) else 1.0
+    return {"n": int(ok.sum()), "mean_a": float(a[ok].mean()) if ok.any() else np.nan,
+            "mean_b": float(b[ok].mean()) if ok.any() else np.nan, "wilcoxon_p": p}

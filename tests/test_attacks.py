@@ -1,0 +1,115 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxrobust.errors import InputError
+from jaxrobust.kernels import attacks
+from jaxrobust.network import from_function
+
+KEY = jax.random.key(3)
+D, B = 12, 6
+_rng = np.random.default_rng(0)
+W = jnp.asarray(_rng.normal(size=(D, 2)), jnp.float32)
+BIAS = jnp.asarray(_rng.normal(size=2), jnp.float32)
+# a linear 2-class model on a wide domain: the minimal perturbation is known in closed form
+NET = from_function(lambda p, x: x @ p[0] + p[1], (W, BIAS), (D,), 2, domain=(-10.0, 10.0))
+X = jnp.asarray(_rng.uniform(-1, 1, (B, D)), jnp.float32)
+Y = jnp.argmax(NET(X), axis=1)
+_M = np.abs(np.asarray(attacks.margin(NET(X), Y)))
+_WD = np.asarray(W[:, 0] - W[:, 1])
+EPS_LINF = jnp.asarray(_M / np.abs(_WD).sum(), jnp.float32)  # eps* = margin / ||w_0 - w_1||_1
+EPS_L2 = jnp.asarray(_M / np.linalg.norm(_WD), jnp.float32)  # eps* = margin / ||w_0 - w_1||_2
+
+
+def check_result(res, x, eps, norm, domain, net=NET, y=Y):
+    x_adv, d = np.asarray(res.x_adv), np.asarray(res.x_adv - x).reshape(len(x), -1)
+    size = np.abs(d).max(1) if norm == "linf" else np.linalg.norm(d, axis=1)
+    assert np.all(size <= np.asarray(eps) * (1 + 1e-5) + 1e-6)
+    assert x_adv.min() >= domain[0] and x_adv.max() <= domain[1]
+    m = np.asarray(attacks.margin(net(res.x_adv), y))  # plain forward re-check
+    np.testing.assert_allclose(np.asarray(res.margin), m, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(res.success), m < 0)
+
+
+@pytest.mark.parametrize("norm,eps_star", [("linf", EPS_LINF), ("l2", EPS_L2)])
+def test_pgd_finds_exactly_above_critical_eps(norm, eps_star):
+    above = attacks.pgd(NET, X, Y, eps_star * 1.02, key=KEY, steps=20, norm=norm)
+    assert above.success.all()
+    check_result(above, X, eps_star * 1.02, norm, NET.domain)
+    below = attacks.pgd(NET, X, Y, eps_star * 0.98, key=KEY, steps=20, norm=norm)
+    assert not below.success.any()
+    check_result(below, X, eps_star * 0.98, norm, NET.domain)
+
+
+def test_pgd_options_ce_restarts_schedules():
+    for schedule in ("cosine", "step"):
+        res = attacks.pgd(NET, X, Y, EPS_LINF * 1.05, key=KEY, steps=10, restarts=3, loss="ce",
+                          schedule=schedule, step_size=0.5 * EPS_LINF)
+        assert res.success.all()
+        check_result(res, X, EPS_LINF * 1.05, "linf", NET.domain)
+
+
+def test_pgd_domain_clipping_and_generic_callable():
+    x = jnp.clip(X, 0.0, 1.0)
+    y = jnp.argmax(NET(x), axis=1)
+    fn = lambda v: NET(v)  # noqa: E731  (a plain callable: no default domain)
+    res = attacks.pgd(fn, x, y, 0.8, key=KEY, steps=10, domain=(0.0, 1.0))
+    check_result(res, x, 0.8, "linf", (0.0, 1.0), y=y)
+    assert np.asarray(res.x_adv == 0.0).any() or np.asarray(res.x_adv == 1.0).any()
+
+
+def test_pgd_conv_net_unrolled():
+    k = jnp.asarray(_rng.normal(size=(3, 3, 1, 2)), jnp.float32)
+    Wd = jnp.asarray(_rng.normal(size=(2 * 4 * 4, 3)), jnp.float32)
+
+    def apply(p, x):
+        h = jax.lax.conv_general_dilated(x, p[0], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.nn.relu(h).reshape(x.shape[0], -1) @ p[1]
+
+    net = from_function(apply, (k, Wd), (6, 6, 1), 3)
+    assert attacks._signature(net, (4, 6, 6, 1), jnp.float32) == (3, True)
+    x = jnp.asarray(_rng.uniform(0, 1, (4, 6, 6, 1)), jnp.float32)
+    y = jnp.argmax(net(x), axis=1)
+    res = attacks.pgd(net, x, y, 0.3, key=KEY, steps=5)
+    check_result(res, x, 0.3, "linf", net.domain, net=net, y=y)
+    assert res.success.any()
+
+
+def test_fgsm_sanity():
+    res = attacks.fgsm(NET, X, Y, EPS_LINF * 1.02)  # exact on a linear 2-class model
+    assert res.success.all()
+    check_result(res, X, EPS_LINF * 1.02, "linf", NET.domain)
+    assert not attacks.fgsm(NET, X, Y, EPS_LINF * 0.98).success.any()
+    assert not attacks.fgsm(NET, X, Y, 0.0).success.any()
+
+
+def test_random_search_above_and_below_critical_eps():
+    res = attacks.random_search(NET, X, Y, EPS_LINF * 1.1, key=KEY, queries=300)
+    assert res.success.all()
+    check_result(res, X, EPS_LINF * 1.1, "linf", NET.domain)
+    below = attacks.random_search(NET, X, Y, EPS_LINF * 0.98, key=KEY, queries=300)
+    assert not below.success.any()
+
+
+def test_input_errors():
+    with pytest.raises(InputError, match=">= 0"):
+        attacks.pgd(NET, X, Y, -0.1, key=KEY)
+    with pytest.raises(InputError, match="finite"):
+        attacks.fgsm(NET, X, Y, jnp.full((B,), jnp.nan))
+    with pytest.raises(InputError, match="NaN"):
+        attacks.pgd(NET, X.at[0, 0].set(jnp.nan), Y, 0.1, key=KEY)
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 2\)"):
+        attacks.pgd(NET, X, Y.at[0].set(2), 0.1, key=KEY)
+    with pytest.raises(InputError, match="labels"):
+        attacks.pgd(NET, X, Y[:3], 0.1, key=KEY)
+    with pytest.raises(InputError, match="shape"):
+        attacks.pgd(NET, X[:, :5], Y, 0.1, key=KEY)
+    with pytest.raises(InputError, match="shape"):
+        attacks.random_search(NET, X, Y, jnp.ones(B + 1), key=KEY)
+    with pytest.raises(InputError, match="domain"):
+        attacks.pgd(NET, X + 20.0, Y, 0.1, key=KEY)
+    with pytest.raises(InputError, match="norm"):
+        attacks.pgd(NET, X, Y, 0.1, key=KEY, norm="l1")
+    with pytest.raises(InputError, match="schedule"):
+        attacks.pgd(NET, X, Y, 0.1, key=KEY, schedule="linear")

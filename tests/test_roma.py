@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+from scipy import stats
+
+import jax
+import jax.numpy as jnp
+
+from jaxrobust import from_function
+from jaxrobust.data import from_arrays
+from jaxrobust.errors import InputError
+from jaxrobust.roma import (CSV_COLUMNS, RomaConfig, categorical, compare_models, confidences, roma, run,
+                            wrong_label_confidence)
+
+
+@pytest.fixture(scope="module")
+def net():
+    rng = np.random.default_rng(0)
+    w1 = jnp.asarray(rng.normal(size=(16, 12)) / 2, jnp.float32)
+    w2 = jnp.asarray(rng.normal(size=(12, 4)), jnp.float32)
+    return from_function(lambda p, x: jnp.tanh(x.reshape(x.shape[0], -1) @ p["w1"]) @ p["w2"],
+                         {"w1": w1, "w2": w2}, (4, 4, 1), 4, name="tiny")
+
+
+@pytest.fixture(scope="module")
+def data(net):
+    x = np.random.default_rng(1).uniform(0, 1, size=(6, 4, 4, 1)).astype(np.float32)
+    return x, np.asarray(net(x)).argmax(-1)
+
+
+def test_wrong_label_confidence(net, data):
+    x, y = data
+    f = wrong_label_confidence(net)
+    c = np.asarray(f(jnp.asarray(x)[:, None], jnp.asarray(y)))[:, 0]
+    p = np.array(jax.nn.softmax(net(x)))
+    p[np.arange(len(y)), y] = -1
+    np.testing.assert_allclose(c, p.max(axis=1), rtol=1e-6)
+
+
+def test_confidences_do_not_depend_on_chunk_or_batch(net, data):
+    x, y = data
+    a = confidences(net, x, y, RomaConfig(eps=0.1, samples=300, chunk=300))
+    b = confidences(net, x, y, RomaConfig(eps=0.1, samples=300, chunk=77))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5)  # same samples; matmul blocking differs
+    r1 = roma(net, x, y, RomaConfig(eps=0.1, samples=300), batch=1)
+    r6 = roma(net, x, y, RomaConfig(eps=0.1, samples=300), batch=6)
+    np.testing.assert_array_equal(r1.n_adversarial, r6.n_adversarial)
+    np.testing.assert_allclose(r1.lmbda, r6.lmbda, rtol=1e-4, atol=1e-5)
+
+
+def test_statistics_agree_with_scipy(net, data):
+    x, y = data
+    cfg = RomaConfig(eps=0.3, delta=0.5, samples=2000)
+    conf = np.asarray(confidences(net, x, y, cfg), np.float64)
+    r = roma(net, x, y, cfg)
+    for i in range(len(x)):
+        assert r.ad_before[i] == pytest.approx(_anderson(conf[i]), rel=2e-3)
+        _, lam = stats.boxcox(conf[i])
+        assert r.lmbda[i] == pytest.approx(lam, rel=2e-3, abs=2e-3)
+        assert r.n_adversarial[i] == int((conf[i] > 0.5).sum())
+        if r.status[i] == "normal after Box-Cox":
+            z = stats.boxcox(conf[i], lam)
+            d = (0.5 ** lam - 1) / lam
+            p = stats.norm.sf(d, z.mean(), z.std(ddof=1))
+            assert r.plr[i] == pytest.approx(1 - p, abs=1e-4)
+    upper = stats.beta.ppf(0.95, r.n_adversarial + 1, cfg.samples - r.n_adversarial)
+    np.testing.assert_allclose(r.mc_upper, upper, rtol=1e-3)
+    assert np.all(r.mc_upper >= r.mc_estimate)
+
+
+def _anderson(x):
+    """Anderson–Darling A² for normality with estimated mean and ddof=1 standard deviation."""
+    z = np.sort((x - x.mean()) / x.std(ddof=1))
+    n = len(z)
+    i = np.arange(1, n + 1)
+    return -n - np.mean((2 * i - 1) * (stats.norm.logcdf(z) + stats.norm.logsf(z[::-1])))
+
+
+def test_bad_input(net, data):
+    x, y = data
+    with pytest.raises(InputError, match="delta"):
+        roma(net, x, y, RomaConfig(delta=0.0))
+    with pytest.raises(InputError, match="eps"):
+        roma(net, x, y, RomaConfig(eps=-0.1))
+    with pytest.raises(InputError, match="labels"):
+        roma(net, x, y + 10)
+    with pytest.raises(InputError, match="NaN"):
+        roma(net, np.full_like(x, np.nan), y)
+
+
+def test_run_resume_and_csv(net, data, tmp_path):
+    x, y = data
+    ds = from_arrays(x, y, "toy", num_classes=4)
+    cfg = RomaConfig(eps=0.2, samples=200)
+    out = tmp_path / "roma.h5"
+    run(net, ds, range(3), cfg, out, chunk=2, progress=False)
+    with pytest.raises(InputError, match="resume"):
+        run(net, ds, range(3), cfg, out, progress=False)
+    store = run(net, ds, range(6), cfg, out, resume=True, progress=False)
+    rows = store.read()
+    assert sorted(rows["index"].tolist()) == list(range(6))
+    direct = roma(net, x, y, cfg)
+    order = np.argsort(rows["index"])
+    np.testing.assert_array_equal(rows["n_adversarial"][order], direct.n_adversarial)
+    store.to_csv(tmp_path / "r.csv", CSV_COLUMNS)
+    header = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["index", "label", "plr", "log10_tail", "lambda", "status", "n_adversarial", "mc_upper"]
+
+
+def test_categorical_and_comparison():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 40)
+    plr = np.concatenate([rng.normal(0.99, 0.005, 40), rng.normal(0.90, 0.02, 40), rng.normal(0.99, 0.005, 40)])
+    status = np.where(np.arange(120) % 10 == 0, "FAIL", "normal after Box-Cox")
+    status[40:80] = "FAIL"  # class 1 fits rarely
+    status[40:50] = "normal"
+    rows = categorical(labels, plr, status, np.full(120, 1e-3))
+    by = {r.label: r for r in rows}
+    assert by[1].complete == pytest.approx(0.25) and by[1].binom_p < 1e-3
+    assert by[0].complete == pytest.approx(0.9)
+    assert by[1].plr_mean == pytest.approx(plr[40:50].mean())
+    assert by[1].t_p < 1e-3 and by[0].n == 40
+    c = compare_models(plr[:40], plr[:40] - 0.01)
+    assert c["n"] == 40 and c["wilcoxon_p"] < 1e-6 and c["mean_a"] > c["mean_b"]
