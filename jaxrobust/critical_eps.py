@@ -27,7 +27,7 @@ import numpy as np
 
 from .errors import InputError, JaxRobustError
 from .network import Network
-from .oracles import ROBUST, VIOLATED, Oracle, linf_distance
+from .oracles import ROBUST, VIOLATED, Oracle, linf_distance, padded_call
 
 STATUSES = ("exact", "gap", "censored", "misclassified", "error")
 
@@ -111,7 +111,7 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
                 t0 = time.perf_counter()
                 k = jax.random.fold_in(jax.random.fold_in(key, step), int(kind == "falsify"))
                 try:
-                    v = _padded_call(fn, x[b], y[b], q[b], jax.random.fold_in(k, int(indices[b[0]])), batch_size)
+                    v = padded_call(fn, x[b], y[b], q[b], jax.random.fold_in(k, int(indices[b[0]])), batch_size)
                 except JaxRobustError:
                     raise
                 except Exception as e:  # an oracle failure is recorded per input, never reported as ε = 0
@@ -147,17 +147,6 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
     lower = np.where(failed, np.nan, np.where(correct, lower, 0.0))
     upper = np.where(failed, np.nan, np.where(correct, upper, 0.0))
     return CriticalEps(lower, upper, status, cex, pred, time_s, queries, errors)
-
-
-def _padded_call(fn, x, y, eps, key, size):
-    """Call ``fn`` on a batch padded to a power of two (at most ``size``) so jitted shapes repeat."""
-    m = len(x)
-    p = min(size, 1 << max(m - 1, 0).bit_length()) if m < size else m
-    if p > m:
-        pad = lambda a: np.concatenate([a, np.repeat(a[:1], p - m, axis=0)])  # noqa: E731
-        x, y, eps = pad(x), pad(y), pad(eps)
-    v = fn(x, y, eps.astype(np.float32), key)
-    return type(v)(*(np.asarray(a)[:m] for a in v))
 
 
 def _predict(net: Network, x, batch_size):

@@ -37,17 +37,37 @@ class Oracle(NamedTuple):
     falsify: Callable
 
 
-def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1) -> Callable:
-    """PGD (margin loss, random start) as a falsifier; successes are confirmed by a forward pass."""
+def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, targets: int = 9) -> Callable:
+    """PGD as a falsifier: a margin-loss attack (``restarts`` random starts), then for the inputs it did not
+    break a multi-targeted attack on the ``targets`` most likely wrong classes (0 = skip). Successes are
+    confirmed by a forward pass."""
     from .kernels.attacks import pgd
+    targets = min(targets, net.num_classes - 1)
 
     def falsify(x, y, eps, key) -> Verdicts:
         r = pgd(net, x, y, eps, key=key, steps=steps, restarts=restarts, loss="margin")
-        found = np.asarray(r.success)
-        cex = np.where(found.reshape((-1,) + (1,) * (x.ndim - 1)), np.asarray(r.x_adv), np.nan)
+        found, x_adv = np.array(r.success), np.array(r.x_adv)
+        rest = np.flatnonzero(~found)
+        if targets > 0 and len(rest):
+            t = padded_call(lambda *a: pgd(net, *a[:3], key=a[3], steps=steps, restarts=targets, loss="targeted"),
+                            x[rest], y[rest], eps[rest], jax.random.fold_in(key, 1), size=len(x))
+            found[rest], x_adv[rest] = np.asarray(t.success), np.asarray(t.x_adv)
+        cex = np.where(found.reshape((-1,) + (1,) * (x.ndim - 1)), x_adv, np.nan)
         return Verdicts(np.where(found, VIOLATED, UNKNOWN).astype(np.int8), cex.astype(np.float32))
 
     return falsify
+
+
+def padded_call(fn, x, y, eps, key, size: int):
+    """``fn(x, y, eps, key)`` on a batch padded (repeating row 0) to a power of two of at most ``size`` rows, so
+    jitted shapes repeat across calls; the outputs (a NamedTuple of arrays) are cut back to ``len(x)``."""
+    m = len(x)
+    p = min(size, 1 << max(m - 1, 0).bit_length()) if m < size else m
+    if p > m:
+        pad = lambda a: np.concatenate([a, np.repeat(a[:1], p - m, axis=0)])  # noqa: E731
+        x, y, eps = pad(x), pad(y), pad(eps)
+    v = fn(x, y, np.asarray(eps, np.float32), key)
+    return type(v)(*(np.asarray(a)[:m] for a in v))
 
 
 def bound_prover(net: Network, method: str = "crown") -> Callable:
@@ -65,10 +85,11 @@ def bound_prover(net: Network, method: str = "crown") -> Callable:
     return prove
 
 
-def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: int = 1, **options) -> Oracle:
+def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: int = 1, targets: int = 9,
+                **options) -> Oracle:
     """Oracle by name: ``attack`` (falsify only), ``ibp``/``crown``/``alpha-crown`` (bounds + attack),
     ``complete`` (branch and bound)."""
-    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts)
+    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets)
     if kind == "attack":
         return Oracle(kind, None, falsify)
     if kind in BOUND_METHODS:

@@ -33,7 +33,7 @@ from ..network import Network
 from .perturb import check_domain, check_eps, check_x, draw, is_concrete, uniform_l2, uniform_linf
 
 NORMS = ("linf", "l2")
-LOSSES = ("margin", "ce")
+LOSSES = ("margin", "ce", "targeted")
 SCHEDULES = ("constant", "cosine", "step")
 
 
@@ -59,11 +59,14 @@ def margin(logits: jax.Array, y: jax.Array) -> jax.Array:
     return z_y - jnp.max(jnp.where(onehot, -jnp.inf, logits), axis=-1)
 
 
-def attack_loss(logits: jax.Array, y: jax.Array, kind: str) -> jax.Array:
-    """Per-example loss to *maximise*: ``"margin"`` (CW, ``-margin``) or ``"ce"`` (cross-entropy)."""
+def attack_loss(logits: jax.Array, y: jax.Array, kind: str, target: jax.Array | None = None) -> jax.Array:
+    """Per-example loss to *maximise*: ``"margin"`` (CW, ``-margin``), ``"ce"`` (cross-entropy) or
+    ``"targeted"`` (``logit_target - logit_y`` for ``target: (B,)``)."""
     if kind == "margin":
         return -margin(logits, y)
     z_y = jnp.take_along_axis(logits, y[:, None], axis=-1)[:, 0]
+    if kind == "targeted":
+        return jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0] - z_y
     return jax.nn.logsumexp(logits, axis=-1) - z_y
 
 
@@ -162,7 +165,7 @@ def _recheck(fn, x_adv, x, y, eps, norm, domain) -> AttackResult:
 def fgsm(fn, x, y, eps, *, loss: str = "ce", domain=None) -> AttackResult:
     """Fast gradient sign method: ``x + eps * sign(grad loss)`` projected onto ball ∩ domain."""
     x, y, eps, domain, _, _ = _prepare(fn, x, y, eps, domain)
-    return _fgsm(fn, x, y, eps, domain, _option(loss, LOSSES, "loss"))
+    return _fgsm(fn, x, y, eps, domain, _option(loss, ("margin", "ce"), "loss"))
 
 
 @partial(jax.jit, static_argnames=("fn", "loss"))
@@ -184,7 +187,9 @@ def pgd(fn, x, y, eps, *, key, steps: int = 40, step_size=None, restarts: int = 
       step_size: scalar or ``(B,)``; default ``2.5 * eps / steps``.
       restarts: independent random starts, run side by side as one batch of ``restarts * B``.
       norm: ``"linf"`` (signed-gradient steps) or ``"l2"`` (normalised-gradient steps).
-      loss: ``"margin"`` (CW) or ``"ce"`` (cross-entropy).
+      loss: ``"margin"`` (CW), ``"ce"`` (cross-entropy) or ``"targeted"`` (multi-targeted: restart ``r``
+        maximises ``logit_t - logit_y`` for the ``(r mod (C-1))``-th most likely wrong class ``t`` at ``x``;
+        it escapes the local optima a single margin loss locks into, so use ``restarts`` ≈ classes to try).
       schedule: ``"constant"``, ``"cosine"`` or ``"step"`` (see `step_sizes`).
       unroll: unroll factor of the step loop; None picks full unrolling for convolutional ``fn``
         and a rolled loop otherwise.
@@ -212,10 +217,16 @@ def _pgd(fn, x, y, eps, alpha, key, domain, steps, restarts, norm, loss, schedul
     x0 = jnp.concatenate([draw(sampler, jax.random.fold_in(key, r), x, eps, b_idx, zero, domain)[:, 0]
                           for r in range(R)], axis=0)
     lr = jnp.concatenate([step_sizes(alpha, steps, schedule)] * R, axis=1)  # (steps, R*B)
+    tr = None
+    if loss == "targeted":
+        z0 = fn(x)
+        wrong = jnp.where(jax.nn.one_hot(y, z0.shape[-1], dtype=jnp.bool_), -jnp.inf, z0)
+        order = jnp.argsort(-wrong, axis=-1)  # most likely wrong class first
+        tr = jnp.concatenate([order[:, r % (z0.shape[-1] - 1)] for r in range(R)])
 
     def objective(xa):
         z = fn(xa)
-        return jnp.sum(attack_loss(z, yr, loss)), z
+        return jnp.sum(attack_loss(z, yr, loss, tr)), z
 
     grad_fn = jax.grad(objective, has_aux=True)
 

@@ -1,0 +1,136 @@
+"""Attack-only critical-ε search: jaxrobust's batched bisection vs VERONA's approach, plus JAIR soundness.
+
+VERONA's approach (the robustness-distribution paper's package): for one image at a time, binary search
+over a grid of ε values (here the paper's 0.002 … 0.4, 200 values), one PGD-40 attack per step
+(torchattacks, batch 1) on the same weights. jaxrobust: all images at once, bisection on the same grid
+with PGD-40 per query, warm-started by the distance of a counterexample at the grid's top.
+
+Prints seconds per image for both (median of --runs), the speed ratio, how often our upper bound is at
+least as tight as VERONA's, and the soundness check against the JAIR per-image results in
+``../shared/reference/jair``: our ``eps_upper`` must never lie below their certified ``epsilon_value``
+(allowing one grid step).
+
+    python benchmarks/bench_critical_eps.py [--images 100] [--runs 3]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+
+from jaxrobust.critical_eps import SearchConfig, search
+from jaxrobust.oracles import make_oracle
+from jaxrobust.onnx_import import load_onnx
+
+GRID = tuple(np.round(np.arange(1, 201) * 0.002, 6))
+NET = "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx"
+
+
+def verona_search(model, x, y, grid, steps=40):
+    """Per-image binary search over ``grid`` with torchattacks PGD at batch 1 (VERONA's loop).
+
+    Returns the smallest grid ε where the attack succeeded (NaN if none)."""
+    import torch
+    import torchattacks
+    out = np.full(len(x), np.nan)
+    for i in range(len(x)):
+        xi, yi = torch.from_numpy(x[i:i + 1]), torch.from_numpy(y[i:i + 1]).long()
+        lo, hi = 0, len(grid) - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            atk = torchattacks.PGD(model, eps=grid[mid], alpha=2.5 * grid[mid] / steps, steps=steps, random_start=True)
+            adv = atk(xi, yi)
+            with torch.no_grad():
+                fooled = bool(model(adv).argmax(1) != yi)
+            if fooled:
+                out[i], hi = grid[mid], mid - 1
+            else:
+                lo = mid + 1
+    return out
+
+
+def torch_mlp(path):
+    import onnx
+    import torch
+    from onnx import numpy_helper
+    w = [numpy_helper.to_array(t).astype(np.float32) for t in onnx.load(path).graph.initializer]
+    mods = [torch.nn.Flatten()]
+    for k in range(0, len(w), 2):
+        W, b = (w[k], w[k + 1]) if w[k].ndim == 2 else (w[k + 1], w[k])
+        lin = torch.nn.Linear(W.shape[1], W.shape[0])
+        lin.weight.data, lin.bias.data = torch.from_numpy(W), torch.from_numpy(b)
+        mods += [lin, torch.nn.ReLU()]
+    return torch.nn.Sequential(*mods[:-1]).eval()
+
+
+def jair_rows(shared: Path, network: str, split="test"):
+    rows = {}
+    with open(shared / "reference/jair/results_JAIR_fomlas.csv") as f:
+        for r in csv.DictReader(f):
+            if r["network_path"].strip() == network and r["split"] == split:
+                rows[int(r["image_id"])] = (float(r["epsilon_value"]), float(r["smallest_sat_value"]))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    ap.add_argument("--images", type=int, default=100)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--verona-images", type=int, default=20, help="images timed for the (slow) VERONA loop")
+    ap.add_argument("--targets", type=int, nargs="+", default=[0, 9],
+                    help="falsifier configurations: wrong classes attacked by the multi-targeted follow-up (0 = none)")
+    args = ap.parse_args()
+    shared = Path(args.shared)
+    import torch
+    torch.set_num_threads(1)
+
+    net = load_onnx(shared / NET)
+    d = np.load(shared / "data/mnist.npz")
+    x = (d["x_test"][:args.images].reshape(-1, 784, 1) / 255.0).astype(np.float32)
+    y = d["y_test"][:args.images].astype(np.int64)
+    cfg = SearchConfig(grid=GRID)
+    ours = {}
+    for t in args.targets:
+        oracle = make_oracle(net, "attack", targets=t)
+        search(net, oracle, x, y, cfg)  # compile
+        times = []
+        for _ in range(args.runs):
+            t0 = time.perf_counter()
+            res = search(net, oracle, x, y, cfg)
+            times.append((time.perf_counter() - t0) / len(x))
+        ours[t] = (float(np.median(times)), res)
+
+    model = torch_mlp(shared / NET)
+    k = min(args.verona_images, len(x))
+    vt, vres = [], None
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        vres = verona_search(model, x[:k].reshape(k, 1, 784), y[:k], GRID)
+        vt.append((time.perf_counter() - t0) / k)
+    theirs = float(np.median(vt))
+
+    ref = jair_rows(shared, "mnist-net_256x2.onnx")
+    print(f"mnist-net_256x2, MNIST test 0..{len(x) - 1}, grid 0.002..0.4 (200 values), PGD-40 per query")
+    print(f"{'':>34} {'s/image':>9} {'speed-up':>9} {'<= VERONA':>10} {'median ub':>10} {'JAIR viol.':>10}")
+    print(f"{'VERONA approach (batch 1, torch)':>34} {theirs:9.4f} {'1.0x':>9} {'':>10} {np.nanmedian(vres):10.4f}"
+          f"   ({k} images)")
+    for t, (sec, res) in ours.items():
+        up = res.eps_upper
+        both = np.isfinite(up[:k]) & np.isfinite(vres)
+        tighter = np.mean(up[:k][both] <= vres[both] + 1e-9) if both.any() else float("nan")
+        ids = [i for i in range(len(x)) if i in ref and res.status[i] != "misclassified"]
+        viol = sum(np.isfinite(up[i]) and up[i] < ref[i][0] - 0.002 for i in ids)
+        print(f"{f'jaxrobust batched, targets={t}':>34} {sec:9.4f} {theirs / sec:8.1f}x {tighter:10.0%} "
+              f"{np.nanmedian(up[:k]):10.4f} {viol:10d}   (median ub on all {len(x)}: {np.nanmedian(up[ids]):.4f})")
+    ids = [i for i in range(len(x)) if i in ref]
+    print(f"JAIR on these images: median certified {np.median([ref[i][0] for i in ids]):.4f}, median smallest "
+          f"counterexample {np.median([ref[i][1] for i in ids]):.4f}; 'JAIR viol.' counts our upper bound below "
+          "their certified ε minus one grid step (must be 0)")
+
+
+if __name__ == "__main__":
+    main()
