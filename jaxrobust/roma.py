@@ -69,15 +69,17 @@ def wrong_label_confidence(net: Network):
     return f
 
 
-def confidences(net: Network, x, y, cfg: RomaConfig, *, offset: int = 0) -> jax.Array:
+def confidences(net: Network, x, y, cfg: RomaConfig, *, indices=None) -> jax.Array:
     """Wrong-label confidences ``(B, n)`` of ``cfg.samples`` perturbations of each ``x: (B, *shape)``.
 
-    ``offset`` is the global index of ``x[0]``: a sample depends only on (seed, input index, sample index).
+    ``indices: (B,)`` are the inputs' global ids (default ``0..B-1``): a sample depends only on
+    (seed, input id, sample index), not on which inputs share the batch.
     """
+    indices = jnp.arange(len(x)) if indices is None else jnp.asarray(indices, jnp.int32)
     f = wrong_label_confidence(net)
     yj = jnp.asarray(y)
     return map_samples(lambda s: f(s, yj), jax.random.PRNGKey(cfg.seed), x, cfg.eps, cfg.samples, cfg.chunk,
-                       sampler=cfg.sampler, domain=net.domain, offset=offset)
+                       sampler=cfg.sampler, domain=net.domain, offset=indices)
 
 
 def roma(net: Network, x, y, cfg: RomaConfig = RomaConfig(), *, indices: Sequence[int] | None = None,
@@ -99,11 +101,13 @@ def roma(net: Network, x, y, cfg: RomaConfig = RomaConfig(), *, indices: Sequenc
     parts = []
     for s in range(0, n, batch):
         t0 = time.perf_counter()
-        conf = _batch_confidences(net, x[s:s + batch], y[s:s + batch], cfg, indices[s:s + batch])
-        st = roma_statistics(conf, cfg.delta, cfg.significance)
-        k = np.asarray(st.n_adversarial)
+        m = min(batch, n - s)
+        p = min(batch, 1 << (m - 1).bit_length())  # pad to a power of two: few compiled shapes
+        rows = np.concatenate([np.arange(s, s + m), np.full(p - m, s)])
+        conf = confidences(net, x[rows], y[rows], cfg, indices=indices[rows])
+        st = jax.tree_util.tree_map(lambda a: np.asarray(a)[:m], roma_statistics(conf, cfg.delta, cfg.significance))
+        k = st.n_adversarial
         _, upper = clopper_pearson(k, cfg.samples, cfg.confidence, side="upper")
-        m = len(k)
         dt = (time.perf_counter() - t0) / m
         parts.append(dict(plr=st.plr, log10_tail=st.log10_tail, lmbda=st.lmbda, lmbda_yj=st.lmbda_yj,
                           ad_before=st.ad_before, ad_after=st.ad_after,
@@ -113,13 +117,6 @@ def roma(net: Network, x, y, cfg: RomaConfig = RomaConfig(), *, indices: Sequenc
     if not parts:
         return RomaResult(*(np.zeros(0) for _ in RomaResult._fields))
     return RomaResult(**{f: np.concatenate([np.asarray(p[f]) for p in parts]) for f in RomaResult._fields})
-
-
-def _batch_confidences(net, x, y, cfg, ids):
-    """Confidences ``(B, n)``: one `confidences` call per run of consecutive global ids, so every input's
-    samples are tied to its own id."""
-    runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(ids) != 1) + 1)
-    return jnp.concatenate([confidences(net, x[r], y[r], cfg, offset=int(ids[r[0]])) for r in runs])
 
 
 TABLE = "roma"

@@ -163,7 +163,8 @@ def map_samples(fn, key, x, eps, n: int, chunk: int, *, sampler="linf", reduce: 
       reduce: None returns every per-sample output ``(B, n, ...)``; ``"sum"``, ``"mean"``, ``"min"``,
         ``"max"``, ``"any"``, ``"all"`` reduce over the samples and return ``(B, ...)``.
       domain: ``(lo, hi)`` to clip samples to; defaults to ``fn.domain`` for a Network, else None.
-      offset: global index of ``x[0]`` (to reproduce the samples of a larger batch).
+      offset: global index of ``x[0]`` (to reproduce the samples of a larger batch), or an int array
+        ``(B,)`` of the global indices of all inputs (any order, gaps allowed).
     """
     x = check_x(x)
     eps = check_eps(eps, x.shape[0])
@@ -203,7 +204,7 @@ _REDUCE = {"sum": jnp.sum, "mean": jnp.sum, "min": jnp.min, "max": jnp.max, "any
 @partial(jax.jit, static_argnames=("fn", "sampler", "n", "chunk", "reduce"))
 def _map_samples(fn, sampler, key, x, eps, domain, offset, n, chunk, reduce):
     B = x.shape[0]
-    b_idx = offset + jnp.arange(B)
+    b_idx = offset + jnp.arange(B) if jnp.ndim(offset) == 0 else offset
     n_chunks = -(-n // chunk)
 
     def run(c):
