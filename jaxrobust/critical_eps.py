@@ -72,10 +72,8 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
     not depend on which other inputs share the batch.
     """
     x = net.check_inputs(x)
-    y = np.asarray(y)
     n = len(x)
-    if y.shape != (n,) or y.dtype.kind not in "iu" or (n and (y.min() < 0 or y.max() >= net.num_classes)):
-        raise InputError(f"labels must be integers in [0, {net.num_classes}) of shape ({n},)")
+    y = net.check_labels(y, n)
     if not cfg.eps_max > 0 or (cfg.grid is None and not cfg.tol > 0):
         raise InputError(f"eps_max and tol must be > 0 (got {cfg.eps_max}, {cfg.tol})")
     if cfg.grid is not None:
@@ -185,11 +183,7 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
     config = {"oracle": oracle_kind, **cfg._asdict(), "options": oracle_options or {}}
     chash = store.save_config(config)
     positions = np.asarray(indices, dtype=int)
-    done = store.done(net.hash, dataset.name, dataset.split, chash)
-    if done and not resume:
-        raise InputError(f"{out} already holds {len(done)} of these rows (same network, data and configuration); "
-                         "pass --resume to continue or choose another --out")
-    todo = np.array([p for p in positions if int(dataset.indices[p]) not in done], dtype=int)
+    todo = store.pending(net.hash, dataset, positions, chash, resume)
     oracle = make_oracle(net, oracle_kind, **(oracle_options or {}))
     finished = store.read(("network", "config", "eps_upper", "status"))
     mine = (finished["network"] == net.hash) & (finished["config"] == chash) & (finished["status"] != "error")

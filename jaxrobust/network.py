@@ -90,6 +90,14 @@ class Network:
         """
         return check_batch(x, self.input_shape, self.domain, what)
 
+    def check_labels(self, y, n: int, what: str = "labels") -> np.ndarray:
+        """Validate integer labels ``y: (n,)`` in ``[0, num_classes)``; return them as numpy."""
+        y = np.asarray(y)
+        if y.shape != (n,) or y.dtype.kind not in "iu" or (n and (y.min() < 0 or y.max() >= self.num_classes)):
+            raise InputError(f"{what} must be integers in [0, {self.num_classes}) of shape ({n},); "
+                             f"got {y.dtype} {y.shape}" + (f" in [{y.min()}, {y.max()}]" if y.size else ""))
+        return y
+
 
 def content_hash(arch: Any, params: Any) -> str:
     """SHA-256 over a canonical JSON of ``arch`` and the raw bytes of every parameter leaf."""

@@ -90,10 +90,8 @@ def roma(net: Network, x, y, cfg: RomaConfig = RomaConfig(), *, indices: Sequenc
     time (default: as many as keep ``batch · samples`` under 2^25 confidences).
     """
     x = net.check_inputs(x)
-    y = np.asarray(y)
     n = len(x)
-    if y.shape != (n,) or y.dtype.kind not in "iu" or (n and (y.min() < 0 or y.max() >= net.num_classes)):
-        raise InputError(f"labels must be integers in [0, {net.num_classes}) of shape ({n},)")
+    y = net.check_labels(y, n)
     if not cfg.eps >= 0 or not 0 < cfg.delta <= 1 or cfg.samples < 3:
         raise InputError(f"need eps >= 0, 0 < delta <= 1 and samples >= 3 (got {cfg.eps}, {cfg.delta}, {cfg.samples})")
     indices = np.arange(n) if indices is None else np.asarray(indices)
@@ -141,11 +139,7 @@ def run(net: Network, dataset, indices, cfg: RomaConfig, out, *, resume: bool = 
     store = ResultStore(out, TABLE, COLUMNS)
     chash = store.save_config({"method": "roma", **cfg._asdict()})
     positions = np.asarray(indices, dtype=int)
-    done = store.done(net.hash, dataset.name, dataset.split, chash)
-    if done and not resume:
-        raise InputError(f"{out} already holds {len(done)} of these rows (same network, data and configuration); "
-                         "pass --resume to continue or choose another --out")
-    todo = np.array([p for p in positions if int(dataset.indices[p]) not in done], dtype=int)
+    todo = store.pending(net.hash, dataset, positions, chash, resume)
     bar = tqdm(total=len(positions), initial=len(positions) - len(todo), unit="input", disable=not progress,
                desc=f"RoMA ε={cfg.eps:g}")
     for s in range(0, len(todo), chunk):

@@ -113,6 +113,15 @@ class ResultStore:
         m = (d["network"] == network) & (d["dataset"] == dataset) & (d["split"] == split) & (d["config"] == config)
         return set(d["index"][m].tolist())
 
+    def pending(self, network: str, dataset, positions, config: str, resume: bool) -> np.ndarray:
+        """The positions in ``dataset`` whose image ids (``dataset.indices``) have no row yet for
+        (network, dataset, split, config). Raises when rows exist and ``resume`` is False."""
+        done = self.done(network, dataset.name, dataset.split, config)
+        if done and not resume:
+            raise InputError(f"{self.path} already holds {len(done)} of these rows (same network, data and "
+                             "configuration); pass --resume to continue or choose another --out")
+        return np.array([p for p in np.asarray(positions, dtype=int) if int(dataset.indices[p]) not in done], dtype=int)
+
     def append(self, rows: Mapping[str, Iterable]) -> None:
         """Append a batch of rows (every column, equal lengths) and commit it."""
         missing = set(self.columns) - set(rows)

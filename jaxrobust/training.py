@@ -85,9 +85,7 @@ def train(net: Network, x, y, *, epochs: int = 3, batch_size: int = 128, learnin
     Returns the trained network and the mean loss of each epoch.
     """
     x = net.check_inputs(x, "training inputs")
-    y = np.asarray(y)
-    if y.shape != (len(x),) or y.dtype.kind not in "iu" or y.min() < 0 or y.max() >= net.num_classes:
-        raise InputError(f"training labels must be integers in [0, {net.num_classes}) of shape ({len(x)},)")
+    y = net.check_labels(y, len(x), "training labels")
     if eps < 0:
         raise InputError(f"eps must be >= 0, got {eps}")
     steps_per_epoch = len(x) // batch_size

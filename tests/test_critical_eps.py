@@ -6,7 +6,7 @@ from jaxrobust import from_function
 from jaxrobust.critical_eps import SearchConfig, run, search
 from jaxrobust.data import from_arrays
 from jaxrobust.errors import InputError
-from jaxrobust.oracles import Oracle, Verdicts, make_oracle
+from jaxrobust.oracles import Oracle, make_oracle
 
 
 def linear_net(seed=0, d=6, c=3):
