@@ -120,6 +120,8 @@ def _critical_eps_options(p):
     p.add_argument("--grid-step", type=float, help="search the grid step, 2·step, ... ≤ eps-max instead (paper: 0.002)")
     p.add_argument("--eps-max", type=float, default=0.5, help="upper end of the search interval")
     p.add_argument("--attack-steps", type=int, default=40)
+    p.add_argument("--targets", type=int, default=9,
+                   help="wrong classes tried by the multi-targeted follow-up attack (0 = margin PGD only)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-query time limit of the complete oracle (s)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk", type=int, default=64, help="inputs per committed chunk")
@@ -148,7 +150,7 @@ def critical_eps_cmd(args):
     net = load_network(args.network)
     ds = load_dataset(args.dataset, args.split)
     idx = parse_indices(args.indices, len(ds.y))
-    options = {"attack_steps": args.attack_steps}
+    options = {"attack_steps": args.attack_steps, "targets": args.targets}
     if args.oracle == "complete":
         options["timeout"] = args.timeout
     store = run(net, ds, idx, args.oracle, _search_config(args), args.out, resume=args.resume, chunk=args.chunk,
@@ -299,6 +301,18 @@ def roma_cmd(args):
               f"{_fmt(c['mean_b'], '.1f')} on {c['n']} inputs, Wilcoxon p={c['wilcoxon_p']:.3g}")
 
 
+def _global_options(p):
+    from .generative import global_options
+    global_options(p)
+
+
+@command("global", "global correctness / robustness of a classifier on generated images (Fijalkow & Gupta)",
+         _global_options)
+def global_cmd(args):
+    from .generative import global_cmd as run
+    run(args)
+
+
 def _demo_options(p):
     p.add_argument("--network", "-n", default="mnist-mlp", help="network (default: the bundled mnist-mlp)")
     p.add_argument("--images", type=int, default=100, help="number of MNIST test images (default 100)")
@@ -326,7 +340,8 @@ def demo_cmd(args):
     print(f"critical ε of test images 0..{n - 1}: CROWN proofs + PGD counterexamples, bisection to 0.001")
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or str(Path(tmp) / "demo.h5")
-        run(net, ds, range(n), "crown", SearchConfig(eps_max=0.3, tol=0.001), out, resume=True)
+        run(net, ds, range(n), "crown", SearchConfig(eps_max=0.3, tol=0.001), out, resume=True,
+            oracle_options={"targets": 3})
         print(_format_summary(summarize(out, bootstrap=500)))
     print(f"done in {time.perf_counter() - t0:.1f} s")
 

@@ -1,0 +1,584 @@
+"""Global correctness and robustness of classifiers with generative models (Fijalkow & Gupta).
+
+A generator ``G_c`` of class ``c`` turns latents into images of ``c``; the classifier ``C`` is judged
+on what the generator draws:
+
+* **composition** — `compose` builds ``C ∘ G`` as a `Network` over latents: the generator's
+  ``output_range`` (e.g. tanh's [-1, 1]) is mapped affinely onto the classifier's ``domain``
+  (e.g. [0, 1]) and the images are laid out as the classifier's input (`data.to_network_input`).
+  It is an ordinary pure function, so sampling, bounds (IBP/CROWN over the composed jaxpr, through
+  LeakyReLU and tanh) and attacks all apply to it.
+* **latent distribution** — ``z ~ N(0, I)`` truncated to the *latent box* ``[-b, b]^d``
+  (``b = LATENT_BOX = 5`` by default), which is also the composed network's domain: attacks
+  stay in it and bounds clip to it. The truncation removes ``d · 5.7e-7`` of the probability mass
+  (6e-6 for d = 10, 6e-5 for the DCGAN's d = 100); with ``b`` large the box behaves as unbounded.
+  Latent ``i`` of a stream is drawn from ``fold_in(key, i)``, so results do not depend on chunking.
+* **global correctness** — P(C(G_c(z)) = c) per class by Monte Carlo, with a Clopper–Pearson
+  interval; misclassified samples (latent, image, predicted class) are kept. For an unconditional
+  generator, the agreement P(C(G(z)) = R(G(z))) with a reference classifier ``R``.
+* **global robustness** — for sampled latents, local robustness of ``C ∘ G_c`` on the latent
+  ε-box around ``z`` (w.r.t. the class predicted at ``z``): *verified* (sound margin bounds on the
+  composed network are positive), *falsified* (a latent PGD attack found ``z'`` classified
+  differently, confirmed by a forward pass) or *unknown*; each fraction with a Clopper–Pearson interval.
+* **realistic adversarial examples** — `adversarial_pairs`: white-box latent PGD (projected onto
+  the ε-ball ∩ latent box at every step, random start, never modifying the start point) or black-box
+  random search; returns pairs ``(G(z), G(z'))`` with ``‖z − z'‖∞ ≤ ε`` whose classes differ by a
+  fresh forward pass of the classifier on images mapped to its domain (softmax is never applied:
+  decisions are argmax of logits).
+
+`run_global` is the driver (HDF5 results via `store.ResultStore`, resumable per class) behind
+``jaxrobust global``; `global_options` / `global_cmd` are its command line.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .data import to_network_input
+from .errors import InputError, JaxRobustError
+from .generator import Generator
+from .network import Network
+
+LATENT_BOX = 5.0
+BOUND_METHODS = ("ibp", "crown", "none")
+ATTACKS = ("pgd", "random")
+
+
+# --- composition ------------------------------------------------------------------------------------
+def to_classifier_input(images: jax.Array, output_range, domain, input_shape) -> jax.Array:
+    """Generated ``images: (B, H, W, C)`` in ``output_range`` -> classifier inputs ``(B, *input_shape)``
+    in ``domain`` (affine map of the ranges, then `data.to_network_input`)."""
+    (glo, ghi), (dlo, dhi) = output_range, domain
+    scale = (dhi - dlo) / (ghi - glo)
+    return to_network_input(images * scale + (dlo - glo * scale), input_shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Composed:
+    """``apply(params, z) = C(map(G(z)))`` with ``params = {"generator": ..., "classifier": ...}``
+    (hashable and equal for equal parts, so jitted callers share compilations across classes)."""
+    gen_apply: object
+    clf_apply: object
+    output_range: tuple
+    domain: tuple
+    input_shape: tuple
+
+    def __call__(self, params, z):
+        images = self.gen_apply(params["generator"], z)
+        x = to_classifier_input(images, self.output_range, self.domain, self.input_shape)
+        return self.clf_apply(params["classifier"], x)
+
+
+def compose(classifier: Network, generator: Generator, *, latent_box: float = LATENT_BOX,
+            name: str | None = None) -> Network:
+    """``C ∘ G`` as a `Network`: ``z: (B, latent_dim) -> logits (B, num_classes)`` on the domain
+    ``[-latent_box, latent_box]``.
+
+    The same arguments give the same `Network` object (a small cache), so jitted kernels that take
+    the network as a static argument (attacks, bounds) compile once per pair.
+    """
+    return _compose(classifier, generator, float(latent_box), name)
+
+
+@functools.lru_cache(maxsize=32)
+def _compose(classifier: Network, generator: Generator, latent_box: float, name: str | None) -> Network:
+    if not latent_box > 0:
+        raise InputError(f"latent_box must be > 0, got {latent_box}")
+    glo, ghi = generator.output_range
+    if not ghi > glo:
+        raise InputError(f"generator {generator.name!r} has an empty output range {generator.output_range}")
+    if math.prod(generator.output_shape) != math.prod(classifier.input_shape):
+        raise InputError(f"generator images {generator.output_shape} do not fit classifier inputs "
+                         f"{classifier.input_shape}")
+    apply = _Composed(generator.apply, classifier.apply, tuple(map(float, generator.output_range)),
+                      tuple(map(float, classifier.domain)), tuple(classifier.input_shape))
+    arch = {"compose": {"classifier": classifier.arch, "generator": generator.arch, "latent_box": float(latent_box)}}
+    return Network(apply, {"generator": generator.params, "classifier": classifier.params},
+                   (generator.latent_dim,), classifier.num_classes, (-float(latent_box), float(latent_box)),
+                   name or f"{classifier.name}∘{generator.name}", arch)
+
+
+# --- latent sampling --------------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("dim", "box"))
+def latents(key, indices: jax.Array, dim: int, box: float = LATENT_BOX) -> jax.Array:
+    """Latents ``(n, dim)``: ``z_i ~ N(0, I)`` truncated to ``[-box, box]^dim`` from ``fold_in(key, i)``
+    for the global sample indices ``indices: (n,)``."""
+    return jax.vmap(lambda i: jax.random.truncated_normal(jax.random.fold_in(key, i), -box, box, (dim,)))(indices)
+
+
+@partial(jax.jit, static_argnames=("n", "box"))
+def _sample_predictions(generator, classifiers, key, start, n, box):
+    """Predicted classes ``(len(classifiers), n)`` of the samples ``start .. start + n - 1``."""
+    z = latents(key, start + jnp.arange(n), generator.latent_dim, box)
+    images = generator(z)
+    return jnp.stack([jnp.argmax(c(to_classifier_input(images, generator.output_range, c.domain, c.input_shape)),
+                                 axis=-1) for c in classifiers])
+
+
+def generate(generator: Generator, key, indices, box: float = LATENT_BOX) -> tuple[np.ndarray, np.ndarray]:
+    """Latents ``(n, d)`` of the given sample ``indices`` and their images ``(n, H, W, C)`` in [0, 1]."""
+    z = latents(key, jnp.asarray(indices, jnp.int32), generator.latent_dim, float(box))
+    return np.asarray(z), np.asarray(generator.to_unit(generator(z)))
+
+
+# --- global correctness -----------------------------------------------------------------------------
+class Correctness(NamedTuple):
+    """Global correctness of one generator.
+
+    Attributes:
+      label: the generator's class, or -1 for an unconditional generator (agreement with the reference).
+      samples, correct: sample count and how many were classified as ``label`` (or as the reference does).
+      estimate, ci_low, ci_high: ``correct / samples`` and its Clopper–Pearson interval.
+      wrong_index: ``(m,)`` sample indices of the first ``m`` (≤ ``max_saved``) misclassified samples.
+      wrong_latent: ``(m, d)``.  wrong_image: ``(m, H, W, C)`` in [0, 1].
+      wrong_predicted: ``(m,)`` the classifier's class.  wrong_expected: ``(m,)`` the true/reference class.
+    """
+
+    label: int
+    samples: int
+    correct: int
+    estimate: float
+    ci_low: float
+    ci_high: float
+    wrong_index: np.ndarray
+    wrong_latent: np.ndarray
+    wrong_image: np.ndarray
+    wrong_predicted: np.ndarray
+    wrong_expected: np.ndarray
+
+
+def interval(k, n, confidence: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper–Pearson interval of ``k`` successes in ``n`` trials."""
+    from .kernels.stats import clopper_pearson
+    lo, hi = clopper_pearson(k, n, confidence)
+    return float(lo), float(hi)
+
+
+def global_correctness(classifier: Network, generator: Generator, label: int | None, *, samples: int = 10_000,
+                       key=None, reference: Network | None = None, confidence: float = 0.95,
+                       latent_box: float = LATENT_BOX, chunk: int = 2000, max_saved: int = 100,
+                       on_chunk=None) -> Correctness:
+    """Monte Carlo estimate of P(C(G(z)) = label), or, with ``reference``, of P(C(G(z)) = R(G(z))).
+
+    ``on_chunk(m)`` is called after each chunk of ``m`` samples (progress bars). Sample ``i`` is latent
+    ``i`` of ``key`` (see `latents`).
+    """
+    if (label is None) == (reference is None):
+        raise InputError("give exactly one of a class label (class generator) or a reference classifier "
+                         "(unconditional generator)")
+    if label is not None and not 0 <= label < classifier.num_classes:
+        raise InputError(f"label {label} outside [0, {classifier.num_classes})")
+    samples, chunk = int(samples), int(chunk)
+    if samples < 1 or chunk < 1:
+        raise InputError(f"samples and chunk must be >= 1, got {samples}, {chunk}")
+    for net in (classifier, reference):
+        if net is not None:
+            compose(net, generator, latent_box=latent_box)  # validates the shapes
+    key = jax.random.PRNGKey(0) if key is None else key
+    nets = (classifier,) if reference is None else (classifier, reference)
+    chunk = min(chunk, samples)
+    preds, expected = [], []
+    for start in range(0, samples, chunk):
+        p = np.asarray(_sample_predictions(generator, nets, key, start, chunk, float(latent_box)))
+        m = min(chunk, samples - start)
+        preds.append(p[0, :m])
+        expected.append(p[1, :m] if reference is not None else np.full(m, label))
+        if on_chunk:
+            on_chunk(m)
+    preds, expected = np.concatenate(preds), np.concatenate(expected)
+    wrong = np.flatnonzero(preds != expected)
+    k = samples - len(wrong)
+    lo, hi = interval(k, samples, confidence)
+    idx = wrong[:max_saved]
+    z, images = generate(generator, key, idx, latent_box) if len(idx) else (
+        np.zeros((0, generator.latent_dim), np.float32), np.zeros((0, *generator.output_shape), np.float32))
+    return Correctness(-1 if label is None else int(label), samples, int(k), k / samples, lo, hi,
+                       idx, z, images, preds[idx], expected[idx])
+
+
+# --- latent attacks ---------------------------------------------------------------------------------
+class AdversarialPairs(NamedTuple):
+    """Attack outcome per latent; rows with ``found`` False hold the attack's best (unsuccessful) point.
+
+    Attributes:
+      z, z_adv: ``(B, d)`` latents, ``‖z − z_adv‖∞ ≤ eps`` (up to float32 rounding of ``z ± eps``).
+      image, image_adv: ``(B, H, W, C)`` generated images in [0, 1].
+      label, label_adv: ``(B,)`` classes the classifier gives to ``image`` and ``image_adv``.
+      found: ``(B,)`` bool, ``label_adv != label`` (fresh forward pass) and ``label`` is the target label.
+    """
+
+    z: np.ndarray
+    z_adv: np.ndarray
+    image: np.ndarray
+    image_adv: np.ndarray
+    label: np.ndarray
+    label_adv: np.ndarray
+    found: np.ndarray
+
+
+def _classify(classifier, generator, z):
+    images = generator(z)
+    x = to_classifier_input(images, generator.output_range, classifier.domain, classifier.input_shape)
+    return generator.to_unit(images), jnp.argmax(classifier(x), axis=-1)
+
+
+_classify_jit = jax.jit(_classify)
+
+
+def latent_attack(classifier: Network, generator: Generator, z, eps, *, key, labels=None, method: str = "pgd",
+                  steps: int = 40, restarts: int = 1, queries: int = 1000,
+                  latent_box: float = LATENT_BOX) -> AdversarialPairs:
+    """Search ``z' ∈ [z − eps, z + eps] ∩ latent box`` with ``C(G(z')) ≠ label`` for each of ``z: (B, d)``.
+
+    ``method``: ``"pgd"`` (white-box projected gradient descent on the margin loss, `kernels.attacks.pgd`)
+    or ``"random"`` (black-box random local search, `kernels.attacks.random_search`). ``labels`` default
+    to the classes predicted at ``z``; a row whose prediction differs from its given label is never
+    ``found`` (it is misclassified already, not an adversarial pair).
+    Every pair is re-checked by generating both images and classifying them afresh.
+    """
+    from .kernels.attacks import pgd, random_search
+    if method not in ATTACKS:
+        raise InputError(f"unknown latent attack {method!r}; choose one of {ATTACKS}")
+    net = compose(classifier, generator, latent_box=latent_box)
+    z = jnp.asarray(z, jnp.float32)
+    if z.ndim != 2 or z.shape[1] != generator.latent_dim:
+        raise InputError(f"latents must have shape (B, {generator.latent_dim}), got {tuple(z.shape)}")
+    image, pred = _classify_jit(classifier, generator, z)
+    labels = pred if labels is None else jnp.asarray(labels, jnp.int32)
+    if method == "pgd":
+        r = pgd(net, z, labels, eps, key=key, steps=steps, restarts=restarts, loss="margin")
+    else:
+        r = random_search(net, z, labels, eps, key=key, queries=queries)
+    image_adv, pred_adv = _classify_jit(classifier, generator, r.x_adv)
+    e = np.broadcast_to(np.asarray(eps, np.float32), (z.shape[0],))
+    dist = np.max(np.abs(np.asarray(r.x_adv) - np.asarray(z)), axis=1)
+    within = dist <= e + 4 * np.spacing(np.float32(latent_box + e))
+    found = np.asarray(pred_adv != labels) & np.asarray(pred == labels) & within
+    return AdversarialPairs(np.asarray(z), np.asarray(r.x_adv), np.asarray(image), np.asarray(image_adv),
+                            np.asarray(pred), np.asarray(pred_adv), found)
+
+
+def adversarial_pairs(classifier: Network, generator: Generator, label: int | None, eps: float, *, samples: int = 100,
+                      key=None, method: str = "pgd", latent_box: float = LATENT_BOX, **attack) -> AdversarialPairs:
+    """Realistic adversarial examples: attack ``samples`` latents ``z`` (stream ``key``) of a class
+    generator whose image is classified as ``label`` (any class when ``label`` is None); return the
+    confirmed pairs only (``found`` all True)."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    z = latents(jax.random.fold_in(key, 0), jnp.arange(samples), generator.latent_dim, float(latent_box))
+    labels = None if label is None else jnp.full((samples,), label, jnp.int32)
+    r = latent_attack(classifier, generator, z, eps, key=jax.random.fold_in(key, 1), labels=labels, method=method,
+                      latent_box=latent_box, **attack)
+    return AdversarialPairs(*(a[r.found] for a in r))
+
+
+def time_to_first(classifier: Network, generator: Generator, label: int | None, eps: float, *, batch: int = 32,
+                  max_rounds: int = 20, key=None, method: str = "pgd", latent_box: float = LATENT_BOX,
+                  **attack) -> tuple[float, int, AdversarialPairs]:
+    """Wall time until the first confirmed adversarial pair: rounds of ``batch`` fresh latents are attacked
+    until one succeeds. Returns ``(seconds, rounds, pairs found in the last round)``; raises `JaxRobustError`
+    after ``max_rounds`` fruitless rounds."""
+    key = jax.random.PRNGKey(0) if key is None else key
+    t0 = time.perf_counter()
+    for r in range(max_rounds):
+        pairs = adversarial_pairs(classifier, generator, label, eps, samples=batch, key=jax.random.fold_in(key, r),
+                                  method=method, latent_box=latent_box, **attack)
+        if len(pairs.found):
+            return time.perf_counter() - t0, r + 1, pairs
+    raise JaxRobustError(f"no adversarial example within eps={eps} after {max_rounds} rounds of {batch} latents")
+
+
+# --- global robustness ------------------------------------------------------------------------------
+VERIFIED, UNKNOWN, FALSIFIED = 1, 0, -1
+
+
+class Robustness(NamedTuple):
+    """Global robustness of one generator in the latent ε-box.
+
+    Attributes:
+      label: the generator's class (-1: unconditional).  samples: latents drawn.  eps: latent L∞ radius.
+      counts: ``(3,)`` verified, falsified, unknown.  fractions: ``(3,)`` counts / samples.
+      ci_low, ci_high: ``(3,)`` Clopper–Pearson intervals of the fractions.
+      status: ``(samples,)`` int8 ``VERIFIED`` / ``FALSIFIED`` / ``UNKNOWN`` per latent.
+      pairs: the confirmed adversarial pairs (`AdversarialPairs`, ``found`` all True).
+    """
+
+    label: int
+    samples: int
+    eps: float
+    counts: np.ndarray
+    fractions: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    status: np.ndarray
+    pairs: AdversarialPairs
+
+
+def _bound_margins(net: Network, z, labels, eps, method: str) -> np.ndarray:
+    """Lower bounds ``(B, C-1)`` of the margins over the latent ε-box ∩ domain. ``"crown"`` back-substitutes
+    the margins only, with interval bounds for the intermediate layers (dense CROWN intermediates through
+    the image-sized layers of a composed network would be far too large)."""
+    from .kernels.bounds import crown, margin_bounds, robustness_spec
+    if method == "ibp":
+        return np.asarray(margin_bounds(net, z, eps, "ibp", labels=labels))
+    lo, hi = jnp.clip(z - eps, *net.domain), jnp.clip(z + eps, *net.domain)
+    return np.asarray(crown(net, lo, hi, robustness_spec(labels, net.num_classes), intermediate="ibp").lower)
+
+
+def global_robustness(classifier: Network, generator: Generator, label: int | None, eps: float, *,
+                      samples: int = 1000, key=None, bounds: str = "ibp", attack_steps: int = 40,
+                      restarts: int = 1, confidence: float = 0.95, latent_box: float = LATENT_BOX,
+                      chunk: int = 250, on_chunk=None) -> Robustness:
+    """Classify the latent ε-box around each of ``samples`` latents as verified / falsified / unknown.
+
+    The reference class of a latent is the classifier's prediction at it. Latents come from stream
+    ``key`` (see `latents`); the attack uses ``fold_in(key, 1)``. ``bounds``: ``"ibp"``, ``"crown"``
+    (see `_bound_margins`) or ``"none"`` (falsification only). A latent is never both verified and
+    falsified; if it were, the bounds would be unsound and a `JaxRobustError` is raised.
+    """
+    if bounds not in BOUND_METHODS:
+        raise InputError(f"unknown bound method {bounds!r}; choose one of {BOUND_METHODS}")
+    if not eps >= 0:
+        raise InputError(f"eps must be >= 0, got {eps}")
+    samples, chunk = int(samples), int(chunk)
+    if samples < 1 or chunk < 1:
+        raise InputError(f"samples and chunk must be >= 1, got {samples}, {chunk}")
+    key = jax.random.PRNGKey(0) if key is None else key
+    net = compose(classifier, generator, latent_box=latent_box)
+    chunk = min(chunk, samples)
+    status, pairs = [], []
+    for start in range(0, samples, chunk):
+        idx = jnp.arange(start, start + chunk)  # fixed shape; rows past `samples` are dropped
+        z = latents(key, idx, generator.latent_dim, float(latent_box))
+        r = latent_attack(classifier, generator, z, eps, key=jax.random.fold_in(jax.random.fold_in(key, 1), start),
+                          steps=attack_steps, restarts=restarts, latent_box=latent_box)
+        st = np.where(r.found, FALSIFIED, UNKNOWN).astype(np.int8)
+        if bounds != "none":
+            ok = np.all(_bound_margins(net, z, jnp.asarray(r.label), eps, bounds) > 0, axis=1)
+            if np.any(ok & r.found):
+                raise JaxRobustError("unsound bounds: a latent box was verified and falsified")
+            st = np.where(ok, VERIFIED, st).astype(np.int8)
+        m = min(chunk, samples - start)
+        status.append(st[:m])
+        pairs.append(AdversarialPairs(*(a[:m][r.found[:m]] for a in r)))
+        if on_chunk:
+            on_chunk(m)
+    status = np.concatenate(status)
+    counts = np.array([(status == s).sum() for s in (VERIFIED, FALSIFIED, UNKNOWN)])
+    cis = np.array([interval(int(c), samples, confidence) for c in counts])
+    pairs = AdversarialPairs(*(np.concatenate(p) for p in zip(*pairs)))
+    return Robustness(-1 if label is None else int(label), samples, float(eps), counts, counts / samples,
+                      cis[:, 0], cis[:, 1], status, pairs)
+
+
+# --- driver -----------------------------------------------------------------------------------------
+def _tables(latent_dim: int, image_shape) -> dict:
+    image = ("f4", tuple(image_shape))
+    return {
+        "global_correctness": {"samples": ("i8", ()), "correct": ("i8", ()), "estimate": ("f8", ()),
+                               "ci_low": ("f8", ()), "ci_high": ("f8", ()), "classifier_name": ("str", ()),
+                               "generator_name": ("str", ()), "reference": ("str", ())},
+        "global_misclassified": {"label": ("i8", ()), "predicted": ("i8", ()), "expected": ("i8", ()),
+                                 "latent": ("f4", (latent_dim,)), "image": image},
+        "global_robustness": {"samples": ("i8", ()), "eps": ("f8", ()),
+                              **{f"{s}{suffix}": ("i8" if suffix == "" else "f8", ())
+                                 for s in ("verified", "falsified", "unknown") for suffix in ("", "_low", "_high")}},
+        "global_adversarial": {"label": ("i8", ()), "label_adv": ("i8", ()), "latent": ("f4", (latent_dim,)),
+                               "latent_adv": ("f4", (latent_dim,)), "image": image, "image_adv": image},
+    }
+
+
+def _rows(n, network, dataset, split, index, config):
+    return {"network": [network] * n, "dataset": [dataset] * n, "split": [split] * n, "index": index,
+            "config": [config] * n}
+
+
+def run_global(classifier: Network, generators: Mapping, out, *, classes=None, samples: int = 10_000,
+               eps: float | None = 0.1, robust_samples: int = 1000, reference: Network | None = None,
+               confidence: float = 0.95, bounds: str = "ibp", attack_steps: int = 40, seed: int = 0,
+               latent_box: float = LATENT_BOX, max_saved: int = 100, image_dir=None, resume: bool = False,
+               progress: bool = True) -> dict:
+    """Global correctness (and, with ``eps``, robustness) of ``classifier`` on each generator of the set.
+
+    ``generators``: ``{class: Generator}`` (class generators) or ``{None: Generator}`` (unconditional:
+    correctness needs ``reference`` and is skipped without it). Results go to the HDF5 file ``out``
+    (tables ``global_correctness``, ``global_misclassified``, ``global_robustness``,
+    ``global_adversarial``), keyed by (classifier hash, generator hash, class, configuration); each class
+    is committed when done, so ``resume=True`` continues a stopped run. With ``image_dir``, PNG grids of
+    misclassified samples and of adversarial pairs (top row original, bottom row adversarial) are written.
+    Returns a JSON-able summary ``{"correctness": [...], "robustness": [...]}``.
+    """
+    from tqdm.auto import tqdm
+
+    from .gan import save_png
+    from .store import ResultStore
+
+    if not generators:
+        raise InputError("no generators given")
+    classes = list(generators) if classes is None else list(classes)
+    missing = [c for c in classes if c not in generators]
+    if missing:
+        raise InputError(f"the generator set has no class {missing[0]} (classes: {list(generators)})")
+    do_correct = reference is not None or None not in classes
+    do_robust = eps is not None
+    some = generators[classes[0]]
+    config = {"samples": samples, "eps": eps, "robust_samples": robust_samples, "confidence": confidence,
+              "bounds": bounds, "attack_steps": attack_steps, "seed": seed, "latent_box": latent_box,
+              "reference": None if reference is None else reference.hash}
+    tables = {name: ResultStore(out, name, cols) for name, cols in _tables(some.latent_dim, some.output_shape).items()}
+    chash = tables["global_correctness"].save_config(config)
+    for t in tables.values():
+        t.save_config(config)
+    stored = [c for c in classes for name in ("global_correctness", "global_robustness")
+              if (-1 if c is None else int(c))
+              in tables[name].done(classifier.hash, generators[c].hash, "global", chash)]
+    if stored and not resume:
+        raise InputError(f"{out} already holds results of class {stored[0]} with the same networks and configuration; "
+                         "resume (--resume) or choose another output file")
+    total = len(classes) * ((samples if do_correct else 0) + (robust_samples if do_robust else 0))
+    bar = tqdm(total=total, unit="sample", disable=not progress, desc="global")
+    summary = {"classifier": classifier.name, "classifier_hash": classifier.hash, "config": config,
+               "correctness": [], "robustness": []}
+    key = jax.random.PRNGKey(seed)
+    for c in classes:
+        g = generators[c]
+        ghash, index = g.hash, -1 if c is None else int(c)
+        kc = jax.random.fold_in(key, index + 1)
+        split = f"class{index}"
+        if do_correct:
+            store = tables["global_correctness"]
+            if index in store.done(classifier.hash, ghash, "global", chash):
+                bar.update(samples)
+            else:
+                bar.set_postfix(cls=index, stage="correctness")
+                r = global_correctness(classifier, g, None if c is None else c, samples=samples,
+                                       key=jax.random.fold_in(kc, 0), reference=reference if c is None else None,
+                                       confidence=confidence, latent_box=latent_box, max_saved=max_saved,
+                                       on_chunk=bar.update)
+                m = len(r.wrong_index)
+                tables["global_misclassified"].append({
+                    **_rows(m, classifier.hash, ghash, split, r.wrong_index, chash), "label": [index] * m,
+                    "predicted": r.wrong_predicted, "expected": r.wrong_expected, "latent": r.wrong_latent,
+                    "image": r.wrong_image})
+                store.append({**_rows(1, classifier.hash, ghash, "global", [index], chash),
+                              "samples": [r.samples], "correct": [r.correct], "estimate": [r.estimate],
+                              "ci_low": [r.ci_low], "ci_high": [r.ci_high], "classifier_name": [classifier.name],
+                              "generator_name": [g.name], "reference": ["" if reference is None else reference.name]})
+                if image_dir is not None and m:
+                    save_png(r.wrong_image[:50], Path(image_dir) / f"misclassified_{split}.png")
+            summary["correctness"].append(_read_row(store, classifier.hash, ghash, index, chash,
+                                                    ("samples", "correct", "estimate", "ci_low", "ci_high")))
+        if do_robust:
+            store = tables["global_robustness"]
+            if index in store.done(classifier.hash, ghash, "global", chash):
+                bar.update(robust_samples)
+            else:
+                bar.set_postfix(cls=index, stage="robustness")
+                r = global_robustness(classifier, g, None if c is None else c, eps, samples=robust_samples,
+                                      key=jax.random.fold_in(kc, 1), bounds=bounds, attack_steps=attack_steps,
+                                      confidence=confidence, latent_box=latent_box, on_chunk=bar.update)
+                p = AdversarialPairs(*(a[:max_saved] for a in r.pairs))
+                m = len(p.z)
+                tables["global_adversarial"].append({
+                    **_rows(m, classifier.hash, ghash, split, np.flatnonzero(r.status == FALSIFIED)[:m], chash),
+                    "label": p.label, "label_adv": p.label_adv, "latent": p.z, "latent_adv": p.z_adv,
+                    "image": p.image, "image_adv": p.image_adv})
+                row = {f"{s}{suffix}": [v[i]] for i, s in enumerate(("verified", "falsified", "unknown"))
+                       for suffix, v in (("", r.counts), ("_low", r.ci_low), ("_high", r.ci_high))}
+                store.append({**_rows(1, classifier.hash, ghash, "global", [index], chash),
+                              "samples": [r.samples], "eps": [r.eps], **row})
+                if image_dir is not None and m:
+                    k = min(m, 10)
+                    save_png(np.concatenate([p.image[:k], p.image_adv[:k]]),
+                             Path(image_dir) / f"adversarial_{split}.png", ncols=k)
+            summary["robustness"].append(_read_row(store, classifier.hash, ghash, index, chash, (
+                "samples", "eps", "verified", "verified_low", "verified_high", "falsified", "falsified_low",
+                "falsified_high", "unknown", "unknown_low", "unknown_high")))
+    bar.close()
+    return summary
+
+
+def _read_row(store, network, dataset, index, config, columns) -> dict:
+    d = store.read(("network", "dataset", "index", "config") + tuple(columns))
+    i = np.flatnonzero((d["network"] == network) & (d["dataset"] == dataset) & (d["index"] == index)
+                       & (d["config"] == config))[-1]
+    return {"class": int(index), **{c: d[c][i].item() for c in columns}}
+
+
+# --- command line -----------------------------------------------------------------------------------
+def global_options(p) -> None:
+    """Arguments of ``jaxrobust global``."""
+    p.add_argument("--classifier", "-n", required=True, help="classifier: bundled name, .onnx or .msgpack weights")
+    p.add_argument("--generator", "-g", required=True,
+                   help="generator file: a generator set (.msgpack, jaxrobust.gan), the Keras DCGAN (.h5) or .onnx")
+    p.add_argument("--class", dest="cls", type=int, help="only this class (default: every class of the set)")
+    p.add_argument("--reference", help="reference classifier for an unconditional generator (agreement)")
+    p.add_argument("--samples", type=int, default=10_000, help="Monte Carlo samples per class for correctness")
+    p.add_argument("--eps", type=float, help="latent L∞ radius for global robustness (omit to skip robustness)")
+    p.add_argument("--robust-samples", type=int, default=1000, help="latents per class for robustness")
+    p.add_argument("--bounds", choices=BOUND_METHODS, default="ibp", help="verification of latent boxes")
+    p.add_argument("--attack-steps", type=int, default=40, help="latent PGD steps")
+    p.add_argument("--latent-box", type=float, default=LATENT_BOX, help="latent domain [-b, b]^d")
+    p.add_argument("--confidence", type=float, default=0.95, help="Clopper–Pearson confidence level")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
+    p.add_argument("--images", metavar="DIR", help="write PNGs of misclassified samples and adversarial pairs here")
+    p.add_argument("--resume", action="store_true", help="skip classes already stored with the same configuration")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def global_cmd(args) -> None:
+    """``jaxrobust global``: print the per-class table (or JSON) of `run_global`."""
+    import json
+
+    from .gan import load_generators
+    from .weights import load_network
+
+    classifier = load_network(args.classifier)
+    generators = load_generators(args.generator)
+    reference = load_network(args.reference) if args.reference else None
+    if args.cls is not None:
+        if None in generators:
+            raise InputError(f"{args.generator} is an unconditional generator; --class does not apply")
+        classes = [args.cls]
+    else:
+        classes = None
+    if None in generators and reference is None and args.eps is None:
+        raise InputError("an unconditional generator needs --reference (correctness) or --eps (robustness)")
+    out = run_global(classifier, generators, args.out, classes=classes, samples=args.samples, eps=args.eps,
+                     robust_samples=args.robust_samples, reference=reference, confidence=args.confidence,
+                     bounds=args.bounds, attack_steps=args.attack_steps, seed=args.seed, latent_box=args.latent_box,
+                     image_dir=args.images, resume=args.resume)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return
+    print(format_summary(out))
+
+
+def format_summary(out: dict) -> str:
+    """Plain-text table of a `run_global` summary."""
+    conf = out["config"]["confidence"]
+    lines = []
+    if out["correctness"]:
+        lines.append(f"global correctness of {out['classifier']} ({conf:.0%} Clopper–Pearson)")
+        lines.append(f"{'class':>6} {'samples':>8} {'correct':>8} {'estimate':>9}  interval")
+        for r in out["correctness"]:
+            name = "all" if r["class"] < 0 else r["class"]
+            lines.append(f"{name:>6} {r['samples']:>8} {r['correct']:>8} {r['estimate']:>9.4f}  "
+                         f"[{r['ci_low']:.4f}, {r['ci_high']:.4f}]")
+    if out["robustness"]:
+        lines.append(f"global robustness, latent eps={out['config']['eps']} (verified / falsified / unknown)")
+        for r in out["robustness"]:
+            name = "all" if r["class"] < 0 else r["class"]
+            cells = [f"{r[s] / r['samples']:.3f} [{r[s + '_low']:.3f}, {r[s + '_high']:.3f}]"
+                     for s in ("verified", "falsified", "unknown")]
+            lines.append(f"{name:>6} n={r['samples']:<6} " + "  ".join(cells))
+    return "\n".join(lines)
