@@ -157,11 +157,12 @@ CSV_COLUMNS = ("network", "dataset", "split", "index", "label", "eps_lower", "ep
                "time_s", "network_name", "predicted", "queries", "config")
 
 
-def columns(input_shape) -> dict:
-    """Column schema of the ``critical_eps`` table for inputs of ``input_shape``."""
+def columns(image_shape) -> dict:
+    """Column schema of the ``critical_eps`` table; counterexamples are stored as dataset images
+    ``image_shape = (H, W, C)``, so networks with different input layouts share one file."""
     return {"label": ("i8", ()), "predicted": ("i8", ()), "eps_lower": ("f8", ()), "eps_upper": ("f8", ()),
             "status": ("str", ()), "oracle": ("str", ()), "time_s": ("f8", ()), "queries": ("i8", ()),
-            "network_name": ("str", ()), "error": ("str", ()), "counterexample": ("f4", tuple(input_shape))}
+            "network_name": ("str", ()), "error": ("str", ()), "counterexample": ("f4", tuple(image_shape))}
 
 
 def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out, *, resume: bool = False,
@@ -175,11 +176,11 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
     """
     from tqdm.auto import tqdm
 
-    from .data import to_network_input
+    from .data import from_network_input, to_network_input
     from .oracles import make_oracle
     from .store import ResultStore
 
-    store = ResultStore(out, TABLE, columns(net.input_shape))
+    store = ResultStore(out, TABLE, columns(dataset.image_shape))
     config = {"oracle": oracle_kind, **cfg._asdict(), "options": oracle_options or {}}
     chash = store.save_config(config)
     positions = np.asarray(indices, dtype=int)
@@ -201,7 +202,7 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
                       "eps_lower": r.eps_lower, "eps_upper": r.eps_upper, "status": r.status,
                       "oracle": [oracle_kind] * m, "time_s": r.time_s, "queries": r.queries,
                       "network_name": [net.name] * m, "error": [r.errors.get(int(i), "") for i in ids],
-                      "counterexample": r.counterexample})
+                      "counterexample": from_network_input(r.counterexample, dataset.image_shape)})
         medians.extend(r.eps_upper[(r.eps_upper > 0)])
         bar.update(m)
         bar.set_postfix(median_eps=f"{np.median(medians):.4f}" if medians else "-")
