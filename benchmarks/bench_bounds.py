@@ -1,0 +1,181 @@
+"""IBP and CROWN throughput of `jaxrobust.kernels` against auto_LiRPA on identical weights.
+
+    python benchmarks/bench_bounds.py [--shared ../shared] [--batches 1 32 256] [--eps 0.02]
+
+Prints, per network / batch size / method: examples per second (median of several runs) for both
+tools, their ratio, the fraction of the float32 matmul peak (a 2048x2048 JAX matmul measured in the
+same run) reached by jaxrobust's IBP (flops from XLA's cost analysis of the compiled program; not
+shown for CROWN, whose chunking loop the cost analysis does not count reliably), and how much looser
+and how much tighter jaxrobust's bounds (without its round-off margin) are than auto_LiRPA's.
+jaxrobust intersects CROWN bounds with interval bounds, so it can be much tighter (e.g. on a final
+ReLU, whose CROWN lower bound may be negative).
+
+Needs ``pip install --no-deps auto-lirpa appdirs`` (auto_LiRPA 0.3); its incompatibilities with
+current numpy/torch are patched at import time below, never in the installed package.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from jaxrobust.kernels import crown, ibp
+from jaxrobust.kernels.bounds import _program
+from jaxrobust.onnx_import import load_onnx
+
+NETS = {
+    "mnist-net_256x2": "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx",
+    "mnist_relu_6_100": "networks/mnist/eran_ffnn/mnist_relu_6_100.onnx",
+    "convSmallRELU__Point": "networks/mnist/eran_cnn/convSmallRELU__Point.onnx",
+}
+
+
+def import_auto_lirpa():
+    """Import auto_LiRPA 0.3 with compatibility shims for numpy 2 and torch >= 2.6."""
+    import torch
+    shim = types.ModuleType("numpy.lib.arraysetops")
+    shim.isin = np.isin
+    sys.modules.setdefault("numpy.lib.arraysetops", shim)
+    import torch.onnx.symbolic_helper as helper
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    helper._set_opset_version = lambda v: setattr(GLOBALS, "export_onnx_opset_version", v)
+    torch._C.Node.__getitem__ = lambda node, k: getattr(node, node.kindOf(k))(k)
+    warnings.filterwarnings("ignore")
+    import auto_LiRPA
+    return auto_LiRPA
+
+
+def torch_model(path):
+    """The same network as a torch ``nn.Sequential`` built from the ONNX initializers."""
+    import torch
+    from torch import nn
+    model = onnx.load(str(path))
+    w = {i.name: numpy_helper.to_array(i).astype(np.float32) for i in model.graph.initializer}
+    layers = [nn.Flatten()]
+    relu_after = {n.input[0] for n in model.graph.node if n.op_type == "Relu"}
+    flat_perm = any(n.op_type == "Transpose" for n in model.graph.node if n.op_type != "Gemm")
+    conv_done = False
+    for n in model.graph.node:
+        if n.op_type == "Conv":
+            wt, b = w[n.input[1]], w[n.input[2]]
+            stride = [a.ints for a in n.attribute if a.name == "strides"][0]
+            conv = nn.Conv2d(wt.shape[1], wt.shape[0], wt.shape[2:], stride=tuple(stride))
+            conv.weight.data, conv.bias.data = torch.tensor(wt), torch.tensor(b)
+            if layers and isinstance(layers[0], nn.Flatten):
+                layers = []
+            layers.append(conv)
+            conv_done = True
+        elif n.op_type == "Gemm":
+            wt, b = w[n.input[1]], w[n.input[2]]
+            if conv_done and flat_perm and not any(isinstance(m, nn.Linear) for m in layers):
+                # the ONNX graph flattens NHWC; permute the columns to torch's NCHW flatten
+                c = layers[-2].out_channels if isinstance(layers[-1], nn.ReLU) else layers[-1].out_channels
+                hw = int(round((wt.shape[1] // c) ** 0.5))
+                wt = wt.reshape(-1, hw, hw, c).transpose(0, 3, 1, 2).reshape(wt.shape[0], -1)
+                layers.append(nn.Flatten())
+            lin = nn.Linear(wt.shape[1], wt.shape[0])
+            lin.weight.data, lin.bias.data = torch.tensor(wt), torch.tensor(b)
+            layers.append(lin)
+        else:
+            continue
+        if n.output[0] in relu_after:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
+def median_time(fn, min_runs=3, max_runs=15, budget=1.5):
+    fn()  # warm-up / compile
+    times = []
+    while len(times) < min_runs or (len(times) < max_runs and sum(times) < budget):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak():
+    a = jnp.ones((2048, 2048), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    t = median_time(lambda: f(a).block_until_ready(), min_runs=10, budget=2.0)
+    return 2 * 2048 ** 3 / t
+
+
+def xla_flops(jitted, *args):
+    cost = jitted.lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
+    ap.add_argument("--nets", nargs="+", default=list(NETS))
+    ap.add_argument("--methods", nargs="+", default=["IBP", "CROWN"])
+    ap.add_argument("--eps", type=float, default=0.02)
+    args = ap.parse_args()
+
+    import torch
+    al = import_auto_lirpa()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    shared = Path(args.shared)
+    mnist = np.load(shared / "data" / "mnist.npz")
+    images = mnist["x_test"][: max(args.batches)].astype(np.float32) / 255.0
+    peak = matmul_peak()
+    print(f"jax float32 2048^2 matmul peak: {peak / 1e9:.1f} GFLOP/s  "
+          f"(devices: {jax.devices()}, torch threads {torch.get_num_threads()})")
+    head = (f"{'network':22s} {'B':>4s} {'method':6s} {'jaxrobust ex/s':>14s} {'auto_LiRPA ex/s':>15s} "
+            f"{'ratio':>6s} {'%peak':>6s} {'looser':>9s} {'tighter':>9s}")
+    print(head)
+    print("-" * len(head))
+    for name in args.nets:
+        path = shared / NETS[name]
+        net = load_onnx(path)
+        tmodel = torch_model(path)
+        bmodel = al.BoundedModule(tmodel, torch.zeros((1,) + net.input_shape), device="cpu")
+        for B in args.batches:
+            x = images[:B].reshape((B,) + net.input_shape)
+            lo, hi = np.clip(x - args.eps, 0, 1), np.clip(x + args.eps, 0, 1)
+            jlo, jhi = jnp.asarray(lo), jnp.asarray(hi)
+            tx = torch.tensor(x)
+            ptb = al.PerturbationLpNorm(norm=np.inf, x_L=torch.tensor(lo), x_U=torch.tensor(hi))
+            bx = al.BoundedTensor(tx, ptb)
+            with torch.no_grad():
+                ref_out = tmodel(tx).numpy()
+            assert np.allclose(np.asarray(net(jnp.asarray(x))), ref_out, atol=1e-4), "models differ"
+            for method in args.methods:
+                if method == "IBP":
+                    run_j = lambda: ibp(net, jlo, jhi, sound_margin=False)
+                else:
+                    run_j = lambda: crown(net, jlo, jhi, sound_margin=False)
+
+                def run_t():
+                    with torch.no_grad():
+                        return bmodel.compute_bounds(x=(bx,), method=method)
+
+                tj = median_time(lambda: jax.block_until_ready(run_j()))
+                tt = median_time(run_t)
+                bj, bt = run_j(), run_t()
+                dl = bt[0].numpy() - np.asarray(bj.lower)
+                du = np.asarray(bj.upper) - bt[1].numpy()
+                looser, tighter = max(dl.max(), du.max(), 0.0), max(-dl.min(), -du.min(), 0.0)
+                pct = "     -"
+                if method == "IBP":
+                    prog = _program(net, net.input_shape, jnp.float32)
+                    pct = f"{100 * xla_flops(prog.ibp, prog.consts, jlo, jhi, False) / tj / peak:5.1f}%"
+                print(f"{name:22s} {B:4d} {method:6s} {B / tj:14.0f} {B / tt:15.0f} {tt / tj:6.2f} "
+                      f"{pct} {looser:9.2e} {tighter:9.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Soundness and tightness of `jaxrobust.kernels` bound propagation (IBP, CROWN, alpha-CROWN)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from jax import lax
+
+from jaxrobust.errors import UnsupportedOpError
+from jaxrobust.kernels import crown, ibp, margin_bounds, robustness_spec, spec_interval
+
+ACTS = {
+    "relu": jax.nn.relu,
+    "leaky": lambda x: jax.nn.leaky_relu(x, 0.1),
+    "leaky_max": lambda x: jnp.maximum(x, 0.2 * x),
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+}
+
+
+def _dense(key, n_in, n_out):
+    k1, k2 = jax.random.split(key)
+    return (jax.random.normal(k1, (n_in, n_out)) / np.sqrt(n_in), 0.1 * jax.random.normal(k2, (n_out,)))
+
+
+def make_mlp(seed, act):
+    """Dense -> act -> residual dense block -> act -> dense; input (5,), 3 outputs."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    (w1, b1), (w2, b2), (w3, b3) = _dense(ks[0], 5, 8), _dense(ks[1], 8, 8), _dense(ks[2], 8, 3)
+    f = ACTS[act]
+
+    def fn(x):
+        h = f(x @ w1 + b1)
+        h = f(h + h @ w2 + b2)
+        return h @ w3 + b3
+
+    return fn, (5,)
+
+
+def make_cnn(seed, act, pool):
+    """Conv -> act -> pool -> strided conv -> relu -> transpose/flatten -> dense; NHWC (6, 6, 2) input."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    c1 = jax.random.normal(ks[0], (3, 3, 2, 3)) / 4
+    c2 = jax.random.normal(ks[1], (3, 3, 3, 4)) / 5
+    dn = ("NHWC", "HWIO", "NHWC")
+    f = ACTS[act]
+    n_flat = 36
+    wd, bd = _dense(ks[2], n_flat, 3)
+
+    def fn(x):
+        h = f(lax.conv_general_dilated(x, c1, (1, 1), "SAME", dimension_numbers=dn) + 0.05)
+        if pool == "max":
+            h = lax.reduce_window(h, -jnp.inf, lax.max, (1, 2, 2, 1), (1, 1, 1, 1), "VALID")
+        else:
+            h = lax.reduce_window(h, 0.0, lax.add, (1, 2, 2, 1), (1, 2, 2, 1), "VALID") / 4.0
+        h = jax.nn.relu(lax.conv_general_dilated(h, c2, (2, 2) if pool == "max" else (1, 1), "SAME",
+                                                 dimension_numbers=dn))
+        h = jnp.transpose(h, (0, 3, 1, 2)).reshape(x.shape[0], -1)
+        return h @ wd + bd
+
+    return fn, (6, 6, 2)
+
+
+def boxes(seed, in_shape, n=2, eps=0.15):
+    x = jax.random.uniform(jax.random.PRNGKey(seed + 1000), (n,) + in_shape, minval=-1, maxval=1)
+    return x - eps, x + eps
+
+
+def extreme_points(fn, lo, hi, key, n_random=100_000, pgd_steps=20):
+    """Outputs ``(P, B, C)`` at random points, corners and gradient-ascent points of each box.
+
+    The gradient ascent runs one sign-gradient search per output coordinate and direction.
+    """
+    B, C = lo.shape[0], fn(lo).shape[-1]
+    u = jax.random.uniform(key, (n_random,) + lo.shape)
+    corners = jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (64,) + lo.shape)
+    direction = jnp.concatenate([jnp.eye(C), -jnp.eye(C)])            # (2C, C)
+
+    @jax.jit
+    def ascend(z):
+        objective = lambda z: jnp.sum(jax.vmap(fn)(z) * direction[:, None, :])
+        step = lambda _, z: jnp.clip(z + 0.1 * (hi - lo) * jnp.sign(jax.grad(objective)(z)), lo, hi)
+        return lax.fori_loop(0, pgd_steps, step, z)
+
+    z0 = lo + jax.random.uniform(jax.random.fold_in(key, 2), (2 * C,) + lo.shape) * (hi - lo)
+    pts = jnp.concatenate([lo + u * (hi - lo), lo[None], hi[None], jnp.where(corners, hi, lo), ascend(z0)])
+    return jax.jit(jax.vmap(fn))(pts).reshape(len(pts), B, -1)
+
+
+def assert_inside(y, b):
+    lower, upper = b.lower.reshape(b.lower.shape[0], -1), b.upper.reshape(b.upper.shape[0], -1)
+    assert bool(jnp.all(y >= lower[None])), float(jnp.max(lower[None] - y))
+    assert bool(jnp.all(y <= upper[None])), float(jnp.max(y - upper[None]))
+
+
+def random_spec(seed, B, K, C):
+    return jax.random.normal(jax.random.PRNGKey(seed + 7), (B, K, C))
+
+
+NETS = st.one_of(
+    st.tuples(st.just("mlp"), st.integers(0, 10_000), st.sampled_from(sorted(ACTS)), st.just(None)),
+    st.tuples(st.just("cnn"), st.integers(0, 10_000), st.sampled_from(sorted(ACTS)), st.sampled_from(["max", "avg"])),
+)
+
+
+def build(arch):
+    kind, seed, act, pool = arch
+    return make_mlp(seed, act) if kind == "mlp" else make_cnn(seed, act, pool)
+
+
+@settings(max_examples=2, deadline=None)
+@given(arch=NETS)
+def test_bounds_contain_sampled_and_attacked_outputs(arch):
+    fn, in_shape = build(arch)
+    lo, hi = boxes(arch[1], in_shape)
+    y = extreme_points(fn, lo, hi, jax.random.PRNGKey(arch[1]))
+    assert_inside(y, ibp(fn, lo, hi))
+    assert_inside(y, crown(fn, lo, hi))
+    spec = random_spec(arch[1], lo.shape[0], 4, y.shape[-1])
+    ys = jnp.einsum("bkc,pbc->pbk", spec, y)
+    assert_inside(ys, crown(fn, lo, hi, spec, intermediate="ibp"))
+    assert_inside(ys, crown(fn, lo, hi, spec, alpha=True, alpha_steps=3))
+
+
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["mlp", "cnn"]))
+def test_crown_never_looser_than_ibp_and_alpha_never_looser_than_crown(seed, kind):
+    fn, in_shape = build((kind, seed, "relu", "max"))
+    lo, hi = boxes(seed, in_shape, eps=0.1)
+    b_ibp = ibp(fn, lo, hi, sound_margin=False)
+    b_crown = crown(fn, lo, hi, sound_margin=False)
+    tol = 1e-5 * (1 + jnp.abs(b_ibp.lower).max())
+    assert bool(jnp.all(b_crown.lower >= b_ibp.lower - tol)) and bool(jnp.all(b_crown.upper <= b_ibp.upper + tol))
+    spec = random_spec(seed, lo.shape[0], 5, 3)
+    s_ibp = spec_interval(spec, b_ibp.lower, b_ibp.upper)
+    s_crown = crown(fn, lo, hi, spec, sound_margin=False)
+    s_alpha = crown(fn, lo, hi, spec, alpha=True, alpha_steps=5, sound_margin=False)
+    tol = 1e-5 * (1 + jnp.abs(s_ibp.lower).max())
+    assert bool(jnp.all(s_crown.lower >= s_ibp.lower - tol)) and bool(jnp.all(s_crown.upper <= s_ibp.upper + tol))
+    assert bool(jnp.all(s_alpha.lower >= s_crown.lower - tol)) and bool(jnp.all(s_alpha.upper <= s_crown.upper + tol))
+
+
+def test_crown_exact_on_linear_network():
+    k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+    (w1, b1), (w2, b2) = _dense(k1, 6, 7), _dense(k2, 7, 4)
+    fn = lambda x: (x @ w1 + b1) @ w2 + b2
+    lo, hi = boxes(3, (6,), n=3)
+    a = w1 @ w2
+    center = ((lo + hi) / 2) @ a + (b1 @ w2 + b2)
+    radius = ((hi - lo) / 2) @ jnp.abs(a)
+    raw = crown(fn, lo, hi, sound_margin=False)
+    np.testing.assert_allclose(raw.lower, center - radius, atol=1e-5)
+    np.testing.assert_allclose(raw.upper, center + radius, atol=1e-5)
+    sound = crown(fn, lo, hi)
+    assert bool(jnp.all(sound.lower <= center - radius)) and bool(jnp.all(sound.upper >= center + radius))
+
+
+@pytest.mark.parametrize("arch", [("mlp", 1, "tanh", None), ("cnn", 2, "leaky", "max")])
+def test_zero_width_box_collapses_to_forward_pass(arch):
+    fn, in_shape = build(arch)
+    x, _ = boxes(arch[1], in_shape, eps=0.0)
+    y = fn(x)
+    for b in (ibp(fn, x, x), crown(fn, x, x)):
+        assert bool(jnp.all(b.lower <= y)) and bool(jnp.all(y <= b.upper))
+        np.testing.assert_allclose(b.lower, y, atol=1e-4)
+        np.testing.assert_allclose(b.upper, y, atol=1e-4)
+
+
+def test_unsupported_primitive_is_named():
+    fn = lambda x: jnp.sin(x) @ jnp.ones((3, 2))
+    with pytest.raises(UnsupportedOpError, match="sin"):
+        ibp(fn, jnp.zeros((1, 3)), jnp.ones((1, 3)))
+
+
+def test_robustness_spec_rows():
+    spec = robustness_spec(jnp.array([0, 2]), 3)
+    np.testing.assert_array_equal(spec[0], [[1, -1, 0], [1, 0, -1]])
+    np.testing.assert_array_equal(spec[1], [[-1, 0, 1], [0, -1, 1]])
+
+
+def test_shared_network_bounds_contain_samples(shared):
+    from jaxrobust.onnx_import import load_onnx
+    net = load_onnx(shared("networks", "mnist", "vnncomp2021_mnistfc", "mnist-net_256x2.onnx"))
+    mnist = np.load(shared("data", "mnist.npz"))
+    x = jnp.asarray(mnist["x_test"][:3].reshape((3,) + net.input_shape) / 255.0, jnp.float32)
+    eps = 0.02
+    lo, hi = jnp.clip(x - eps, 0, 1), jnp.clip(x + eps, 0, 1)
+    y = extreme_points(net, lo, hi, jax.random.PRNGKey(0), n_random=20_000, pgd_steps=10)
+    b_ibp, b_crown = ibp(net, lo, hi), crown(net, lo, hi)
+    assert_inside(y, b_ibp)
+    assert_inside(y, b_crown)
+    assert bool(jnp.all(b_crown.upper - b_crown.lower <= b_ibp.upper - b_ibp.lower + 1e-4))
+    m = margin_bounds(net, x, eps, "crown", labels=jnp.asarray(mnist["y_test"][:3]))
+    spec = robustness_spec(jnp.asarray(mnist["y_test"][:3]), net.num_classes)
+    assert m.shape == (3, net.num_classes - 1)
+    assert bool(jnp.all(m[None] <= jnp.einsum("bkc,pbc->pbk", spec, y)))
