@@ -19,10 +19,10 @@ GRID_STEP = 0.002
 
 
 class Reference(NamedTuple):
-    certified: float         # epsilon_value
+    certified: float         # epsilon_value (NaN where the file leaves it empty)
     counterexample: float    # smallest_sat_value
     time_s: float            # total_time
-    label: int
+    label: int               # original_label, -1 where empty
 
 
 def load_jair(path, network: str, split: str = "test") -> dict[int, Reference]:
@@ -34,9 +34,15 @@ def load_jair(path, network: str, split: str = "test") -> dict[int, Reference]:
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
             if r["network_path"].strip() == network and r["split"].strip() == split:
-                out[int(r["image_id"])] = Reference(float(r["epsilon_value"]), float(r["smallest_sat_value"]),
-                                                    float(r["total_time"]), int(float(r["original_label"])))
+                out[int(r["image_id"])] = Reference(_num(r["epsilon_value"]), _num(r["smallest_sat_value"]),
+                                                    _num(r["total_time"]), int(_num(r["original_label"], -1)))
     return out
+
+
+def _num(text: str, missing=float("nan")) -> float:
+    """A CSV number; empty cells (the released files have a few) become ``missing``."""
+    text = text.strip()
+    return float(text) if text else missing
 
 
 def violations(ref: dict[int, Reference], ids, eps_lower, eps_upper, tol: float = GRID_STEP) -> dict:
