@@ -14,9 +14,10 @@ EPS = jnp.array([0.05, 0.3, 0.0], jnp.float32)
 TOL = 1e-6
 
 
+@pytest.mark.parametrize("rng", perturb.RNGS)
 @pytest.mark.parametrize("sampler", ["linf", "l2", "gaussian"])
-def test_samples_inside_ball_and_domain_and_chunk_invariant(sampler):
-    s = np.asarray(perturb.sample(KEY, X, EPS, 200, sampler=sampler, domain=(0.0, 1.0)))
+def test_samples_inside_ball_and_domain_and_chunk_invariant(sampler, rng):
+    s = np.asarray(perturb.sample(KEY, X, EPS, 200, sampler=sampler, domain=(0.0, 1.0), rng=rng))
     assert s.shape == (3, 200, 6)
     assert s.min() >= 0.0 and s.max() <= 1.0
     d = s - np.asarray(X)[:, None]
@@ -27,7 +28,7 @@ def test_samples_inside_ball_and_domain_and_chunk_invariant(sampler):
     assert np.all(d[2] == 0)  # eps = 0 leaves the input unchanged
     assert len(np.unique(s[1])) > 500  # actually random
     # chunks of 64 (200 = 3 * 64 + 8) reproduce the one-shot samples bit for bit
-    chunked = perturb.map_samples(lambda v: v, KEY, X, EPS, 200, 64, sampler=sampler, domain=(0.0, 1.0))
+    chunked = perturb.map_samples(lambda v: v, KEY, X, EPS, 200, 64, sampler=sampler, domain=(0.0, 1.0), rng=rng)
     np.testing.assert_array_equal(np.asarray(chunked), s)
 
 
@@ -84,7 +85,7 @@ def test_chunked_driver_memory_bounded_1e5():
     assert logits.shape == (2, 1000, 2)
     # the compiled program never holds all samples: its scratch memory does not grow with n
     def temp_bytes(n):
-        lowered = perturb._map_samples.lower(lambda s: s.sum(-1), perturb.uniform_linf, KEY, x,
+        lowered = perturb._map_samples.lower(lambda s: s.sum(-1), perturb._sampler_fn("linf"), KEY, x,
                                              jnp.full((2,), 0.4), None, 0, n, chunk, "max")
         return lowered.compile().memory_analysis().temp_size_in_bytes
 
@@ -102,6 +103,8 @@ def test_input_errors():
         perturb.sample(KEY, X.at[1, 1].set(jnp.nan), 0.1, 4)
     with pytest.raises(InputError, match="sampler"):
         perturb.sample(KEY, X, 0.1, 4, sampler="l3")
+    with pytest.raises(InputError, match="rng"):
+        perturb.sample(KEY, X, 0.1, 4, rng="mt19937")
     with pytest.raises(InputError, match="reduce"):
         perturb.map_samples(lambda s: s, KEY, X, 0.1, 4, 2, reduce="median")
     with pytest.raises(InputError, match="chunk"):
@@ -109,3 +112,58 @@ def test_input_errors():
     net = from_function(lambda p, x: x @ p, jnp.ones((5, 2)), (5,), 2)
     with pytest.raises(InputError, match="shape"):
         perturb.map_samples(net, KEY, X, 0.1, 4, 2)
+
+
+# --- statistical quality of the default counter-based hash generator --------------------------------
+def _hash_samples(n=4000, b=3, d=16):
+    """Uniform [0, 1) draws ``(b, n, d)``: the linf sampler around 0.5 with radius 0.5."""
+    s = perturb.sample(KEY, jnp.full((b, d), 0.5), 0.5, n, offset=7)
+    return np.asarray(s, np.float64)
+
+
+def test_hash_uniform_per_coordinate_and_pooled():
+    u = _hash_samples()
+    assert u.min() >= 0.0 and u.max() < 1.0
+    p = [stats.kstest(u[b, :, j], "uniform").pvalue for b in range(u.shape[0]) for j in range(u.shape[2])]
+    assert min(p) > 1e-4  # 48 tests: family-wise false alarm ~0.5%
+    assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-3
+    # 23-bit resolution: 192,000 draws collide ~1.1% of the time by chance, not more
+    assert len(np.unique(u)) > 0.98 * u.size
+
+
+def test_hash_independence_between_coordinates_samples_and_inputs():
+    u = _hash_samples() - 0.5
+    b, n, d = u.shape
+    tol = 5 / np.sqrt(n)  # |corr| of independent uniforms ~ N(0, 1/n)
+    for i in range(b):
+        c = np.corrcoef(u[i].T)  # coordinates within a sample
+        assert np.abs(c[~np.eye(d, dtype=bool)]).max() < tol
+        lag = [np.corrcoef(u[i, :-k].ravel(), u[i, k:].ravel())[0, 1] for k in (1, 2, 64)]  # neighbouring samples
+        assert np.abs(lag).max() < tol
+    across = [np.corrcoef(u[i].ravel(), u[j].ravel())[0, 1] for i in range(b) for j in range(i + 1, b)]  # inputs
+    assert np.abs(across).max() < tol
+    # neighbouring coordinates of one sample are not in lockstep (pairs fill the unit square)
+    h, _, _ = np.histogram2d(u[0, :, 0], u[0, :, 1], bins=8)
+    assert stats.chisquare(h.ravel()).pvalue > 1e-4
+
+
+def test_hash_normal_for_gaussian_and_l2_samplers():
+    z = np.asarray(perturb.sample(KEY, jnp.zeros((2, 8)), 1.0, 3000, sampler="gaussian", rng="hash"), np.float64)
+    assert np.all(np.isfinite(z)) and np.abs(z).max() < 5.5
+    assert stats.kstest(z.ravel(), "norm").pvalue > 1e-3
+    s = np.asarray(perturb.sample(KEY, jnp.zeros((1, 20)), 0.7, 3000, sampler="l2", rng="hash"))[0]
+    assert stats.kstest((np.linalg.norm(s.astype(np.float64), axis=1) / 0.7) ** 20, "uniform").pvalue > 1e-3
+
+
+def test_chunk_and_batch_invariance_bit_exact_both_rngs():
+    x = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (5, 7)), jnp.float32)
+    ids = jnp.array([4, 11, 0, 2, 9])
+    for rng in perturb.RNGS:
+        ref = np.asarray(perturb.map_samples(lambda s: s, KEY, x, 0.1, 37, 37, offset=ids, rng=rng))
+        for chunk in (1, 5, 16):
+            np.testing.assert_array_equal(
+                np.asarray(perturb.map_samples(lambda s: s, KEY, x, 0.1, 37, chunk, offset=ids, rng=rng)), ref)
+        # any sub-batch, in any order, with the same global ids reproduces the rows
+        sub = perturb.map_samples(lambda s: s, KEY, x[np.array([3, 1])], 0.1, 37, 8, offset=ids[np.array([3, 1])], rng=rng)
+        np.testing.assert_array_equal(np.asarray(sub), ref[[3, 1]])
+    assert not np.array_equal(ref, np.asarray(perturb.map_samples(lambda s: s, KEY, x, 0.1, 37, 37, offset=ids)))

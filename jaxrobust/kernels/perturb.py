@@ -10,13 +10,25 @@ Samplers (one input ``x: shape``, one key, one radius ``eps``; ``domain = (lo, h
 
 Randomness scheme
 -----------------
-Sample ``i`` of input ``b`` is drawn from ``fold_in(fold_in(key, offset + b), i)``, where
-``offset + b`` is the input's global index and ``i`` the global sample index. A sample depends
+Sample ``i`` of input ``b`` is drawn from the per-sample key ``fold_in(fold_in(key, offset + b), i)``,
+where ``offset + b`` is the input's global index and ``i`` the global sample index. A sample depends
 only on (key, global input index, sample index): drawing ``n`` samples at once, in chunks of any
 size, for a sub-batch (with ``offset``) or sharded over devices gives bit-identical samples.
+
+Within a sample, the built-in samplers turn the per-sample key into one value per coordinate with
+``rng``:
+
+* ``"hash"`` (default of ``"linf"``): a counter-based integer hash, two keyed multiply–xorshift
+  rounds of the coordinate index (``bits = mix(mix(φ·j + k0) ^ k1)`` with the key words ``k0, k1``);
+  the top 23 bits are the mantissa of a float in ``[1, 2)``, minus 1: uniform on ``[0, 1)`` in steps
+  of 2^-23 (normals by the inverse error function). About 12 integer operations per coordinate,
+  ~7x cheaper than threefry, which costs more than the forward pass of a small MLP.
+* ``"threefry"`` (default of ``"l2"`` and ``"gaussian"``): ``jax.random.uniform`` /
+  ``jax.random.normal`` with the per-sample key.
 """
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable
 
@@ -80,43 +92,88 @@ def check_domain(domain) -> tuple[jax.Array, jax.Array] | None:
     return lo, hi
 
 
+# --- per-coordinate random numbers ---------------------------------------------------------------
+RNGS = ("hash", "threefry")
+_GOLDEN, _M1, _M2 = 0x9E3779B9, 0x7FEB352D, 0x846CA68B
+
+
+def _mix(h):
+    """Multiply–xorshift bijection of uint32."""
+    h = (h ^ (h >> 16)) * jnp.uint32(_M1)
+    h = (h ^ (h >> 15)) * jnp.uint32(_M2)
+    return h ^ (h >> 16)
+
+
+def hash_bits(key, size: int) -> jax.Array:
+    """``(size,)`` uint32: keyed hash of the coordinate indices ``0 .. size-1`` (one key)."""
+    w = jax.random.key_data(key).astype(jnp.uint32).ravel()
+    k1 = w[1] if w.shape[0] > 1 else jnp.uint32(0)
+    j = lax.iota(jnp.uint32, size)
+    return _mix(_mix(j * jnp.uint32(_GOLDEN) + w[0]) ^ k1)
+
+
+def random_uniform(key, shape, dtype=jnp.float32, rng: str = "hash") -> jax.Array:
+    """Uniform ``[0, 1)`` of ``shape`` from one key (steps of 2^-23 for ``"hash"``)."""
+    if rng == "threefry":
+        return jax.random.uniform(key, shape, dtype)
+    h = hash_bits(key, math.prod(shape)).reshape(shape)
+    one = lax.bitcast_convert_type((h >> 9) | jnp.uint32(0x3F800000), jnp.float32)  # [1, 2), 23 bits
+    return (one - 1.0).astype(dtype)
+
+
+def random_normal(key, shape, dtype=jnp.float32, rng: str = "hash") -> jax.Array:
+    """Standard normal of ``shape`` from one key (``"hash"``: ``√2·erfinv(v)``, ``v`` on the odd
+    multiples of 2^-23 in (-1, 1), so |z| <= 5.3)."""
+    if rng == "threefry":
+        return jax.random.normal(key, shape, dtype)
+    h = hash_bits(key, math.prod(shape)).reshape(shape)
+    v = ((h >> 9).astype(jnp.int32) * 2 + (1 - (1 << 23))).astype(dtype) * jnp.asarray(2.0 ** -23, dtype)
+    return jnp.asarray(math.sqrt(2.0), dtype) * lax.erf_inv(v)
+
+
 # --- samplers: one input, one key ---------------------------------------------------------------
 def _clip(v, domain):
     return v if domain is None else jnp.clip(v, domain[0], domain[1])
 
 
-def uniform_linf(key, x, eps, domain=None):
+def uniform_linf(key, x, eps, domain=None, rng: str = "hash"):
     """Uniform sample of the box ``[x - eps, x + eps] ∩ domain``. ``x: shape -> shape``."""
     lo, hi = x - eps, x + eps
     if domain is not None:
         lo, hi = jnp.maximum(lo, domain[0]), jnp.minimum(hi, domain[1])
-    u = jax.random.uniform(key, x.shape, x.dtype)
+    u = random_uniform(key, x.shape, x.dtype, rng)
     return jnp.clip(lo + u * (hi - lo), lo, hi)
 
 
-def uniform_l2(key, x, eps, domain=None):
+def uniform_l2(key, x, eps, domain=None, rng: str = "threefry"):
     """Uniform sample of the L2 ball of radius ``eps`` around ``x``, clipped to the domain."""
     kd, kr = jax.random.split(key)
-    g = jax.random.normal(kd, x.shape, x.dtype)
+    g = random_normal(kd, x.shape, x.dtype, rng)
     g = g / jnp.maximum(jnp.linalg.norm(g.ravel()), jnp.finfo(x.dtype).tiny)
-    r = eps * jax.random.uniform(kr, (), x.dtype) ** (1.0 / x.size)
+    r = eps * random_uniform(kr, (), x.dtype, rng) ** (1.0 / x.size)
     return _clip(x + r * g, domain)
 
 
-def gaussian(key, x, sigma, domain=None):
+def gaussian(key, x, sigma, domain=None, rng: str = "threefry"):
     """``x + sigma * N(0, I)`` clipped to the domain."""
-    return _clip(x + sigma * jax.random.normal(key, x.shape, x.dtype), domain)
+    return _clip(x + sigma * random_normal(key, x.shape, x.dtype, rng), domain)
 
 
 SAMPLERS: dict[str, Sampler] = {"linf": uniform_linf, "l2": uniform_l2, "gaussian": gaussian}
+_BOUND = {(name, rng): partial(f, rng=rng) for name, f in SAMPLERS.items() for rng in RNGS}
+_BOUND.update({(name, None): f for name, f in SAMPLERS.items()})
 
 
-def _sampler_fn(sampler) -> Sampler:
+def _sampler_fn(sampler, rng: str | None = None) -> Sampler:
+    """A sampler ``(key, x, eps, domain) -> sample``; ``rng`` applies to the built-in ones (None: the
+    sampler's default)."""
+    if rng is not None and rng not in RNGS:
+        raise InputError(f"unknown rng {rng!r}; choose one of {RNGS}")
     if callable(sampler):
         return sampler
     if sampler not in SAMPLERS:
         raise InputError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)} or pass a function")
-    return SAMPLERS[sampler]
+    return _BOUND[sampler, rng]
 
 
 def draw(sampler: Sampler, key, x, eps, batch_idx, sample_idx, domain=None) -> jax.Array:
@@ -130,14 +187,15 @@ def draw(sampler: Sampler, key, x, eps, batch_idx, sample_idx, domain=None) -> j
 
 
 # --- public drivers -------------------------------------------------------------------------------
-def sample(key, x, eps, n: int, *, sampler="linf", domain=None, offset=0, start=0) -> jax.Array:
+def sample(key, x, eps, n: int, *, sampler="linf", domain=None, offset=0, start=0, rng=None) -> jax.Array:
     """Draw samples ``n`` around every input: ``x: (B, *shape)``, ``eps`` scalar or ``(B,)`` ->
-    ``(B, n, *shape)``. Samples ``start .. start + n - 1`` of inputs ``offset .. offset + B - 1``."""
+    ``(B, n, *shape)``. Samples ``start .. start + n - 1`` of inputs ``offset .. offset + B - 1``;
+    ``rng``: ``"hash"``, ``"threefry"`` or None for the sampler's default (see the module docstring)."""
     x = check_x(x)
     eps = check_eps(eps, x.shape[0])
     if int(n) < 0:
         raise InputError(f"n must be >= 0, got {n}")
-    return _sample(_sampler_fn(sampler), key, x, eps, check_domain(domain), offset, start, int(n))
+    return _sample(_sampler_fn(sampler, rng), key, x, eps, check_domain(domain), offset, start, int(n))
 
 
 @partial(jax.jit, static_argnames=("sampler", "n"))
@@ -147,7 +205,7 @@ def _sample(sampler, key, x, eps, domain, offset, start, n):
 
 
 def map_samples(fn, key, x, eps, n: int, chunk: int, *, sampler="linf", reduce: str | None = None,
-                domain=None, offset=0):
+                domain=None, offset=0, rng=None):
     """Apply ``fn`` to ``n`` samples around every input, ``chunk`` samples at a time.
 
     Only one chunk ``(B, chunk, *shape)`` of samples exists at any moment (`lax.map` / `lax.scan`
@@ -165,6 +223,8 @@ def map_samples(fn, key, x, eps, n: int, chunk: int, *, sampler="linf", reduce: 
       domain: ``(lo, hi)`` to clip samples to; defaults to ``fn.domain`` for a Network, else None.
       offset: global index of ``x[0]`` (to reproduce the samples of a larger batch), or an int array
         ``(B,)`` of the global indices of all inputs (any order, gaps allowed).
+      rng: per-coordinate generator of the built-in samplers, ``"hash"`` or ``"threefry"``; None
+        takes the sampler's default (``"hash"`` for ``"linf"``, ``"threefry"`` for the others).
     """
     x = check_x(x)
     eps = check_eps(eps, x.shape[0])
@@ -178,7 +238,7 @@ def map_samples(fn, key, x, eps, n: int, chunk: int, *, sampler="linf", reduce: 
             raise InputError(f"inputs must have shape (B, {fn.input_shape}), got {tuple(x.shape)}")
         if domain is None:
             domain = fn.domain
-    return _map_samples(fn, _sampler_fn(sampler), key, x, eps, check_domain(domain), offset,
+    return _map_samples(fn, _sampler_fn(sampler, rng), key, x, eps, check_domain(domain), offset,
                         n, min(chunk, n), reduce)
 
 
