@@ -109,12 +109,17 @@ def train_cmd(args):
 
 
 # --- critical-eps / distribution / demo -------------------------------------------------------
-def _critical_eps_options(p):
-    p.add_argument("--network", "-n", default="mnist-mlp",
-                   help="bundled name (mnist-mlp, mnist-mlp-pgd), .onnx file or .msgpack weights")
+def _data_options(p):
+    """The data selection shared by the per-input methods."""
     p.add_argument("--dataset", "-d", default="mnist", help="mnist | fashion_mnist | cifar10 | gtsrb, optionally NAME:PATH")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--indices", default="0:100", help="e.g. 0:100, 3,5,9 or 0:1000:10")
+
+
+def _critical_eps_options(p):
+    p.add_argument("--network", "-n", default="mnist-mlp",
+                   help="bundled name (mnist-mlp, mnist-mlp-pgd), .onnx file or .msgpack weights")
+    _data_options(p)
     p.add_argument("--oracle", default="crown", choices=["attack", "ibp", "crown", "alpha-crown", "complete"])
     p.add_argument("--tol", type=float, default=0.001, help="bisection tolerance (default 0.001)")
     p.add_argument("--grid-step", type=float, help="search the grid step, 2·step, ... ≤ eps-max instead (paper: 0.002)")
@@ -213,9 +218,7 @@ def _format_summary(out) -> str:
 def _roma_options(p):
     p.add_argument("--network", "-n", action="append",
                    help="network (repeat to compare models on the same inputs and seeds; default mnist-mlp)")
-    p.add_argument("--dataset", "-d", default="mnist", help="dataset spec (default mnist)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
-    p.add_argument("--indices", default="0:100", help="e.g. 0:1000")
+    _data_options(p)
     p.add_argument("--eps", default="0.04", help="L∞ radius; a comma list runs an ε sweep")
     p.add_argument("--delta", type=float, default=0.6, help="confidence threshold δ of a confident misclassification")
     p.add_argument("--samples", type=int, default=10_000, help="perturbations per input")
