@@ -24,6 +24,8 @@ from onnx import numpy_helper
 from jaxrobust.kernels.attacks import pgd
 from jaxrobust.network import from_function
 
+from common import matmul_peak
+
 NETS = {
     "mnist-net_256x2": "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx",
     "mnist_relu_6_100": "networks/mnist/eran_ffnn/mnist_relu_6_100.onnx",
@@ -137,12 +139,6 @@ def timeit(f, min_time=0.3, runs=5):
             f()
         out.append((time.perf_counter() - t0) / reps)
     return float(np.median(out))
-
-
-def matmul_peak():
-    a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
-    mm = jax.jit(lambda a, b: a @ b)
-    return 2 * 2048 ** 3 / timeit(lambda: mm(a, a).block_until_ready(), runs=7)
 
 
 def main():

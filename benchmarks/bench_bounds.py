@@ -33,6 +33,8 @@ from jaxrobust.kernels import crown, ibp
 from jaxrobust.kernels.bounds import _program
 from jaxrobust.onnx_import import load_onnx
 
+from common import matmul_peak
+
 NETS = {
     "mnist-net_256x2": "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx",
     "mnist_relu_6_100": "networks/mnist/eran_ffnn/mnist_relu_6_100.onnx",
@@ -101,13 +103,6 @@ def median_time(fn, min_runs=3, max_runs=15, budget=1.5):
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def matmul_peak():
-    a = jnp.ones((2048, 2048), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    t = median_time(lambda: f(a).block_until_ready(), min_runs=10, budget=2.0)
-    return 2 * 2048 ** 3 / t
 
 
 def xla_flops(jitted, *args):

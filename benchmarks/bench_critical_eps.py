@@ -25,6 +25,8 @@ from jaxrobust.critical_eps import SearchConfig, search
 from jaxrobust.oracles import make_oracle
 from jaxrobust.onnx_import import load_onnx
 
+from common import torch_mlp
+
 GRID = tuple(np.round(np.arange(1, 201) * 0.002, 6))
 NET = "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx"
 
@@ -50,20 +52,6 @@ def verona_search(model, x, y, grid, steps=40):
             else:
                 lo = mid + 1
     return out
-
-
-def torch_mlp(path):
-    import onnx
-    import torch
-    from onnx import numpy_helper
-    w = [numpy_helper.to_array(t).astype(np.float32) for t in onnx.load(path).graph.initializer]
-    mods = [torch.nn.Flatten()]
-    for k in range(0, len(w), 2):
-        W, b = (w[k], w[k + 1]) if w[k].ndim == 2 else (w[k + 1], w[k])
-        lin = torch.nn.Linear(W.shape[1], W.shape[0])
-        lin.weight.data, lin.bias.data = torch.from_numpy(W), torch.from_numpy(b)
-        mods += [lin, torch.nn.ReLU()]
-    return torch.nn.Sequential(*mods[:-1]).eval()
 
 
 def jair_rows(shared: Path, network: str, split="test"):
@@ -104,7 +92,7 @@ def main():
             times.append((time.perf_counter() - t0) / len(x))
         ours[t] = (float(np.median(times)), res)
 
-    model = torch_mlp(shared / NET)
+    model, _ = torch_mlp(shared / NET)
     k = min(args.verona_images, len(x))
     vt, vres = [], None
     for _ in range(args.runs):

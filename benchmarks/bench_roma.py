@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import warnings
 
 import jax
@@ -30,40 +29,10 @@ from jaxrobust.kernels.stats import roma_statistics
 from jaxrobust.onnx_import import load_onnx
 from jaxrobust.roma import RomaConfig, confidences, roma, wrong_label_confidence
 
-NET = "/work/shared/networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx"
-DATA = "/work/shared/data/mnist.npz"
+from common import SHARED, matmul_peak, median_time, torch_mlp
 
-
-def median_time(fn, runs: int) -> float:
-    """Median wall seconds of ``fn()`` (results blocked on) over ``runs`` calls after one warm-up."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
-def torch_mlp(path):
-    """The ONNX Gemm/Relu MLP as a torch ``Sequential`` and its forward FLOPs per sample."""
-    import onnx
-    import torch
-    from onnx import numpy_helper
-
-    model = onnx.load(path)
-    init = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    layers, flops = [], 0
-    for node in model.graph.node:
-        if node.op_type == "Gemm":
-            w, b = init[node.input[1]], init[node.input[2]]
-            lin = torch.nn.Linear(w.shape[1], w.shape[0])
-            lin.weight.data, lin.bias.data = torch.from_numpy(w.copy()), torch.from_numpy(b.copy())
-            layers.append(lin)
-            flops += 2 * w.size
-        elif node.op_type == "Relu":
-            layers.append(torch.nn.ReLU())
-    return torch.nn.Sequential(*layers).eval(), flops
+NET = str(SHARED / "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx")
+DATA = str(SHARED / "data/mnist.npz")
 
 
 def reference_image(model, x, label, eps, delta, n, rng):
@@ -113,9 +82,7 @@ def main():
           f"{' '.join(f'{v:.1f}' for v in os.getloadavg())}; {args.images} images x {n} samples, "
           f"eps={args.eps}, delta={args.delta}, runs={args.runs}")
 
-    a = jnp.asarray(np.random.default_rng(0).random((2048, 2048)), jnp.float32)
-    mm = jax.jit(lambda m: m @ m)
-    peak = 2 * 2048 ** 3 / median_time(lambda: mm(a), max(5, args.runs)) / 1e9
+    peak = matmul_peak(max(5, args.runs)) / 1e9
 
     # (a) reference per image
     model, flops = torch_mlp(args.net)

@@ -19,6 +19,8 @@ import scipy.stats as st
 
 from jaxrobust.kernels.stats import roma_statistics
 
+from common import median_time
+
 
 def confidences(images: int, samples: int, seed: int = 0) -> np.ndarray:
     """(images, samples) highest wrong-label softmax confidences of noisy 10-class logits."""
@@ -46,15 +48,6 @@ def scipy_roma(c: np.ndarray, delta: float):
         return 1
     w, _ = st.yeojohnson(c)
     return 2 if st.anderson(w, "norm").statistic <= crit else 3
-
-
-def median_time(fn, runs):
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def main():
