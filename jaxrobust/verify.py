@@ -1,0 +1,307 @@
+"""Complete verification of local robustness: attack → CROWN / α-CROWN → branch and bound (β-CROWN).
+
+Per query ``(x, y, ε)`` (or a VNN-LIB property: a box and linear output specs) the cascade stops at
+the first stage that decides it:
+
+1. forward pass: ``x`` itself misclassified → VIOLATED;
+2. PGD (margin, then multi-targeted) in the ε-box → VIOLATED, counterexample re-checked;
+3. α-CROWN on the whole box, one spec row ``c_t . out > d_t`` per wrong class → rows proved drop out;
+4. branch and bound on ReLU splits (`kernels.bab`): subdomains of the remaining rows are bounded
+   ``batch`` at a time in one jitted β-CROWN call, the lowest bounds first; each is split on the
+   neuron with the highest BaBSR-like score; the minimiser of every subdomain's linear bound is
+   checked by a forward pass (a counterexample search inside each subdomain);
+5. a subdomain without free unstable neurons is linear: an exact LP (HiGHS) decides it.
+
+ROBUST is returned only when every subdomain of every row is proved; VIOLATED only with a point of
+the box that a plain forward pass of the network maps into the unsafe region; otherwise UNKNOWN
+(time, subdomain or memory budget exhausted). Work is deterministic for a given seed; only the
+time budget depends on the machine.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .errors import InputError
+from .kernels.bab import box_bounds, domain_bounds
+from .kernels.bounds import MARGIN_ABS, MARGIN_REL
+from .kernels.perturb import check_eps
+from .kernels.relu_chain import ReluChain, relu_chain
+from .network import Network
+from .oracles import ROBUST, UNKNOWN, VIOLATED, Oracle, Verdicts, attack_falsifier
+
+STAGES = ("forward", "attack", "crown", "bab", "lp", "timeout", "domains", "memory", "lp-unknown")
+
+
+class VerifyConfig(NamedTuple):
+    timeout: float = 60.0          # seconds per query (wall clock)
+    max_domains: int = 10 ** 7     # subdomains bounded per query
+    max_pool_bytes: int = 2 ** 28  # memory of pending subdomains per query
+    batch: int = 512               # subdomains per bounding call (a fixed, jitted shape)
+    steps: int = 10                # α/β Adam iterations per subdomain batch (warm-started from the parent)
+    root_steps: int = 100          # α iterations on the whole box
+    attack_steps: int = 40
+    attack_restarts: int = 1
+    attack_targets: int = 9
+    seed: int = 0
+
+
+class VerifyResult(NamedTuple):
+    """Per query ``(B,)`` arrays; ``counterexample (B, *input_shape)`` is NaN where not VIOLATED."""
+    status: np.ndarray         # int8: ROBUST / UNKNOWN / VIOLATED
+    counterexample: np.ndarray
+    time_s: np.ndarray
+    domains: np.ndarray        # subdomains bounded (the root box counts once per spec row)
+    bound_evals: np.ndarray    # bound propagations: subdomains x (Adam steps + 1)
+    lower: np.ndarray          # smallest proved lower bound of the spec rows at the end (-inf: none)
+    stage: np.ndarray          # str: the stage that decided (STAGES)
+
+
+_CHAINS: dict = {}
+
+
+def network_chain(net: Network) -> ReluChain:
+    """The dense `ReluChain` of ``net`` (cached by content hash)."""
+    key = (net.hash, tuple(net.input_shape))
+    if key not in _CHAINS:
+        _CHAINS.clear()
+        _CHAINS[key] = relu_chain(net, net.input_shape)
+    return _CHAINS[key]
+
+
+def robustness_specs(label: int, num_classes: int):
+    """Rows ``C: (C-1, C)``, ``d: (C-1,)`` of ``logit_label - logit_j > 0``, ascending ``j != label``."""
+    eye = np.eye(num_classes, dtype=np.float32)
+    return np.stack([eye[label] - eye[j] for j in range(num_classes) if j != label]), np.zeros(num_classes - 1)
+
+
+def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None,
+           progress: bool = False) -> VerifyResult:
+    """Decide L∞ robustness of every query ``x: (B, *input_shape)``, ``y: (B,)``, ``eps`` scalar or ``(B,)``
+    (boxes clipped to ``net.domain``); ``cfg`` default `VerifyConfig()`."""
+    x = np.asarray(net.check_inputs(x), np.float32)
+    B = len(x)
+    y = np.asarray(net.check_labels(y, B))
+    eps = np.asarray(check_eps(eps, B), np.float32)
+    cfg = VerifyConfig() if cfg is None else cfg
+    _check_config(cfg)
+    key = jax.random.PRNGKey(cfg.seed) if key is None else key
+    status = np.full(B, UNKNOWN, np.int8)
+    cex = np.full(x.shape, np.nan, np.float32)
+    time_s, lower = np.zeros(B), np.full(B, -np.inf)
+    domains, evals = np.zeros(B, np.int64), np.zeros(B, np.int64)
+    stage = np.full(B, "", dtype=object)
+
+    t0 = time.perf_counter()
+    wrong = np.asarray(net(x)).argmax(-1) != y
+    status[wrong], cex[wrong], stage[wrong] = VIOLATED, x[wrong], "forward"
+    rest = np.flatnonzero(~wrong)
+    if len(rest) and cfg.attack_steps > 0:
+        falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
+                                   targets=cfg.attack_targets)
+        v = falsify(x[rest], y[rest], eps[rest], key)
+        hit = rest[v.status == VIOLATED]
+        status[hit], cex[hit], stage[hit] = VIOLATED, v.counterexample[v.status == VIOLATED], "attack"
+    time_s[:] = (time.perf_counter() - t0) / B
+
+    todo = np.flatnonzero(status == UNKNOWN)
+    if len(todo):
+        chain = network_chain(net)
+        lo_d, hi_d = net.domain
+        it = todo
+        if progress:
+            from tqdm.auto import tqdm
+            it = tqdm(todo, desc="verify", unit="query")
+        for i in it:
+            t1 = time.perf_counter()
+            lo = np.clip(x[i] - eps[i], lo_d, hi_d).reshape(-1)
+            hi = np.clip(x[i] + eps[i], lo_d, hi_d).reshape(-1)
+            C, d = robustness_specs(int(y[i]), net.num_classes)
+            r = verify_box(net, chain, lo, hi, C, d, cfg, deadline=t1 + max(cfg.timeout - time_s[i], 0.0))
+            status[i], stage[i], domains[i], evals[i], lower[i] = r.status, r.stage, r.domains, r.bound_evals, r.lower
+            if r.counterexample is not None:
+                cex[i] = r.counterexample.reshape(x.shape[1:])
+            time_s[i] += time.perf_counter() - t1
+    return VerifyResult(status, cex, time_s, domains, evals, lower, stage.astype(str))
+
+
+class BoxResult(NamedTuple):
+    status: int
+    counterexample: np.ndarray | None   # (n_0,) flat input
+    domains: int
+    bound_evals: int
+    lower: float
+    stage: str
+
+
+def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, *, deadline: float) -> BoxResult:
+    """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``lo, hi: (n_0,)`` or find ``x`` violating a row.
+
+    ``C: (T, n_L)``, ``d: (T,)``. Runs stages 3–5 of the module doc until ``deadline`` (perf_counter).
+    """
+    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
+    widths = chain.widths[1:-1]
+    H = int(sum(widths))
+    lowers, uppers = box_bounds(chain, lo, hi)
+    shape = (-1,) + tuple(net.input_shape)
+
+    batch = cfg.batch
+
+    def violating(xs):
+        """Which rows of ``xs: (D, n_0)`` a plain forward pass maps into the unsafe region (any spec row)."""
+        n = len(xs)
+        pad = -n % 16 if n < batch else -n % batch
+        xs = np.concatenate([xs, np.repeat(xs[:1], pad, 0)]) if pad else xs
+        out = np.concatenate([np.asarray(net(jnp.asarray(xs[i:i + batch]).reshape(shape)), np.float64)
+                              for i in range(0, len(xs), batch)])[:n]
+        return np.any(out @ C.T.astype(np.float64) <= d, axis=1)
+
+    def bound(splits, rows, init, steps):
+        """Bounds of ``len(rows) <= batch`` subdomains: lower, x*, branch, alpha, beta. Batches are padded
+        to a power of two (at least 16), so few shapes are compiled."""
+        n = len(rows)
+        size = min(batch, max(16, 1 << (n - 1).bit_length()))
+        pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
+        parts = np.split(pad(splits), np.cumsum(widths)[:-1], axis=1)
+        init = None if init is None else tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
+        r = domain_bounds(chain, lo, hi, lowers, uppers, tuple(jnp.asarray(p) for p in parts),
+                          jnp.asarray(pad(C[rows])), init, steps=steps)
+        lower = np.asarray(r.lower)[:n] - d[rows]
+        return lower, np.asarray(r.x_star)[:n], np.asarray(r.branch)[:n], \
+            np.asarray(r.alpha)[:n].astype(np.float16), np.asarray(r.beta)[:n].astype(np.float16)
+
+    T = len(C)
+    n_domains, n_evals = T, T * (cfg.root_steps + 1)
+    root = bound(np.zeros((T, H), np.int8), np.arange(T), None, cfg.root_steps)
+    root_b, root_x = root[0], root[1]
+    bad = violating(root_x)
+    if bad.any():
+        return BoxResult(VIOLATED, root_x[np.argmax(bad)], n_domains, n_evals, float(root_b.min()), "bab")
+    open_rows = root_b <= 0
+    if not open_rows.any():
+        return BoxResult(ROBUST, None, n_domains, n_evals, float(root_b.min()), "crown")
+
+    # pending subdomains: split states, spec row, lower bound, neuron to branch on, warm start (alpha, beta)
+    pool = {"s": np.zeros((int(open_rows.sum()), H), np.int8), "t": np.flatnonzero(open_rows),
+            "b": root_b[open_rows], "br": root[2][open_rows], "a": root[3][open_rows], "be": root[4][open_rows]}
+    proved_min = float(root_b[~open_rows].min()) if (~open_rows).any() else np.inf
+    max_pool = max(1, cfg.max_pool_bytes // (5 * max(H, 1)))
+    stage = "bab"
+
+    def stop(status, why, xs=None):
+        return BoxResult(status, xs, n_domains, n_evals, float(pool["b"].min()), why)
+
+    while len(pool["t"]):
+        if time.perf_counter() > deadline:
+            return stop(UNKNOWN, "timeout")
+        if n_domains >= cfg.max_domains:
+            return stop(UNKNOWN, "domains")
+        if len(pool["t"]) > max_pool:
+            return stop(UNKNOWN, "memory")
+        exhausted = pool["br"] < 0
+        if exhausted.any():
+            for j in np.flatnonzero(exhausted):
+                t = pool["t"][j]
+                verdict, xs = _lp_subdomain(chain, lo, hi, lowers, uppers, pool["s"][j], C[t], d[t])
+                if verdict == VIOLATED and violating(xs[None])[0]:
+                    return stop(VIOLATED, "lp", xs)
+                if verdict != ROBUST:
+                    return stop(UNKNOWN, "lp-unknown")
+            stage = "lp"
+            pool = {k: v[~exhausted] for k, v in pool.items()}
+            continue
+        order = np.argsort(pool["b"], kind="stable")
+        take, left = order[:batch // 2], order[batch // 2:]
+        par = {k: v[take] for k, v in pool.items()}
+        pool = {k: v[left] for k, v in pool.items()}
+        P = len(take)
+        cs = np.concatenate([par["s"], par["s"]])
+        cs[np.arange(P), par["br"]] = 1
+        cs[P + np.arange(P), par["br"]] = -1
+        ct = np.concatenate([par["t"], par["t"]])
+        be = np.concatenate([par["be"], par["be"]])
+        be[np.arange(2 * P), np.concatenate([par["br"], par["br"]])] = 0
+        b, xs, br, al, be = bound(cs, ct, (np.concatenate([par["a"], par["a"]]), be), cfg.steps)
+        b = np.maximum(b, np.concatenate([par["b"], par["b"]]))
+        n_domains += 2 * P
+        n_evals += 2 * P * (cfg.steps + 1)
+        open_ = b <= 0
+        if open_.any():
+            cand = np.flatnonzero(open_)
+            bad = violating(xs[cand])
+            if bad.any():
+                return stop(VIOLATED, "bab", xs[cand[np.argmax(bad)]])
+        if (~open_).any():
+            proved_min = min(proved_min, float(b[~open_].min()))
+        new = {"s": cs, "t": ct, "b": b, "br": br, "a": al, "be": be}
+        pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
+    return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, stage)
+
+
+def _lp_subdomain(chain: ReluChain, lo, hi, lowers, uppers, split, c, d):
+    """Exact ``min c . out - d`` over a subdomain whose neurons are all fixed (by the box bounds or the
+    split): an LP in the input. Returns ``(ROBUST | VIOLATED | UNKNOWN, minimiser or None)``."""
+    from scipy.optimize import linprog
+
+    lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    n0 = lo64.size
+    A, a0 = np.eye(n0), np.zeros(n0)
+    rows, rhs = [], []
+    offset = 0
+    for k, (w, b) in enumerate(zip(chain.weights, chain.biases)):
+        w, b = np.asarray(w, np.float64), np.asarray(b, np.float64)
+        A, a0 = w @ A, w @ a0 + b
+        if k == len(chain.weights) - 1:
+            break
+        n = w.shape[0]
+        s = split[offset:offset + n]
+        l, u = np.asarray(lowers[k]), np.asarray(uppers[k])
+        active = (l >= 0) | (s > 0)
+        inactive = ((u <= 0) | (s < 0)) & ~active
+        if np.any((l >= 0) & (s < 0)) or np.any((u <= 0) & (s > 0)):
+            return ROBUST, None                   # contradictory split: empty subdomain
+        rows += [-A[active], A[inactive]]
+        rhs += [a0[active], -a0[inactive]]
+        A, a0 = A * active[:, None], a0 * active
+        offset += n
+    obj = np.asarray(c, np.float64) @ A
+    const = float(np.asarray(c, np.float64) @ a0) - float(d)
+    res = linprog(obj, A_ub=np.concatenate(rows), b_ub=np.concatenate(rhs), bounds=np.stack([lo64, hi64], 1),
+                  method="highs")
+    if res.status == 2:
+        return ROBUST, None
+    if res.status != 0:
+        return UNKNOWN, None
+    value = res.fun + const
+    scale = np.abs(obj) @ np.maximum(np.abs(lo64), np.abs(hi64)) + abs(const)
+    if value > MARGIN_REL * scale + MARGIN_ABS:
+        return ROBUST, None
+    return VIOLATED, np.clip(res.x, lo64, hi64).astype(np.float32)
+
+
+def _check_config(cfg: VerifyConfig):
+    if not cfg.timeout > 0:
+        raise InputError(f"timeout must be > 0 seconds, got {cfg.timeout}")
+    if cfg.batch < 2 or cfg.batch % 2:
+        raise InputError(f"batch must be an even number >= 2, got {cfg.batch}")
+    if cfg.max_domains < 1 or cfg.steps < 0 or cfg.root_steps < 0:
+        raise InputError("max_domains must be >= 1 and steps, root_steps >= 0")
+
+
+def complete_oracle(net: Network, **options) -> Oracle:
+    """Oracle whose ``prove`` runs the whole cascade (ROBUST, VIOLATED or UNKNOWN on budget) and whose
+    ``falsify`` is the attack alone. ``options``: fields of `VerifyConfig`."""
+    cfg = VerifyConfig(**options)
+
+    def prove(x, y, eps, key) -> Verdicts:
+        r = verify(net, x, y, eps, cfg, key=key)
+        return Verdicts(r.status, r.counterexample)
+
+    falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
+                               targets=cfg.attack_targets)
+    return Oracle("complete", prove, falsify)
