@@ -349,6 +349,43 @@ def demo_cmd(args):
     print(f"done in {time.perf_counter() - t0:.1f} s")
 
 
+# --- verify ----------------------------------------------------------------------------------
+def _verify_options(p):
+    p.add_argument("network", help=".onnx file, bundled name or .msgpack weights")
+    p.add_argument("property", help="VNN-LIB property (.vnnlib)")
+    p.add_argument("--timeout", type=float, default=60.0, help="time limit in seconds (default 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", help="also write the VNN-COMP result file (result line + counterexample)")
+    p.add_argument("--json", action="store_true", help="print JSON instead")
+
+
+@command("verify", "complete verification of a VNN-LIB property: prints sat / unsat / unknown / timeout",
+         _verify_options)
+def verify_cmd(args):
+    from . import vnnlib
+    from .verify import VerifyConfig, verify_property
+    from .weights import load_network
+    net = load_network(args.network)
+    prop = vnnlib.load(args.property)
+    r = verify_property(net, prop, VerifyConfig(timeout=args.timeout, seed=args.seed))
+    text = r.result
+    if r.result == "sat":
+        pairs = [f"(X_{i} {v!r})" for i, v in enumerate(r.x.astype(float).tolist())]
+        pairs += [f"(Y_{j} {v!r})" for j, v in enumerate(r.y.astype(float).tolist())]
+        text += "\n(" + "\n ".join(pairs) + ")"
+    if args.out:
+        from pathlib import Path
+        Path(args.out).write_text(text + "\n")
+    if args.json:
+        out = {"result": r.result, "time_s": r.time_s, "domains": r.domains, "stage": r.stage}
+        if r.result == "sat":
+            out["x"], out["y"] = r.x.tolist(), r.y.tolist()
+        print(json.dumps(out))
+        return
+    print(text)
+    print(f"{r.result} in {r.time_s:.2f} s ({r.domains} subdomains, decided by {r.stage})", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxrobust", description="Robustness of neural-network classifiers in JAX.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -360,12 +397,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _compilation_cache():
+    """Keep compiled XLA programs across runs (one process per query is common) in the cache directory;
+    ``JAXROBUST_COMPILE_CACHE=0`` turns it off."""
+    import os
+    if os.environ.get("JAXROBUST_COMPILE_CACHE", "1") == "0":
+        return
+    import jax
+    from .data import default_cache_dir
+    jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    _compilation_cache()
     try:
         args.func(args)
     except (JaxRobustError, FileNotFoundError, PermissionError) as e:

@@ -96,7 +96,8 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
         return Oracle(kind, bound_prover(net, kind), falsify)
     if kind == "complete":
         from .verify import complete_oracle
-        return complete_oracle(net, **options)
+        return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
+                               **options)
     raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
 
 

@@ -19,6 +19,7 @@ time budget depends on the machine.
 """
 from __future__ import annotations
 
+import functools
 import time
 from typing import NamedTuple
 
@@ -241,6 +242,71 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
         new = {"s": cs, "t": ct, "b": b, "br": br, "a": al, "be": be}
         pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
     return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, stage)
+
+
+class PropertyResult(NamedTuple):
+    """Outcome of a VNN-LIB property: ``result`` is ``sat`` (violated; ``x``/``y`` hold the counterexample
+    and its outputs), ``unsat`` (proved) or ``unknown``/``timeout``."""
+    result: str
+    x: np.ndarray | None        # (n_0,) flat input
+    y: np.ndarray | None        # (n_L,) outputs at x
+    time_s: float
+    domains: int
+    stage: str
+
+
+def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> PropertyResult:
+    """Decide a VNN-LIB `vnnlib.Property` whose unsafe region is a union of half-spaces ``a . y <= b``
+    (one comparison per disjunct, as in robustness properties) over its input box."""
+    cfg = VerifyConfig() if cfg is None else cfg
+    _check_config(cfg)
+    t0 = time.perf_counter()
+    n0 = int(np.prod(net.input_shape))
+    if prop.lower.size != n0 or prop.n_outputs != net.num_classes:
+        raise InputError(f"the property has {prop.lower.size} inputs and {prop.n_outputs} outputs; the network "
+                         f"takes {n0} inputs and has {net.num_classes} outputs")
+    if any(a.shape[0] != 1 for a, _ in prop.disjuncts):
+        raise InputError("only unsafe regions that are unions of single comparisons (a . y <= b) are supported")
+    lo_d, hi_d = net.domain
+    lo = np.clip(prop.lower, lo_d, hi_d).astype(np.float32)
+    hi = np.clip(prop.upper, lo_d, hi_d).astype(np.float32)
+    if np.any(lo > hi):
+        raise InputError("the property's input box does not meet the network's input domain")
+    C = np.concatenate([a for a, _ in prop.disjuncts]).astype(np.float32)
+    d = np.concatenate([b for _, b in prop.disjuncts]).astype(np.float32)
+
+    def found(xs, stage):
+        out = np.asarray(net(jnp.asarray(xs).reshape((1,) + tuple(net.input_shape))))[0]
+        return PropertyResult("sat", xs, out, time.perf_counter() - t0, 0, stage)
+
+    if cfg.attack_steps > 0:
+        xa = np.asarray(_box_attack(net, jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(C), jnp.asarray(d),
+                                    jax.random.PRNGKey(cfg.seed), cfg.attack_steps, max(cfg.attack_restarts, 4)))
+        out = np.asarray(net(jnp.asarray(xa).reshape((1,) + tuple(net.input_shape))), np.float64)[0]
+        if np.any(C.astype(np.float64) @ out <= d):
+            return found(xa, "attack")
+    r = verify_box(net, network_chain(net), lo, hi, C, d, cfg, deadline=t0 + cfg.timeout)
+    if r.status == VIOLATED:
+        return found(r.counterexample, r.stage)._replace(domains=r.domains)
+    result = "unsat" if r.status == ROBUST else ("timeout" if r.stage == "timeout" else "unknown")
+    return PropertyResult(result, None, None, time.perf_counter() - t0, r.domains, r.stage)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _box_attack(net: Network, lo, hi, C, d, key, steps: int, restarts: int):
+    """Signed-gradient descent on ``min_t (C @ net(x) - d)_t`` over the box ``[lo, hi]: (n_0,)`` from
+    ``restarts`` random starts; the best point ``(n_0,)``."""
+    shape = (restarts,) + tuple(net.input_shape)
+    objective = lambda xs: jnp.min(net(xs.reshape(shape)) @ C.T - d, axis=-1)
+    xs = lo + jax.random.uniform(key, (restarts, lo.size)) * (hi - lo)
+    size = (hi - lo) / 4
+
+    def step(i, xs):
+        g = jax.grad(lambda v: jnp.sum(objective(v)))(xs)
+        return jnp.clip(xs - size * (1 - i / steps) * jnp.sign(g), lo, hi)
+
+    xs = jax.lax.fori_loop(0, steps, step, xs)
+    return xs[jnp.argmin(objective(xs))]
 
 
 def _lp_subdomain(chain: ReluChain, lo, hi, lowers, uppers, split, c, d):
