@@ -45,6 +45,7 @@ class VerifyConfig(NamedTuple):
     batch: int = 512               # subdomains per bounding call (a fixed, jitted shape)
     steps: int = 10                # α/β Adam iterations per subdomain batch (warm-started from the parent)
     root_steps: int = 100          # α iterations on the whole box
+    intermediate_steps: int = 20   # α iterations for the hidden layers' bounds on the whole box
     attack_steps: int = 40
     attack_restarts: int = 1
     attack_targets: int = 9
@@ -148,7 +149,7 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
     C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
     widths = chain.widths[1:-1]
     H = int(sum(widths))
-    lowers, uppers = box_bounds(chain, lo, hi)
+    lowers, uppers = box_bounds(chain, lo, hi, steps=cfg.intermediate_steps)
     shape = (-1,) + tuple(net.input_shape)
 
     batch = cfg.batch

@@ -43,14 +43,15 @@ class DomainBounds(NamedTuple):
     beta: jax.Array
 
 
-def box_bounds(chain: ReluChain, lo, hi):
+def box_bounds(chain: ReluChain, lo, hi, *, steps: int = 20, lr: float = 0.1):
     """Pre-activation bounds ``(lowers, uppers)`` of every hidden layer over the box ``lo, hi: (n_0,)``:
-    layer 1 exactly, deeper layers by CROWN (adaptive slopes) intersected with interval arithmetic."""
-    return _box_bounds(chain, lo, hi)
+    layer 1 exactly, deeper layers by α-CROWN (``steps`` Adam iterations on per-bound slopes of the
+    earlier layers; 0: adaptive slopes) intersected with interval arithmetic."""
+    return _box_bounds(chain, lo, hi, steps, lr)
 
 
-@jax.jit
-def _box_bounds(chain, lo, hi):
+@functools.partial(jax.jit, static_argnums=(3,))
+def _box_bounds(chain, lo, hi, steps, lr):
     lowers, uppers = [], []
     mid, rad = (lo + hi) / 2, (hi - lo) / 2
     for k in range(1, len(chain.weights)):
@@ -64,15 +65,49 @@ def _box_bounds(chain, lo, hi):
             n = w.shape[0]
             eye = jnp.eye(n, dtype=w.dtype)
             lam = jnp.concatenate([eye, -eye])[None]
-            slopes = [((u_ >= -l_) & (u_ > 0)).astype(w.dtype)[None, None] for l_, u_ in zip(lowers, uppers)]
-            bound, mag, _, _ = _backward(chain, k, lam, lo[None], hi[None],
-                                         [l_[None] for l_ in lowers], [u_[None] for u_ in uppers], slopes, None)
-            m = MARGIN_REL * mag[0] + MARGIN_ABS
-            l = jnp.maximum(c - r, bound[0, :n] - m[:n])
-            u = jnp.minimum(c + r, -bound[0, n:] + m[n:])
+            ls_, us_ = [l_[None] for l_ in lowers], [u_[None] for u_ in uppers]
+
+            def run(alphas, k=k, lam=lam, ls_=ls_, us_=us_):
+                bound, mag, _, _ = _backward(chain, k, lam, lo[None], hi[None], ls_, us_, alphas, None)
+                return bound[0] - (MARGIN_REL * mag[0] + MARGIN_ABS), None
+
+            alphas = [jnp.broadcast_to(_adaptive(l_, u_), (1, 2 * n, l_.shape[-1])) for l_, u_ in zip(ls_, us_)]
+            best, _, _ = _ascend(run, alphas, steps, optax.adam(lr), lambda a: [jnp.clip(x, 0, 1) for x in a])
+            l = jnp.maximum(c - r, best[:n])
+            u = jnp.minimum(c + r, -best[n:])
         lowers.append(l)
         uppers.append(u)
     return tuple(lowers), tuple(uppers)
+
+
+def _adaptive(l, u):
+    """CROWN's default lower slope: 1 where ``u >= -l`` (and the neuron can be active), else 0; ``(D, 1, n)``."""
+    return ((u >= -l) & (u > 0)).astype(l.dtype)[:, None]
+
+
+def _ascend(run, params, steps, opt, project):
+    """Projected gradient ascent on ``sum(run(params)[0])``; every iterate is sound, so the elementwise best
+    values seen are returned with the aux of the iterate that gave them (leading axes as the values)
+    and the final params: ``(best, aux, params)``."""
+    best, aux = run(params)
+    if not steps:
+        return best, aux, params
+
+    def pick(better, new, old):
+        return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+
+    def step(carry, _):
+        p, state, best, aux = carry
+        (_, (val, a)), grad = jax.value_and_grad(lambda q: _sum_aux(run(q)), has_aux=True)(p)
+        better = val > best
+        aux = jax.tree_util.tree_map(functools.partial(pick, better), a, aux)
+        upd, state = opt.update(jax.tree_util.tree_map(jnp.negative, grad), state, p)
+        return (project(optax.apply_updates(p, upd)), state, jnp.maximum(best, val), aux), None
+
+    (params, _, best, aux), _ = lax.scan(step, (params, opt.init(params), best, aux), None, length=steps)
+    val, a = run(params)
+    better = val > best
+    return jnp.maximum(best, val), jax.tree_util.tree_map(functools.partial(pick, better), a, aux), params
 
 
 def clamp(lowers, uppers, splits):
@@ -143,35 +178,20 @@ def domain_bounds(chain: ReluChain, lo, hi, lowers, uppers, splits, c, init=None
     def run(params):
         alphas, betas = params
         bs = [jnp.maximum(bt, 0) * s for bt, s in zip(betas, sf)]
-        bound, mag, lam_x, lam_as = _backward(chain, L, lam0, lo_b, hi_b, ls, us, alphas, bs)
-        return bound[:, 0] - (MARGIN_REL * mag[:, 0] + MARGIN_ABS), (lam_x[:, 0], lam_as)
+        bound, mag, lam_x, _ = _backward(chain, L, lam0, lo_b, hi_b, ls, us, alphas, bs)
+        return bound[:, 0] - (MARGIN_REL * mag[:, 0] + MARGIN_ABS), lam_x[:, 0]
 
     widths = [l.shape[-1] for l in ls]
     if init is None:
-        alphas = [((u >= -l) & (u > 0)).astype(c.dtype)[:, None] for l, u in zip(ls, us)]
+        alphas = [_adaptive(l, u) for l, u in zip(ls, us)]
         betas = [jnp.zeros_like(a) for a in alphas]
     else:
         alphas, betas = ([p[:, None] for p in _split(a.astype(c.dtype), widths)] for a in init)
-    params = (alphas, betas)
-    best, (lam_x, lam_as) = run(params)
-    if steps:
-        opt = optax.multi_transform({"a": optax.adam(lr_alpha), "b": optax.adam(lr_beta)}, ("a", "b"))
-
-        def step(carry, _):
-            p, state, best, lam_x = carry
-            (_, (val, (lx, _))), grad = jax.value_and_grad(lambda q: _sum_aux(run(q)), has_aux=True)(p)
-            better = val > best
-            lam_x = jnp.where(better[:, None], lx, lam_x)
-            best = jnp.maximum(best, val)
-            upd, state = opt.update(jax.tree_util.tree_map(jnp.negative, grad), state, p)
-            a, bt = optax.apply_updates(p, upd)
-            p = ([jnp.clip(x, 0, 1) for x in a], [jnp.maximum(x, 0) for x in bt])
-            return (p, state, best, lam_x), None
-
-        (params, _, best, lam_x), _ = lax.scan(step, (params, opt.init(params), best, lam_x), None, length=steps)
-        val, (lx, lam_as) = run(params)
-        lam_x = jnp.where((val > best)[:, None], lx, lam_x)
-        best = jnp.maximum(best, val)
+    opt = optax.multi_transform({"a": optax.adam(lr_alpha), "b": optax.adam(lr_beta)}, ("a", "b"))
+    project = lambda p: ([jnp.clip(x, 0, 1) for x in p[0]], [jnp.maximum(x, 0) for x in p[1]])
+    best, lam_x, params = _ascend(run, (alphas, betas), steps, opt, project)
+    bs = [jnp.maximum(bt, 0) * s for bt, s in zip(params[1], sf)]
+    lam_as = _backward(chain, L, lam0, lo_b, hi_b, ls, us, params[0], bs)[3]
     best = jnp.where(empty, jnp.inf, best)
     x_star = jnp.where(lam_x >= 0, lo_b, hi_b)
     scores = jnp.concatenate([_scores(la[:, 0], l, u, a[:, 0], s[:, 0])
