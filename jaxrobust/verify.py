@@ -195,8 +195,10 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
     max_pool = max(1, cfg.max_pool_bytes // (5 * max(H, 1)))
     stage = "bab"
 
-    def stop(status, why, xs=None):
-        return BoxResult(status, xs, n_domains, n_evals, float(pool["b"].min()), why)
+    def stop(status, why, xs=None, pending=()):
+        """The result when stopping early; ``lower`` is the smallest bound of the undecided subdomains."""
+        b = np.concatenate([pool["b"], *pending])
+        return BoxResult(status, xs, n_domains, n_evals, float(b.min()) if len(b) else -np.inf, why)
 
     while len(pool["t"]):
         if time.perf_counter() > deadline:
@@ -237,7 +239,7 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
             cand = np.flatnonzero(open_)
             bad = violating(xs[cand])
             if bad.any():
-                return stop(VIOLATED, "bab", xs[cand[np.argmax(bad)]])
+                return stop(VIOLATED, "bab", xs[cand[np.argmax(bad)]], (b,))
         if (~open_).any():
             proved_min = min(proved_min, float(b[~open_].min()))
         new = {"s": cs, "t": ct, "b": b, "br": br, "a": al, "be": be}
