@@ -88,10 +88,13 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
     x = np.asarray(net.check_inputs(x), np.float32)
     B = len(x)
     y = np.asarray(net.check_labels(y, B))
+    radius = np.asarray(eps, np.float64)
     eps = np.asarray(check_eps(eps, B), np.float32)
+    radius = np.broadcast_to(radius, (B,)).reshape((B,) + (1,) * (x.ndim - 1))
     cfg = VerifyConfig() if cfg is None else cfg
     _check_config(cfg)
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
+    outer, inner = float32_boxes(x - radius, x + radius, net.domain)
     status = np.full(B, UNKNOWN, np.int8)
     cex = np.full(x.shape, np.nan, np.float32)
     time_s, lower = np.zeros(B), np.full(B, -np.inf)
@@ -106,29 +109,47 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
         falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
                                    targets=cfg.attack_targets)
         v = falsify(x[rest], y[rest], eps[rest], key)
-        hit = rest[v.status == VIOLATED]
-        status[hit], cex[hit], stage[hit] = VIOLATED, v.counterexample[v.status == VIOLATED], "attack"
+        found = v.status == VIOLATED
+        if found.any():                       # keep those still wrong once rounded into the real ball
+            pts = np.clip(v.counterexample[found], inner[0][rest[found]], inner[1][rest[found]])
+            still = np.asarray(net(pts)).argmax(-1) != y[rest[found]]
+            hit = rest[found][still]
+            status[hit], cex[hit], stage[hit] = VIOLATED, pts[still], "attack"
     time_s[:] = (time.perf_counter() - t0) / B
 
     todo = np.flatnonzero(status == UNKNOWN)
     if len(todo):
         chain = network_chain(net)
-        lo_d, hi_d = net.domain
         it = todo
         if progress:
             from tqdm.auto import tqdm
             it = tqdm(todo, desc="verify", unit="query")
         for i in it:
             t1 = time.perf_counter()
-            lo = np.clip(x[i] - eps[i], lo_d, hi_d).reshape(-1)
-            hi = np.clip(x[i] + eps[i], lo_d, hi_d).reshape(-1)
             C, d = robustness_specs(int(y[i]), net.num_classes)
-            r = verify_box(net, chain, lo, hi, C, d, cfg, deadline=t1 + max(cfg.timeout - time_s[i], 0.0))
+            r = verify_box(net, chain, (outer[0][i].reshape(-1), outer[1][i].reshape(-1)), C, d, cfg,
+                           deadline=t1 + max(cfg.timeout - time_s[i], 0.0),
+                           inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)))
             status[i], stage[i], domains[i], evals[i], lower[i] = r.status, r.stage, r.domains, r.bound_evals, r.lower
             if r.counterexample is not None:
                 cex[i] = r.counterexample.reshape(x.shape[1:])
             time_s[i] += time.perf_counter() - t1
     return VerifyResult(status, cex, time_s, domains, evals, lower, stage.astype(str))
+
+
+def float32_boxes(lo, hi, domain):
+    """The real box ``[lo, hi]`` (float64 arrays) ∩ domain as float32 boxes ``(outer, inner)``, each ``(lo, hi)``:
+    ``outer`` contains every real point of it (proofs are made on it), ``inner`` only points of it
+    (counterexamples are rounded into it)."""
+    lo = np.clip(np.asarray(lo, np.float64), *domain)
+    hi = np.clip(np.asarray(hi, np.float64), *domain)
+
+    def rounded(v, down):
+        f = v.astype(np.float32)
+        off = f > v if down else f < v
+        return np.where(off, np.nextafter(f, np.float32(-np.inf if down else np.inf)), f).astype(np.float32)
+
+    return (rounded(lo, True), rounded(hi, False)), (rounded(lo, False), rounded(hi, True))
 
 
 class BoxResult(NamedTuple):
@@ -140,12 +161,15 @@ class BoxResult(NamedTuple):
     stage: str
 
 
-def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, *, deadline: float) -> BoxResult:
-    """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``lo, hi: (n_0,)`` or find ``x`` violating a row.
+def verify_box(net: Network, chain: ReluChain, box, C, d, cfg: VerifyConfig, *, deadline: float,
+               inner=None) -> BoxResult:
+    """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``box = (lo, hi)``, each ``(n_0,)``, or find
+    ``x`` in ``inner`` (default the box itself) violating a row.
 
     ``C: (T, n_L)``, ``d: (T,)``. Runs stages 3–5 of the module doc until ``deadline`` (perf_counter).
     """
-    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
+    lo, hi = (jnp.asarray(b, jnp.float32) for b in box)
+    in_lo, in_hi = (np.asarray(b, np.float32) for b in (box if inner is None else inner))
     C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
     widths = chain.widths[1:-1]
     H = int(sum(widths))
@@ -155,19 +179,21 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
     batch = cfg.batch
 
     def violating(xs):
-        """Which rows of ``xs: (D, n_0)`` a plain forward pass maps into the unsafe region (any spec row)."""
+        """``xs: (D, n_0)`` rounded into the inner box, and which of them a plain forward pass maps into
+        the unsafe region (any spec row)."""
+        xs = np.clip(xs, in_lo, in_hi)
         n = len(xs)
-        pad = -n % 16 if n < batch else -n % batch
-        xs = np.concatenate([xs, np.repeat(xs[:1], pad, 0)]) if pad else xs
-        out = np.concatenate([np.asarray(net(jnp.asarray(xs[i:i + batch]).reshape(shape)), np.float64)
-                              for i in range(0, len(xs), batch)])[:n]
-        return np.any(out @ C.T.astype(np.float64) <= d, axis=1)
+        pad = -n % 16 if n <= 16 else -n % batch
+        xp = np.concatenate([xs, np.repeat(xs[:1], pad, 0)]) if pad else xs
+        out = np.concatenate([np.asarray(net(jnp.asarray(xp[i:i + batch]).reshape(shape)), np.float64)
+                              for i in range(0, len(xp), batch)])[:n]
+        return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
     def bound(splits, rows, init, steps):
         """Bounds of ``len(rows) <= batch`` subdomains: lower, x*, branch, alpha, beta. Batches are padded
-        to a power of two (at least 16), so few shapes are compiled."""
+        to 16, batch / 4 or batch rows, so only three shapes are compiled."""
         n = len(rows)
-        size = min(batch, max(16, 1 << (n - 1).bit_length()))
+        size = next(s for s in (16, batch // 4, batch) if s >= n)
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
         parts = np.split(pad(splits), np.cumsum(widths)[:-1], axis=1)
         init = None if init is None else tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
@@ -181,7 +207,7 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
     n_domains, n_evals = T, T * (cfg.root_steps + 1)
     root = bound(np.zeros((T, H), np.int8), np.arange(T), None, cfg.root_steps)
     root_b, root_x = root[0], root[1]
-    bad = violating(root_x)
+    root_x, bad = violating(root_x)
     if bad.any():
         return BoxResult(VIOLATED, root_x[np.argmax(bad)], n_domains, n_evals, float(root_b.min()), "bab")
     open_rows = root_b <= 0
@@ -192,6 +218,7 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
     pool = {"s": np.zeros((int(open_rows.sum()), H), np.int8), "t": np.flatnonzero(open_rows),
             "b": root_b[open_rows], "br": root[2][open_rows], "a": root[3][open_rows], "be": root[4][open_rows]}
     proved_min = float(root_b[~open_rows].min()) if (~open_rows).any() else np.inf
+    undecided = np.inf          # lowest bound of subdomains whose exact LP minimum is within round-off of 0
     max_pool = max(1, cfg.max_pool_bytes // (5 * max(H, 1)))
     stage = "bab"
 
@@ -210,12 +237,16 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
         exhausted = pool["br"] < 0
         if exhausted.any():
             for j in np.flatnonzero(exhausted):
+                if time.perf_counter() > deadline:
+                    return stop(UNKNOWN, "timeout")
                 t = pool["t"][j]
                 verdict, xs = _lp_subdomain(chain, lo, hi, lowers, uppers, pool["s"][j], C[t], d[t])
-                if verdict == VIOLATED and violating(xs[None])[0]:
-                    return stop(VIOLATED, "lp", xs)
-                if verdict != ROBUST:
-                    return stop(UNKNOWN, "lp-unknown")
+                if verdict == VIOLATED:
+                    xs, bad = violating(xs[None])
+                    if bad[0]:
+                        return stop(VIOLATED, "lp", xs[0])
+                if verdict != ROBUST:    # within round-off of 0: undecidable in float32, go on with the rest
+                    undecided = min(undecided, float(pool["b"][j]))
             stage = "lp"
             pool = {k: v[~exhausted] for k, v in pool.items()}
             continue
@@ -237,13 +268,15 @@ def verify_box(net: Network, chain: ReluChain, lo, hi, C, d, cfg: VerifyConfig, 
         open_ = b <= 0
         if open_.any():
             cand = np.flatnonzero(open_)
-            bad = violating(xs[cand])
+            pts, bad = violating(xs[cand])
             if bad.any():
-                return stop(VIOLATED, "bab", xs[cand[np.argmax(bad)]], (b,))
+                return stop(VIOLATED, "bab", pts[np.argmax(bad)], (b,))
         if (~open_).any():
             proved_min = min(proved_min, float(b[~open_].min()))
         new = {"s": cs, "t": ct, "b": b, "br": br, "a": al, "be": be}
         pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
+    if undecided < np.inf:
+        return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
     return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, stage)
 
 
@@ -270,11 +303,9 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> Prop
                          f"takes {n0} inputs and has {net.num_classes} outputs")
     if any(a.shape[0] != 1 for a, _ in prop.disjuncts):
         raise InputError("only unsafe regions that are unions of single comparisons (a . y <= b) are supported")
-    lo_d, hi_d = net.domain
-    lo = np.clip(prop.lower, lo_d, hi_d).astype(np.float32)
-    hi = np.clip(prop.upper, lo_d, hi_d).astype(np.float32)
-    if np.any(lo > hi):
+    if np.any(np.maximum(prop.lower, net.domain[0]) > np.minimum(prop.upper, net.domain[1])):
         raise InputError("the property's input box does not meet the network's input domain")
+    outer, (lo, hi) = float32_boxes(prop.lower, prop.upper, net.domain)
     C = np.concatenate([a for a, _ in prop.disjuncts]).astype(np.float32)
     d = np.concatenate([b for _, b in prop.disjuncts]).astype(np.float32)
 
@@ -288,7 +319,7 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> Prop
         out = np.asarray(net(jnp.asarray(xa).reshape((1,) + tuple(net.input_shape))), np.float64)[0]
         if np.any(C.astype(np.float64) @ out <= d):
             return found(xa, "attack")
-    r = verify_box(net, network_chain(net), lo, hi, C, d, cfg, deadline=t0 + cfg.timeout)
+    r = verify_box(net, network_chain(net), outer, C, d, cfg, deadline=t0 + cfg.timeout, inner=(lo, hi))
     if r.status == VIOLATED:
         return found(r.counterexample, r.stage)._replace(domains=r.domains)
     result = "unsat" if r.status == ROBUST else ("timeout" if r.stage == "timeout" else "unknown")

@@ -103,12 +103,18 @@ def test_domain_bounds_sound_on_random_splits_and_equal_crown_without_them(mediu
     key = jax.random.PRNGKey(0)
     x = jax.random.uniform(key, (8,))
     lo, hi = jnp.clip(x - 0.2, 0, 1), jnp.clip(x + 0.2, 0, 1)
-    lowers, uppers = bab.box_bounds(ch, lo, hi)
     C, _ = robustness_specs(0, 4)
     none = tuple(jnp.zeros((3, n), jnp.int8) for n in (16, 12))
-    plain = bab.domain_bounds(ch, lo, hi, lowers, uppers, none, jnp.asarray(C), steps=0).lower
+    l0, u0 = bab.box_bounds(ch, lo, hi, steps=0)
+    plain = bab.domain_bounds(ch, lo, hi, l0, u0, none, jnp.asarray(C), steps=0).lower
     ref = crown(net, lo[None], hi[None], jnp.asarray(C)[None]).lower[0]
     np.testing.assert_allclose(plain, ref, atol=2e-4)
+    lowers, uppers = bab.box_bounds(ch, lo, hi, steps=20)      # α-optimised: tighter, still sound
+    zs = pre_activations(ch, lo + jax.random.uniform(key, (50_000, 8)) * (hi - lo))
+    for l, u, a, b, z in zip(lowers, uppers, l0, u0, zs):
+        assert np.all(l >= a - 1e-6) and np.all(u <= b + 1e-6)
+        assert np.all(z >= l) and np.all(z <= u)
+    assert np.any(lowers[1] > l0[1] + 1e-3) or np.any(uppers[1] < u0[1] - 1e-3)
 
     D = 48
     ks = jax.random.split(key, 3)
