@@ -1,0 +1,357 @@
+"""Exact local robustness of feed-forward ReLU networks by mixed-integer linear programming (HiGHS).
+
+A query is a `ReluChain`, an input box ``lo <= x <= hi`` and a true label; it asks whether
+``min_x z_label(x) - z_t(x) > 0`` for every target class ``t``. The encoding, in float64:
+
+* pre-activation bounds ``l <= z <= u`` per hidden neuron: interval arithmetic, tightened by
+  CROWN-style back-substitution (linear relaxation of every earlier ReLU);
+* a stably inactive neuron (``u <= 0``) is dropped, a stably active one (``l >= 0``) is ``a = z``;
+* an unstable one gets the big-M encoding ``a >= z, a >= 0, a <= u d, a <= z - l (1 - d)``, ``d`` binary.
+
+A query first tries cheap candidates (signed-gradient descent on each target's margin). Targets whose
+back-substituted margin bound exceeds the safety margin ``tol = 1e-6 * scale + 1e-7`` (``scale`` the
+largest magnitude of a bound) need no MILP. For the others the bounds of the unstable neurons are
+tightened by LP, and each remaining target, smallest margin found first, is solved as the MILP
+``min margin_t`` subject to the cut ``margin_t <= tol``, stopping at its first feasible point:
+infeasibility proves ``margin_t > tol``, a feasible point is a candidate counterexample. (On
+mnist-net_256x2 this was 2 to over 5 times faster than minimising each margin to optimality, or than
+one MILP over the disjunction of all targets.)
+
+ROBUST needs every target proven; VIOLATED needs a candidate that, clipped to the box and cast to
+float32, is misclassified by the float32 `forward`. Anything else (time limit, a candidate the float32
+network classifies correctly) is UNKNOWN.
+"""
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import numpy as np
+from scipy import sparse
+from scipy.optimize import Bounds, LinearConstraint, milp
+
+from .errors import InputError
+from .kernels.perturb import check_eps
+from .kernels.relu_chain import ReluChain, forward, relu_chain
+from .network import Network
+from .oracles import ROBUST, UNKNOWN, VIOLATED
+
+
+class MilpResult(NamedTuple):
+    """Verdict of one query.
+
+    Attributes:
+      status: ROBUST (1), UNKNOWN (0) or VIOLATED (-1).
+      counterexample: ``(n_0,)`` float32 point in the box misclassified by `forward`, or None.
+      min_margin: ROBUST: a proven lower bound of ``min_t min_x margin_t`` (> 0; the safety margin where
+        only the MILP proved it); VIOLATED: the smallest float32 margin ``z_label - z_t`` at the
+        counterexample (< 0); UNKNOWN: the best proven lower bound (<= the safety margin).
+      time_s: wall-clock seconds.
+      nodes: branch-and-bound nodes reported by HiGHS, summed over the MILPs solved (scipy reports none
+        for a MILP proved infeasible, so a ROBUST verdict usually has 0).
+    """
+
+    status: int
+    counterexample: np.ndarray | None
+    min_margin: float
+    time_s: float
+    nodes: int
+
+
+class MilpBatch(NamedTuple):
+    """Verdicts of a batch: ``status (B,) int8``, ``counterexample (B, *shape) float32`` (NaN where not
+    VIOLATED), ``min_margin (B,)`` and ``time_s (B,)`` float64 (see `MilpResult`)."""
+
+    status: np.ndarray
+    counterexample: np.ndarray
+    min_margin: np.ndarray
+    time_s: np.ndarray
+
+
+def milp_verify(chain: ReluChain, lo, hi, label: int, *, time_limit: float = 60.0,
+                targets=None) -> MilpResult:
+    """Decide ``z_label - z_t > 0`` on the box ``lo, hi: (n_0,)`` for all ``t != label`` (or ``targets``)."""
+    t0 = time.perf_counter()
+    ws = [np.asarray(w, np.float64) for w in chain.weights]
+    bs = [np.asarray(b, np.float64) for b in chain.biases]
+    lo, hi = _check_box(lo, hi, ws[0].shape[1])
+    n_out = ws[-1].shape[0]
+    label, targets = _check_targets(label, targets, n_out)
+    if not time_limit > 0:
+        raise InputError(f"time_limit must be > 0, got {time_limit}")
+    deadline = t0 + time_limit
+    lo32, hi32 = _float32_inside(lo, hi)
+    c_rows = np.zeros((len(targets), n_out))
+    c_rows[:, label] = 1.0
+    c_rows[np.arange(len(targets)), targets] = -1.0
+
+    def result(status, margin, x=None, nodes=0):
+        return MilpResult(status, x, float(margin), time.perf_counter() - t0, nodes)
+
+    def falsify(cands):
+        """First candidate row of ``cands: (m, n_0)`` misclassified by the float32 network, with its margin."""
+        x = np.clip(cands.astype(np.float32), lo32, hi32)
+        m = _margins32(chain, x, label, targets).min(axis=1)
+        i = int(np.argmin(m))
+        return (x[i], m[i]) if m[i] < 0 else (None, None)
+
+    # cheap candidates: per target, signed-gradient descent from the box vertex minimising its linear lower bound
+    bounds = layer_bounds(ws, bs, lo, hi)
+    m_low, coef = _backsub(ws, bs, bounds, lo, hi, c_rows)
+    cands, m_att = _descend(ws, bs, np.where(coef > 0, lo, hi), c_rows, lo, hi)
+    x, m = falsify(cands)
+    if x is not None:
+        return result(VIOLATED, m, x)
+    if np.all(m_low > _tolerance(ws, bs, bounds, lo, hi, c_rows)):
+        return result(ROBUST, m_low.min())
+    bounds = layer_bounds(ws, bs, lo, hi, lp=True, deadline=deadline)
+    m_low, _ = _backsub(ws, bs, bounds, lo, hi, c_rows)
+    tol = _tolerance(ws, bs, bounds, lo, hi, c_rows)
+    proven = np.where(m_low > tol, m_low, np.nan)
+    # most likely violated first: smallest margin found by the descent
+    open_ = [i for i in np.argsort(m_att, kind="stable") if np.isnan(proven[i])]
+    if not open_:
+        return result(ROBUST, proven.min())
+    enc = _Encoding(ws, bs, bounds, lo, hi)
+    nodes = 0
+    for i in open_:
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            break
+        res = enc.solve(c_rows[i], tol, left)
+        nodes += res.nodes
+        if res.x is not None:
+            x, m = falsify(res.x[None])
+            if x is not None:
+                return result(VIOLATED, m, x, nodes)
+        elif res.infeasible:
+            proven[i] = max(tol, m_low[i])
+    if np.isnan(proven).any():
+        return result(UNKNOWN, np.where(np.isnan(proven), m_low, proven).min(), nodes=nodes)
+    return result(ROBUST, proven.min(), nodes=nodes)
+
+
+def milp_verify_batch(net: Network, x, y, eps, *, time_limit: float = 60.0) -> MilpBatch:
+    """`milp_verify` on each of ``x: (B, *input_shape)``, ``y: (B,)`` with L∞ radius ``eps`` (scalar or
+    ``(B,)``, taken as float32 like the other oracles); boxes are clipped to ``net.domain``.
+    ``time_limit`` is per query."""
+    x = net.check_inputs(x)
+    n = len(x)
+    y = net.check_labels(y, n)
+    e = np.asarray(check_eps(eps, n), np.float64)
+    chain = relu_chain(net, net.input_shape)
+    flat = x.reshape(n, -1).astype(np.float64)
+    lo = np.maximum(flat - e[:, None], net.domain[0])
+    hi = np.minimum(flat + e[:, None], net.domain[1])
+    out = MilpBatch(np.zeros(n, np.int8), np.full(x.shape, np.nan, np.float32), np.zeros(n), np.zeros(n))
+    for b in range(n):
+        r = milp_verify(chain, lo[b], hi[b], int(y[b]), time_limit=time_limit)
+        out.status[b], out.min_margin[b], out.time_s[b] = r.status, r.min_margin, r.time_s
+        if r.counterexample is not None:
+            out.counterexample[b] = r.counterexample.reshape(x.shape[1:])
+    return out
+
+
+def layer_bounds(ws, bs, lo, hi, *, lp: bool = False, deadline: float | None = None) -> list:
+    """Pre-activation bounds ``(l, u)``, each ``(n_k,)`` float64, of the hidden layers ``k = 1..L-1`` of the
+    chain ``ws[i]: (n_{i+1}, n_i)``, ``bs[i]: (n_{i+1},)`` on the box ``lo, hi: (n_0,)``.
+
+    Interval arithmetic intersected with CROWN back-substitution; with ``lp`` the neurons still unstable are
+    tightened by LP over the triangle relaxation of the earlier layers (until ``deadline``, a
+    `time.perf_counter` value).
+    """
+    out = []
+    a_lo, a_hi = lo, hi
+    for k in range(len(ws) - 1):
+        w, b = ws[k], bs[k]
+        wp, wn = np.maximum(w, 0), np.minimum(w, 0)
+        l, u = wp @ a_lo + wn @ a_hi + b, wp @ a_hi + wn @ a_lo + b
+        if k > 0:
+            eye = np.eye(w.shape[0])
+            l = np.maximum(l, _backsub(ws[:k + 1], bs[:k + 1], out, lo, hi, eye)[0])
+            u = np.minimum(u, -_backsub(ws[:k + 1], bs[:k + 1], out, lo, hi, -eye)[0])
+            if lp:
+                l, u = _lp_tighten(ws[:k + 1], bs[:k + 1], out, lo, hi, l, u, deadline)
+        out.append((l, u))
+        a_lo, a_hi = np.maximum(l, 0), np.maximum(u, 0)
+    return out
+
+
+def _backsub(ws, bs, bounds, lo, hi, c):
+    """Lower bounds ``(m,)`` of ``c @ z_L`` (``c: (m, n_L)``, ``z_L`` the output of the chain ``ws, bs``) over
+    the box, relaxing each ReLU by its CROWN lines given the hidden ``bounds``; also the ``(m, n_0)``
+    input coefficients of the final linear bound."""
+    a = c @ ws[-1]
+    const = c @ bs[-1]
+    for k in range(len(ws) - 2, -1, -1):
+        l, u = bounds[k]
+        active = (l >= 0).astype(np.float64)
+        unstable = (l < 0) & (u > 0)
+        slope_up = np.where(unstable, u / np.where(unstable, u - l, 1.0), active)
+        slope_lo = np.where(unstable, (u > -l).astype(np.float64), active)
+        an = np.minimum(a, 0)
+        coef = np.maximum(a, 0) * slope_lo + an * slope_up
+        const = const - an @ np.where(unstable, slope_up * l, 0.0) + coef @ bs[k]
+        a = coef @ ws[k]
+    return const + np.maximum(a, 0) @ lo + np.minimum(a, 0) @ hi, a
+
+
+def _descend(ws, bs, x, c, lo, hi, steps: int = 50):
+    """Signed-gradient descent of the margin ``c[t] @ z_L`` from ``x[t]`` inside the box, for every row of
+    ``x: (T, n_0)``, ``c: (T, n_L)``; returns the best points ``(T, n_0)`` and their float64 margins ``(T,)``."""
+    best_x, best_m = x.copy(), np.full(len(x), np.inf)
+    step = (hi - lo) / 4
+    for _ in range(steps + 1):
+        a, masks = x, []
+        for w, b in zip(ws[:-1], bs[:-1]):
+            z = a @ w.T + b
+            masks.append(z > 0)
+            a = np.maximum(z, 0)
+        m = np.sum((a @ ws[-1].T + bs[-1]) * c, axis=1)
+        better = m < best_m
+        best_x[better], best_m[better] = x[better], m[better]
+        g = c @ ws[-1]
+        for w, mask in zip(ws[-2::-1], masks[::-1]):
+            g = (g * mask) @ w
+        x = np.clip(x - step * np.sign(g), lo, hi)
+        step = step * 0.93
+    return best_x, best_m
+
+
+def _tolerance(ws, bs, bounds, lo, hi, c_rows) -> float:
+    """Safety margin ``1e-6 * scale + 1e-7``, ``scale`` the largest magnitude of a hidden bound or margin bound."""
+    low = _backsub(ws, bs, bounds, lo, hi, c_rows)[0]
+    up = -_backsub(ws, bs, bounds, lo, hi, -c_rows)[0]
+    scale = max([1.0, float(np.abs(low).max()), float(np.abs(up).max())]
+                + [float(np.abs(np.r_[l, u]).max()) for l, u in bounds])
+    return 1e-6 * scale + 1e-7
+
+
+def _lp_tighten(ws, bs, bounds, lo, hi, l, u, deadline):
+    """Tighter ``l, u: (n_L,)`` for the unstable outputs of the chain ``ws, bs``: min and max of each by LP over
+    the triangle relaxation of its hidden layers (``bounds``), loosened by ``1e-6 (1 + |value|)`` for the
+    solver's tolerances."""
+    enc = _Encoding(ws, bs, bounds, lo, hi)
+    cons = [] if enc.a is None else [LinearConstraint(enc.a, enc.r_lo, enc.r_hi)]
+    l, u = l.copy(), u.copy()
+    for j in np.flatnonzero((l < 0) & (u > 0)):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
+        obj = np.zeros(enc.n_var)
+        obj[enc.last] = ws[-1][j][enc.last_keep]
+        for sign in (-1.0, 1.0):
+            r = milp(sign * obj, bounds=enc.bounds, constraints=cons)
+            if r.status != 0:
+                continue
+            v = sign * r.fun + bs[-1][j]
+            if sign < 0:
+                u[j] = min(u[j], v + 1e-6 * (1 + abs(v)))
+                if u[j] <= 0:
+                    break
+            else:
+                l[j] = max(l[j], v - 1e-6 * (1 + abs(v)))
+    return l, u
+
+
+class _Solve(NamedTuple):
+    x: np.ndarray | None      # (n_0,) input of a feasible point, if one was found
+    infeasible: bool          # HiGHS proved the cut margin <= tol infeasible
+    nodes: int
+
+
+class _Encoding:
+    """The MILP of the chain on a box, shared by all targets: variables ``[x, a_1, d_1, ..., a_{L-1}, d_{L-1}]``."""
+
+    def __init__(self, ws, bs, bounds, lo, hi):
+        n0 = ws[0].shape[1]
+        var_lo, var_hi, integ, blocks, r_lo, r_hi = [lo], [hi], [np.zeros(n0)], [], [], []
+        prev = np.arange(n0)                      # variable index of each kept unit of the previous layer
+        prev_keep = np.ones(n0, bool)             # units of the previous layer that are kept (not stably 0)
+        n_var, n_row = n0, 0
+        for k, (l, u) in enumerate(bounds):
+            keep = u > 0
+            w, b, l, u = ws[k][keep][:, prev_keep], bs[k][keep], l[keep], u[keep]
+            unstable = l < 0
+            n, m = len(u), int(unstable.sum())
+            a_idx, d_idx = n_var + np.arange(n), n_var + n + np.arange(m)
+            n_var += n + m
+            var_lo += [np.maximum(l, 0), np.zeros(m)]
+            var_hi += [u, np.ones(m)]
+            integ += [np.zeros(n), np.ones(m)]
+            wr, wc = np.nonzero(w)
+            uj = np.flatnonzero(unstable)
+            # rows [0, n): a - w.prev, = b (active) or >= b (unstable)
+            # rows [n, n+m): a - w.prev - l d <= b - l ; rows [n+m, n+2m): a - u d <= 0
+            sel = np.isin(wr, uj)
+            row_of = np.full(n, -1)
+            row_of[uj] = np.arange(m)
+            r = np.r_[wr, np.arange(n), n + row_of[wr[sel]], n + np.arange(m), n + np.arange(m),
+                      n + m + np.arange(m), n + m + np.arange(m)]
+            c = np.r_[prev[wc], a_idx, prev[wc[sel]], a_idx[uj], d_idx, a_idx[uj], d_idx]
+            v = np.r_[-w[wr, wc], np.ones(n), -w[wr[sel], wc[sel]], np.ones(m), -l[uj], np.ones(m), -u[uj]]
+            blocks.append((n_row + r, c, v))
+            r_lo += [b, np.full(2 * m, -np.inf)]
+            r_hi += [np.where(unstable, np.inf, b), b[uj] - l[uj], np.zeros(m)]
+            n_row += n + 2 * m
+            prev, prev_keep = a_idx, keep
+        self.n0, self.n_var, self.last, self.last_keep = n0, n_var, prev, prev_keep
+        self.w_out, self.b_out = ws[-1], bs[-1]
+        self.bounds = Bounds(np.concatenate(var_lo), np.concatenate(var_hi))
+        self.integrality = np.concatenate(integ)
+        self.a = None
+        if n_row:
+            r, c, v = (np.concatenate(t) for t in zip(*blocks))
+            self.a = sparse.csr_matrix((v, (r, c)), shape=(n_row, n_var))
+            self.r_lo, self.r_hi = np.concatenate(r_lo), np.concatenate(r_hi)
+
+    def solve(self, c_row, tol, time_limit) -> _Solve:
+        """``min m`` subject to ``m <= tol`` for the margin ``m = c_row @ z_L`` (``c_row: (n_L,)``), stopping at
+        the first feasible point."""
+        obj = np.zeros(self.n_var)
+        obj[self.last] = (c_row @ self.w_out)[self.last_keep]
+        cons = [LinearConstraint(sparse.csr_matrix(obj), -np.inf, tol - float(c_row @ self.b_out))]
+        if self.a is not None:
+            cons.append(LinearConstraint(self.a, self.r_lo, self.r_hi))
+        r = milp(obj, integrality=self.integrality, bounds=self.bounds, constraints=cons,
+                 options={"time_limit": float(time_limit), "mip_rel_gap": 1e30})
+        return _Solve(None if r.x is None else r.x[:self.n0], r.status == 2, int(r.get("mip_node_count") or 0))
+
+
+def _check_box(lo, hi, n0: int):
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    if lo.shape != (n0,) or hi.shape != (n0,):
+        raise InputError(f"box bounds must have shape ({n0},), got {lo.shape} and {hi.shape}")
+    if not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
+        raise InputError("box bounds contain NaN or inf")
+    if np.any(lo > hi):
+        raise InputError(f"box is empty: lo > hi at {np.flatnonzero(lo > hi)[:5].tolist()}")
+    return lo, hi
+
+
+def _check_targets(label, targets, n_out: int):
+    if not float(label).is_integer() or not 0 <= int(label) < n_out:
+        raise InputError(f"label must be an integer in [0, {n_out}), got {label}")
+    label = int(label)
+    if targets is None:
+        return label, [t for t in range(n_out) if t != label]
+    t = np.asarray(targets).reshape(-1)
+    if t.size == 0 or t.dtype.kind not in "iu" or t.min() < 0 or t.max() >= n_out or np.any(t == label):
+        raise InputError(f"targets must be a non-empty list of classes in [0, {n_out}) other than the label "
+                         f"{label}, got {t.tolist()}")
+    return label, sorted(set(t.tolist()))
+
+
+def _float32_inside(lo, hi):
+    """The float32 box ``[lo32, hi32]`` inside the float64 box ``[lo, hi]``."""
+    lo32, hi32 = lo.astype(np.float32), hi.astype(np.float32)
+    lo32 = np.where(lo32 < lo, np.nextafter(lo32, np.float32(np.inf)), lo32)
+    hi32 = np.where(hi32 > hi, np.nextafter(hi32, np.float32(-np.inf)), hi32)
+    if np.any(lo32 > hi32):
+        raise InputError(f"box holds no float32 point at {np.flatnonzero(lo32 > hi32)[:5].tolist()}")
+    return lo32, hi32
+
+
+def _margins32(chain: ReluChain, x, label: int, targets) -> np.ndarray:
+    """float32 margins ``z_label - z_t: (m, T)`` of `forward` at ``x: (m, n_0)`` for each target."""
+    z = np.asarray(forward(chain, np.asarray(x, np.float32)))
+    return z[:, [label]] - z[:, np.asarray(targets)]
