@@ -258,3 +258,15 @@ def test_cli_verify_vnncomp_property(shared, capsys, tmp_path):
                  "--timeout", "30", "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == "unsat" == out.read_text().strip()
     assert main(["verify", str(folder / "mnist-net_256x2.onnx"), str(tmp_path / "missing.vnnlib")]) == 2
+
+
+def test_verdicts_agree_with_milp(medium):
+    from jaxrobust.milp import milp_verify_batch
+    x = jax.random.uniform(jax.random.PRNGKey(3), (4, 8))
+    y = np.asarray(medium(x)).argmax(-1)
+    for eps in (0.3, 0.45):
+        r = verify(medium, x, y, eps, SMALL._replace(attack_steps=0))
+        m = milp_verify_batch(medium, x, y, eps, time_limit=20.0)
+        both = (r.status != UNKNOWN) & (m.status != UNKNOWN)
+        assert both.sum() >= 3
+        np.testing.assert_array_equal(r.status[both], m.status[both])
