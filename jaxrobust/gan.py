@@ -88,15 +88,16 @@ def _modules(arch: dict) -> tuple[MLPGenerator, MLPDiscriminator]:
 
 @dataclasses.dataclass(frozen=True)
 class _GanApply:
-    """Hashable ``apply(params, z)`` of an MLP generator, with the label fixed for a conditional one
-    (equal for equal architectures and labels, so jitted callers share their compilations)."""
+    """Hashable ``apply(params, z)`` of an MLP generator (equal for equal architectures, so jitted callers
+    share their compilations). A conditional generator's params are ``{"model": ..., "label": int32 ()}``:
+    the class is a parameter, so the generators of all classes share this function."""
     arch_json: str
-    label: int | None
 
     def __call__(self, params, z):
         gen, _ = _modules(json.loads(self.arch_json))
-        labels = None if self.label is None else jnp.full((z.shape[0],), self.label, jnp.int32)
-        return gen.apply(params, z, labels)
+        if not gen.num_classes:
+            return gen.apply(params, z)
+        return gen.apply(params["model"], z, jnp.broadcast_to(params["label"], (z.shape[0],)))
 
 
 def make_generator(arch: dict, params, label: int | None = None, *, name: str | None = None) -> Generator:
@@ -106,10 +107,16 @@ def make_generator(arch: dict, params, label: int | None = None, *, name: str | 
         raise InputError("a label is required for a conditional generator and meaningless otherwise")
     if label is not None and not 0 <= label < arch["num_classes"]:
         raise InputError(f"label {label} outside [0, {arch['num_classes']})")
-    apply = _GanApply(json.dumps(arch, sort_keys=True), None if label is None else int(label))
+    if label is not None:
+        params = {"model": params, "label": np.int32(label)}
     default = f"mlp_gan{'' if label is None else f'[{label}]'}"
-    return Generator(apply, params, arch["latent_dim"], tuple(arch["output_shape"]), (-1.0, 1.0),
-                     name or default, {"gan": arch, "label": label})
+    return Generator(_GanApply(json.dumps(arch, sort_keys=True)), params, arch["latent_dim"],
+                     tuple(arch["output_shape"]), (-1.0, 1.0), name or default, {"gan": arch, "label": label})
+
+
+def _model_params(generator: Generator):
+    """The network parameters of an MLP GAN generator (without the class of a conditional one)."""
+    return generator.params if generator.arch["label"] is None else generator.params["model"]
 
 
 # --- training ---------------------------------------------------------------------------------------
@@ -261,9 +268,10 @@ def save_generators(generators: GeneratorSet, path, *, meta: dict | None = None)
     for c, g in generators.items():
         if not (isinstance(g.arch, dict) and "gan" in g.arch):
             raise InputError(f"only MLP GAN generators can be saved (generator {g.name!r} has arch {g.arch!r})")
-        h = content_hash(g.arch["gan"], g.params)
+        params = _model_params(g)
+        h = content_hash(g.arch["gan"], params)
         models.setdefault(h, {"arch": json.dumps(g.arch["gan"]), "hash": h,
-                              "params": flax.serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, g.params))})
+                              "params": flax.serialization.to_state_dict(jax.tree_util.tree_map(np.asarray, params))})
         classes["none" if c is None else str(int(c))] = [h, -1 if g.arch["label"] is None else int(g.arch["label"])]
     record = {"format": FORMAT, "models": models, "classes": json.dumps(classes), "meta": json.dumps(meta or {})}
     path = Path(path)
@@ -370,18 +378,17 @@ def tile(images, ncols: int) -> np.ndarray:
 
 
 def save_png(images, path, ncols: int = 10) -> Path:
-    """Write ``images: (N, H, W, C)`` in [0, 1] as one PNG grid; returns the path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Write ``images: (N, H, W, C)`` in [0, 1] as one PNG grid; returns the path. Uses no plotting
+    backend, so an interactive or inline one (notebooks) is left as it is."""
+    from matplotlib import image
 
     grid = np.clip(tile(images, min(ncols, len(images))), 0, 1)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if grid.shape[-1] == 1:
-        plt.imsave(path, grid[..., 0], cmap="gray", vmin=0, vmax=1)
+        image.imsave(path, grid[..., 0], cmap="gray", vmin=0, vmax=1)
     else:
-        plt.imsave(path, grid)
+        image.imsave(path, grid)
     return path
 
 

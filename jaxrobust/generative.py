@@ -83,8 +83,10 @@ def compose(classifier: Network, generator: Generator, *, latent_box: float = LA
     """``C ∘ G`` as a `Network`: ``z: (B, latent_dim) -> logits (B, num_classes)`` on the domain
     ``[-latent_box, latent_box]``.
 
-    The same arguments give the same `Network` object (a small cache), so jitted kernels that take
-    the network as a static argument (attacks, bounds) compile once per pair.
+    Its ``apply`` is equal for generators of equal architecture (e.g. the per-class GANs of a set), so
+    the attacks, which take ``apply`` as a static argument and the parameters as traced ones, compile
+    once for all of them. The same arguments give the same `Network` object (a small cache), which
+    kernels that cache per network object (bounds) reuse.
     """
     return _compose(classifier, generator, float(latent_box), name)
 
@@ -107,6 +109,13 @@ def _compose(classifier: Network, generator: Generator, latent_box: float, name:
                    name or f"{classifier.name}∘{generator.name}", arch)
 
 
+def _structural(model):
+    """``model`` (a `Network` or `Generator`) without its name and description, so that jitted functions
+    taking it as an argument compile once per ``apply`` and parameter shapes (e.g. once for all the
+    generators of a set)."""
+    return dataclasses.replace(model, name="", arch=None)
+
+
 # --- latent sampling --------------------------------------------------------------------------------
 @partial(jax.jit, static_argnames=("dim", "box"))
 def latents(key, indices: jax.Array, dim: int, box: float = LATENT_BOX) -> jax.Array:
@@ -124,10 +133,21 @@ def _sample_predictions(generator, classifiers, key, start, n, box):
                                  axis=-1) for c in classifiers])
 
 
+@jax.jit
+def _unit_images(generator, z):
+    return generator.to_unit(generator(z))
+
+
 def generate(generator: Generator, key, indices, box: float = LATENT_BOX) -> tuple[np.ndarray, np.ndarray]:
-    """Latents ``(n, d)`` of the given sample ``indices`` and their images ``(n, H, W, C)`` in [0, 1]."""
-    z = latents(key, jnp.asarray(indices, jnp.int32), generator.latent_dim, float(box))
-    return np.asarray(z), np.asarray(generator.to_unit(generator(z)))
+    """Latents ``(n, d)`` of the given sample ``indices: (n,)`` and their images ``(n, H, W, C)`` in [0, 1].
+
+    The batch is padded to a power of two of at least 64 rows, so varying ``n`` compiles few programs.
+    """
+    idx = np.asarray(indices, np.int32).reshape(-1)
+    n = len(idx)
+    padded = jnp.asarray(np.pad(idx, (0, max(64, 1 << max(n - 1, 0).bit_length()) - n)))
+    z = latents(key, padded, generator.latent_dim, float(box))
+    return np.asarray(z)[:n], np.asarray(_unit_images(_structural(generator), z))[:n]
 
 
 # --- global correctness -----------------------------------------------------------------------------
@@ -184,11 +204,15 @@ def global_correctness(classifier: Network, generator: Generator, label: int | N
         if net is not None:
             compose(net, generator, latent_box=latent_box)  # validates the shapes
     key = jax.random.PRNGKey(0) if key is None else key
-    nets = (classifier,) if reference is None else (classifier, reference)
+    gen = _structural(generator)
+    nets = tuple(map(_structural, (classifier,) if reference is None else (classifier, reference)))
     chunk = min(chunk, samples)
+    starts = range(0, samples, chunk)
+    # every chunk is dispatched before the first result is read, so the device never waits on Python
+    pending = [_sample_predictions(gen, nets, key, start, chunk, float(latent_box)) for start in starts]
     preds, expected = [], []
-    for start in range(0, samples, chunk):
-        p = np.asarray(_sample_predictions(generator, nets, key, start, chunk, float(latent_box)))
+    for start, p in zip(starts, pending):
+        p = np.asarray(p)
         m = min(chunk, samples - start)
         preds.append(p[0, :m])
         expected.append(p[1, :m] if reference is not None else np.full(m, label))
@@ -199,8 +223,7 @@ def global_correctness(classifier: Network, generator: Generator, label: int | N
     k = samples - len(wrong)
     lo, hi = interval(k, samples, confidence)
     idx = wrong[:max_saved]
-    z, images = generate(generator, key, idx, latent_box) if len(idx) else (
-        np.zeros((0, generator.latent_dim), np.float32), np.zeros((0, *generator.output_shape), np.float32))
+    z, images = generate(generator, key, idx, latent_box)
     return Correctness(-1 if label is None else int(label), samples, int(k), k / samples, lo, hi,
                        idx, z, images, preds[idx], expected[idx])
 
@@ -252,13 +275,14 @@ def latent_attack(classifier: Network, generator: Generator, z, eps, *, key, lab
     z = jnp.asarray(z, jnp.float32)
     if z.ndim != 2 or z.shape[1] != generator.latent_dim:
         raise InputError(f"latents must have shape (B, {generator.latent_dim}), got {tuple(z.shape)}")
-    image, pred = _classify_jit(classifier, generator, z)
+    parts = _structural(classifier), _structural(generator)
+    image, pred = _classify_jit(*parts, z)
     labels = pred if labels is None else jnp.asarray(labels, jnp.int32)
     if method == "pgd":
         r = pgd(net, z, labels, eps, key=key, steps=steps, restarts=restarts, loss="margin")
     else:
         r = random_search(net, z, labels, eps, key=key, queries=queries)
-    image_adv, pred_adv = _classify_jit(classifier, generator, r.x_adv)
+    image_adv, pred_adv = _classify_jit(*parts, r.x_adv)
     e = np.broadcast_to(np.asarray(eps, np.float32), (z.shape[0],))
     dist = np.max(np.abs(np.asarray(r.x_adv) - np.asarray(z)), axis=1)
     within = dist <= e + 4 * np.spacing(np.float32(latent_box + e))

@@ -68,7 +68,7 @@ def test_pgd_conv_net_unrolled():
         return jax.nn.relu(h).reshape(x.shape[0], -1) @ p[1]
 
     net = from_function(apply, (k, Wd), (6, 6, 1), 3)
-    assert attacks._signature(net, (4, 6, 6, 1), jnp.float32) == (3, True)
+    assert attacks._signature(net.apply, net.params, (4, 6, 6, 1), jnp.float32) == (3, True)
     x = jnp.asarray(_rng.uniform(0, 1, (4, 6, 6, 1)), jnp.float32)
     y = jnp.argmax(net(x), axis=1)
     res = attacks.pgd(net, x, y, 0.3, key=KEY, steps=5)

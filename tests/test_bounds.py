@@ -140,6 +140,35 @@ def test_crown_never_looser_than_ibp_and_alpha_never_looser_than_crown(seed, kin
     assert bool(jnp.all(s_alpha.lower >= s_crown.lower - tol)) and bool(jnp.all(s_alpha.upper <= s_crown.upper + tol))
 
 
+def make_stacking(seed, act):
+    """Two branches of the input combined by stack (with a constant operand), concatenate, tile,
+    split and unstack -> act -> dense; input (5,), 3 outputs."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 4)
+    (w1, b1), (w2, b2), (w3, b3) = _dense(ks[0], 5, 8), _dense(ks[1], 5, 8), _dense(ks[2], 16, 3)
+    const = jax.random.normal(ks[3], (8,))
+    f = ACTS[act]
+
+    def fn(x):
+        h, g = f(x @ w1 + b1), jnp.tanh(x @ w2 + b2)
+        s = jnp.stack([h, g - h, jnp.broadcast_to(const, h.shape)], axis=-1)           # (B, 8, 3)
+        c = jnp.concatenate([s.reshape(len(x), -1), jnp.tile(x, (1, 2)), h], axis=1)  # (B, 42)
+        a, b = jnp.split(c, [26], axis=1)
+        u = sum(jnp.unstack(a[:, :24].reshape(len(x), 8, 3), axis=-1))               # (B, 8)
+        return f(jnp.concatenate([u, b[:, 8:]], axis=1)) @ w3 + b3
+
+    return fn, (5,)
+
+
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 10_000), act=st.sampled_from(sorted(ACTS)))
+def test_bounds_through_stack_concatenate_split_contain_samples(seed, act):
+    fn, in_shape = make_stacking(seed, act)
+    lo, hi = boxes(seed, in_shape)
+    y = extreme_points(fn, lo, hi, jax.random.PRNGKey(seed), n_random=20_000, pgd_steps=10)
+    assert_inside(y, ibp(fn, lo, hi))
+    assert_inside(y, crown(fn, lo, hi))
+
+
 def test_crown_exact_on_linear_network():
     k1, k2 = jax.random.split(jax.random.PRNGKey(3))
     (w1, b1), (w2, b2) = _dense(k1, 6, 7), _dense(k2, 7, 4)

@@ -39,7 +39,7 @@ def test_conditional_training_and_roundtrip(data, per_class, tmp_path):
     assert sorted(gens) == [0, 1, 2] and losses.shape == (2, 2)
     z = jax.random.normal(jax.random.PRNGKey(1), (3, 4))
     assert not np.allclose(gens[0](z), gens[1](z))  # the label changes the output
-    assert gens[0].params is gens[1].params
+    assert gens[0].params["model"] is gens[1].params["model"] and gens[0].apply == gens[1].apply  # one model
     cond_path, pc_path = tmp_path / "cond.msgpack", tmp_path / "pc.msgpack"
     h = gan.save_generators(gens, cond_path, meta={"steps": 2})
     gan.save_generators(per_class[0], pc_path)

@@ -62,6 +62,29 @@ def test_compose_maps_range_and_layout(mlp_pair):
         G.compose(zoo.init(zoo.arch("mlp", input_shape=(10,), hidden=(4,)), jax.random.PRNGKey(0)), g)
 
 
+def test_attacks_compile_once_for_generators_of_one_architecture(mlp_pair):
+    import optax
+
+    from jaxrobust.kernels import attacks
+    clf, g = mlp_pair
+    other = gan.make_generator(g.arch["gan"], gan._init(g.arch["gan"], jax.random.PRNGKey(7), optax.identity()).g_params)
+    nets = [G.compose(clf, h) for h in (g, other)]
+    assert nets[0] is not nets[1] and nets[0].apply == nets[1].apply
+    z = jax.random.normal(jax.random.PRNGKey(8), (5, 4))
+    y = jnp.zeros((5,), jnp.int32)
+    for attack, program, kw in ((attacks.pgd, attacks._pgd, {"steps": 7}),
+                                (attacks.random_search, attacks._random_search, {"queries": 7})):
+        before = program._cache_size()
+        res = [attack(net, z, y, 0.3, key=jax.random.PRNGKey(9), **kw) for net in nets]
+        assert program._cache_size() == before + 1
+        for net, r in zip(nets, res):  # each run used its own generator's parameters
+            np.testing.assert_allclose(r.margin, attacks.margin(net(r.x_adv), y), atol=1e-5)
+    before = G._sample_predictions._cache_size()
+    for h in (g, other):
+        G.global_correctness(clf, h, 0, samples=64, chunk=64)
+    assert G._sample_predictions._cache_size() == before + 1
+
+
 @pytest.mark.parametrize("method", ["ibp", "crown"])
 def test_composed_bounds_contain_samples(mlp_pair, method):
     clf, g = mlp_pair

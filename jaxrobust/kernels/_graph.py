@@ -7,7 +7,8 @@ classifies the remaining (input-dependent, "bounded") equations:
 
 * ``linear``  -- affine in its bounded operands with the other operands fixed (dot_general, conv,
   mul/div by a constant, add/sub, reshape, transpose, broadcast, slicing, padding, reductions by
-  summation, ...). Interval and backward rules are derived generically from the primitive itself.
+  summation, concatenate/stack/tile/split/unstack of any mix of bounded and constant operands, ...).
+  Interval and backward rules are derived generically from the primitive itself.
 * ``pwl``     -- ``y = v + phi(x - k)`` with ``phi(t) = a_p t (t >= 0), a_n t (t < 0)``: ReLU
   (``max(x, 0)``), ``max/min`` with a constant, leaky ReLU / PReLU (``max(x, a x)``, ``where(x >= 0, x, a x)``).
 * ``sshape``  -- ``logistic`` and ``tanh``.
@@ -38,9 +39,9 @@ ALIAS = {"copy", "copy_p", "stop_gradient", "reduce_precision", "optimization_ba
 # hold constants that add to the output (zeroed to obtain the linear part).
 STRUCTURAL = {"reshape", "transpose", "broadcast_in_dim", "squeeze", "expand_dims", "slice",
               "dynamic_slice", "gather", "reduce_sum", "reduce_window_sum", "convert_element_type",
-              "rev", "neg", "cumsum", "add", "sub", "add_any", "concatenate", "pad", "select_n",
-              "dynamic_update_slice"}
-ADDITIVE = {"add": "all", "sub": "all", "add_any": "all", "concatenate": "all", "pad": "all",
+              "rev", "neg", "cumsum", "add", "sub", "add_any", "concatenate", "stack", "tile", "split",
+              "unstack", "pad", "select_n", "dynamic_update_slice"}
+ADDITIVE = {"add": "all", "sub": "all", "add_any": "all", "concatenate": "all", "stack": "all", "pad": "all",
             "select_n": "rest", "dynamic_update_slice": (0, 1)}
 MULTIPLICATIVE = {"mul", "div", "dot_general", "conv_general_dilated"}
 MONOTONE = {"exp", "exp2", "log", "log1p", "expm1", "sqrt", "cbrt", "erf", "atan", "asinh", "sinh",
@@ -307,7 +308,7 @@ def _exact_vars(nodes, x, shapes, consts):
             name = "mul"
         if name in _COPYING and same_size:
             state[n.outs[0]] = s
-        elif name in _COPYING or name in ("gather", "broadcast_in_dim"):
+        elif name in _COPYING or name in ("gather", "broadcast_in_dim", "tile"):
             state[n.outs[0]] = "A"
         elif name in _MIXING and s == "C":
             state[n.outs[0]] = "A"

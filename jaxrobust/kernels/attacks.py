@@ -6,6 +6,10 @@ Uniform call shape ``attack(fn, x, y, eps, *, key=..., ...) -> AttackResult``:
 * ``x: (B, *shape)`` inputs, ``y: (B,)`` integer labels, ``eps`` scalar or ``(B,)`` radius;
 * ``domain``: ``(lo, hi)`` box of valid inputs (default ``fn.domain`` for a Network, else none).
 
+The jitted programs take a Network's ``apply`` as a static argument and its ``params`` as traced
+arguments, so networks that share ``apply`` and parameter shapes (e.g. one classifier composed
+with the per-class generators of a set) share one compilation. A plain callable is static itself.
+
 Every result is re-checked: the returned point is projected onto ball ∩ domain and its margin
 comes from a plain forward pass of ``fn`` at exactly that point, so ``success`` is a confirmed
 misclassification (``margin < 0``).
@@ -18,10 +22,12 @@ batch-summed loss (one backward pass for the batch), never ``vmap(grad)``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.extend.core
@@ -102,10 +108,34 @@ def step_sizes(alpha: jax.Array, steps: int, schedule: str) -> jax.Array:
 
 
 # --- validation --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Closed:
+    """``apply(params, x) = fn(x)`` for a plain callable ``fn`` (no parameters)."""
+    fn: Callable
+
+    def __call__(self, params, x):
+        return self.fn(x)
+
+
+def _split(fn) -> tuple[Callable, Any]:
+    """``(apply, params)`` with ``fn(x) == apply(params, x)``; ``apply`` is hashable."""
+    if isinstance(fn, Network):
+        return fn.apply, fn.params
+    return _Closed(fn), None
+
+
+def _signature(apply, params, shape, dtype):
+    """(number of classes, whether ``apply`` contains a convolution) for inputs ``shape``; cached per
+    ``apply`` and parameter shapes."""
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    specs = tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves)
+    return _traced_signature(apply, treedef, specs, tuple(shape), dtype)
+
+
 @functools.lru_cache(maxsize=128)
-def _signature(fn, shape, dtype):
-    """(number of classes, whether the traced ``fn`` contains a convolution) for inputs ``shape``."""
-    closed = jax.make_jaxpr(fn)(jax.ShapeDtypeStruct(shape, dtype))
+def _traced_signature(apply, treedef, specs, shape, dtype):
+    params = jax.tree_util.tree_unflatten(treedef, specs)
+    closed = jax.make_jaxpr(apply)(params, jax.ShapeDtypeStruct(shape, dtype))
     out = closed.out_avals
     if len(out) != 1 or out[0].ndim != 2 or out[0].shape[0] != shape[0]:
         raise InputError(f"fn must map (B, *shape) to logits (B, C); got outputs "
@@ -124,7 +154,7 @@ def _has_conv(jaxpr) -> bool:
 
 
 def _prepare(fn, x, y, eps, domain):
-    """Validate inputs; return ``(x, y, eps (B,), domain, num_classes, has_conv)``."""
+    """Validate inputs; return ``(apply, params, x, y, eps (B,), domain, has_conv)`` (see `_split`)."""
     if not callable(fn):
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
     x = check_x(x)
@@ -139,14 +169,15 @@ def _prepare(fn, x, y, eps, domain):
     if domain is not None and is_concrete(x):
         if bool(jnp.any(x < domain[0] - 1e-6)) or bool(jnp.any(x > domain[1] + 1e-6)):
             raise InputError("inputs lie outside the domain")
-    num_classes, has_conv = _signature(fn, tuple(x.shape), x.dtype)
+    apply, params = _split(fn)
+    num_classes, has_conv = _signature(apply, params, x.shape, x.dtype)
     y = jnp.asarray(y)
     if y.shape != (B,) or not jnp.issubdtype(y.dtype, jnp.integer):
         raise InputError(f"labels must be integers of shape ({B},), got {y.dtype} {y.shape}")
     if is_concrete(y) and (bool(jnp.any(y < 0)) or bool(jnp.any(y >= num_classes))):
         raise InputError(f"labels must lie in [0, {num_classes}), got range "
                          f"[{int(jnp.min(y))}, {int(jnp.max(y))}]")
-    return x, y.astype(jnp.int32), check_eps(eps, B), domain, num_classes, has_conv
+    return apply, params, x, y.astype(jnp.int32), check_eps(eps, B), domain, has_conv
 
 
 def _option(value, allowed, what):
@@ -156,6 +187,7 @@ def _option(value, allowed, what):
 
 
 def _recheck(fn, x_adv, x, y, eps, norm, domain) -> AttackResult:
+    """``fn``: ``x -> logits`` (parameters bound)."""
     x_adv = project(x_adv, x, eps, norm, domain)
     m = margin(fn(x_adv), y)
     return AttackResult(x_adv, m < 0, m)
@@ -164,12 +196,13 @@ def _recheck(fn, x_adv, x, y, eps, norm, domain) -> AttackResult:
 # --- FGSM ----------------------------------------------------------------------------------------------
 def fgsm(fn, x, y, eps, *, loss: str = "ce", domain=None) -> AttackResult:
     """Fast gradient sign method: ``x + eps * sign(grad loss)`` projected onto ball ∩ domain."""
-    x, y, eps, domain, _, _ = _prepare(fn, x, y, eps, domain)
-    return _fgsm(fn, x, y, eps, domain, _option(loss, ("margin", "ce"), "loss"))
+    apply, params, x, y, eps, domain, _ = _prepare(fn, x, y, eps, domain)
+    return _fgsm(apply, params, x, y, eps, domain, _option(loss, ("margin", "ce"), "loss"))
 
 
-@partial(jax.jit, static_argnames=("fn", "loss"))
-def _fgsm(fn, x, y, eps, domain, loss):
+@partial(jax.jit, static_argnames=("apply", "loss"))
+def _fgsm(apply, params, x, y, eps, domain, loss):
+    fn = partial(apply, params)
     g = jax.grad(lambda xa: jnp.sum(attack_loss(fn(xa), y, loss)))(x)
     return _recheck(fn, x + _bcast(eps, x) * jnp.sign(g), x, y, eps, "linf", domain)
 
@@ -196,19 +229,20 @@ def pgd(fn, x, y, eps, *, key, steps: int = 40, step_size=None, restarts: int = 
     Returns:
       `AttackResult` with the lowest-margin point seen (re-checked by a forward pass).
     """
-    x, y, eps, domain, _, has_conv = _prepare(fn, x, y, eps, domain)
+    apply, params, x, y, eps, domain, has_conv = _prepare(fn, x, y, eps, domain)
     steps, restarts = int(steps), int(restarts)
     if steps < 1 or restarts < 1:
         raise InputError(f"steps and restarts must be >= 1, got steps={steps}, restarts={restarts}")
     alpha = 2.5 * eps / steps if step_size is None else check_eps(step_size, x.shape[0], "step_size")
     if unroll is None:
         unroll = steps if has_conv else 1
-    return _pgd(fn, x, y, eps, alpha, key, domain, steps, restarts, _option(norm, NORMS, "norm"),
+    return _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, _option(norm, NORMS, "norm"),
                 _option(loss, LOSSES, "loss"), _option(schedule, SCHEDULES, "schedule"), int(unroll))
 
 
-@partial(jax.jit, static_argnames=("fn", "steps", "restarts", "norm", "loss", "schedule", "unroll"))
-def _pgd(fn, x, y, eps, alpha, key, domain, steps, restarts, norm, loss, schedule, unroll):
+@partial(jax.jit, static_argnames=("apply", "steps", "restarts", "norm", "loss", "schedule", "unroll"))
+def _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, norm, loss, schedule, unroll):
+    fn = partial(apply, params)
     B, R = x.shape[0], restarts
     tile = lambda a: jnp.concatenate([a] * R, axis=0)  # noqa: E731  (R*B, ...)
     xr, yr, er = tile(x), tile(y), tile(eps)
@@ -269,17 +303,18 @@ def random_search(fn, x, y, eps, *, key, queries: int = 1000, p_init: float = 0.
     passes per input (the initial point included) plus one for the re-check; no gradients.
     Input ``b`` at iteration ``t`` draws from ``fold_in(fold_in(key, b), t)``.
     """
-    x, y, eps, domain, _, _ = _prepare(fn, x, y, eps, domain)
+    apply, params, x, y, eps, domain, _ = _prepare(fn, x, y, eps, domain)
     queries = int(queries)
     if queries < 1:
         raise InputError(f"queries must be >= 1, got {queries}")
     if not 0.0 < float(p_init) <= 1.0:
         raise InputError(f"p_init must lie in (0, 1], got {p_init}")
-    return _random_search(fn, x, y, eps, key, domain, queries, float(p_init))
+    return _random_search(apply, params, x, y, eps, key, domain, queries, float(p_init))
 
 
-@partial(jax.jit, static_argnames=("fn", "queries", "p_init"))
-def _random_search(fn, x, y, eps, key, domain, queries, p_init):
+@partial(jax.jit, static_argnames=("apply", "queries", "p_init"))
+def _random_search(apply, params, x, y, eps, key, domain, queries, p_init):
+    fn = partial(apply, params)
     B, e = x.shape[0], _bcast(eps, x)
     kb = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(B))
     d = math.prod(x.shape[1:])
