@@ -8,18 +8,23 @@ fallback), re-test, and ``plr = 1 − P(c > δ)`` from the fitted normal (`kerne
 Beside the paper's parametric estimate, the sound direct Monte Carlo estimate of
 ``P(confident misclassification) = P(c > δ)`` with its exact Clopper–Pearson upper bound.
 
-Memory: samples are generated and evaluated ``chunk`` at a time (`kernels.perturb.map_samples`); only
-the per-sample confidences ``(inputs, n)`` are kept, and inputs are processed ``batch`` at a time, so
-``batch · n`` floats bound the memory (n = 10^6 works with a small batch).
+Memory and speed: each step draws and evaluates `samples_per_step` samples of every input of a batch
+(at most ``cfg.chunk``; about ``STEP_FLOATS`` sample coordinates in all), sampler and network as
+separate compiled stages (`kernels.perturb.map_samples`); only the per-sample confidences
+``(inputs, n)`` are kept, and inputs are processed ``batch`` at a time, so ``batch · n`` floats bound
+the memory (n = 10^6 works with a small batch).
 """
 from __future__ import annotations
 
+import math
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.tree_util import Partial
 from scipy import stats as sps
 
 from .errors import InputError
@@ -27,6 +32,9 @@ from .kernels.perturb import map_samples
 from .kernels.stats import RomaStatus, clopper_pearson, roma_statistics
 from .network import Network
 
+# sample coordinates drawn and evaluated per step, all inputs together (16 MiB of float32): enough work to
+# amortise the two dispatches of a step, few enough for the samples to stay in the last-level cache
+STEP_FLOATS = 1 << 22
 STATUS_NAMES = {RomaStatus.NORMAL: "normal", RomaStatus.BOXCOX: "normal after Box-Cox",
                 RomaStatus.YEOJOHNSON: "normal after Yeo-Johnson", RomaStatus.FAIL: "FAIL"}
 
@@ -38,7 +46,7 @@ class RomaConfig(NamedTuple):
     sampler: str = "linf"
     significance: float = 0.05   # Anderson–Darling level
     confidence: float = 0.95     # Clopper–Pearson upper bound level
-    chunk: int = 1000            # samples per input evaluated at once (does not change the samples)
+    chunk: int = 1000            # at most this many samples per input per step (does not change the samples)
     seed: int = 0
 
 
@@ -59,36 +67,47 @@ class RomaResult(NamedTuple):
     time_s: np.ndarray         # wall time per input (its share of the batch)
 
 
+def _wrong_label_confidence(net: Network, labels, samples):
+    """Highest softmax probability among labels ≠ label: ``samples (B, c, *shape), labels (B,) -> (B, c)``."""
+    b, c = samples.shape[:2]
+    p = jax.nn.softmax(net(samples.reshape((b * c,) + samples.shape[2:])), axis=-1).reshape(b, c, -1)
+    mask = jax.nn.one_hot(labels, p.shape[-1], dtype=bool)[:, None, :]
+    return jnp.max(jnp.where(mask, -jnp.inf, p), axis=-1)
+
+
 def wrong_label_confidence(net: Network):
     """``f(samples (B, c, *shape), labels (B,)) -> (B, c)``: highest softmax probability among labels ≠ label."""
-    def f(samples, labels):
-        b, c = samples.shape[:2]
-        p = jax.nn.softmax(net(samples.reshape((b * c,) + samples.shape[2:])), axis=-1).reshape(b, c, -1)
-        mask = jax.nn.one_hot(labels, p.shape[-1], dtype=bool)[:, None, :]
-        return jnp.max(jnp.where(mask, -jnp.inf, p), axis=-1)
-    return f
+    return lambda samples, labels: _wrong_label_confidence(net, labels, samples)
 
 
 def confidences(net: Network, x, y, cfg: RomaConfig, *, indices=None) -> jax.Array:
     """Wrong-label confidences ``(B, n)`` of ``cfg.samples`` perturbations of each ``x: (B, *shape)``.
 
     ``indices: (B,)`` are the inputs' global ids (default ``0..B-1``): a sample depends only on
-    (seed, input id, sample index), not on which inputs share the batch.
+    (seed, input id, sample index), not on which inputs share the batch. Each step evaluates
+    `samples_per_step` samples of every input.
     """
     indices = jnp.arange(len(x)) if indices is None else jnp.asarray(indices, jnp.int32)
-    f = wrong_label_confidence(net)
-    yj = jnp.asarray(y)
-    return map_samples(lambda s: f(s, yj), jax.random.PRNGKey(cfg.seed), x, cfg.eps, cfg.samples, cfg.chunk,
-                       sampler=cfg.sampler, domain=net.domain, offset=indices)
+    chunk = samples_per_step(cfg, len(x), math.prod(x.shape[1:]))
+    return map_samples(Partial(_wrong_label_confidence, net, jnp.asarray(y)), jax.random.PRNGKey(cfg.seed), x,
+                       cfg.eps, cfg.samples, chunk, sampler=cfg.sampler, domain=net.domain, offset=indices)
 
 
-def roma(net: Network, x, y, cfg: RomaConfig = RomaConfig(), *, indices: Sequence[int] | None = None,
+def samples_per_step(cfg: RomaConfig, batch: int, input_size: int) -> int:
+    """Samples of each of ``batch`` inputs of ``input_size`` coordinates evaluated per step:
+    ``min(cfg.chunk, STEP_FLOATS // (batch · input_size))``, at least 1."""
+    return max(1, min(cfg.chunk, STEP_FLOATS // (batch * input_size)))
+
+
+def roma(net: Network, x, y, cfg: RomaConfig | None = None, *, indices: Sequence[int] | None = None,
          batch: int | None = None) -> RomaResult:
     """RoMA statistics of every input ``x: (N, *input_shape)`` with labels ``y: (N,)``.
 
-    ``indices`` are the inputs' global ids (they seed the samples); ``batch`` inputs are processed at a
-    time (default: as many as keep ``batch · samples`` under 2^25 confidences).
+    ``cfg`` defaults to ``RomaConfig()``; ``indices`` are the inputs' global ids (they seed the
+    samples); ``batch`` inputs are processed at a time (default: as many as keep ``batch · samples``
+    under 2^25 confidences).
     """
+    cfg = RomaConfig() if cfg is None else cfg
     x = net.check_inputs(x)
     n = len(x)
     y = net.check_labels(y, n)
@@ -103,15 +122,15 @@ def roma(net: Network, x, y, cfg: RomaConfig = RomaConfig(), *, indices: Sequenc
         p = min(batch, 1 << (m - 1).bit_length())  # pad to a power of two: few compiled shapes
         rows = np.concatenate([np.arange(s, s + m), np.full(p - m, s)])
         conf = confidences(net, x[rows], y[rows], cfg, indices=indices[rows])
-        st = jax.tree_util.tree_map(lambda a: np.asarray(a)[:m], roma_statistics(conf, cfg.delta, cfg.significance))
+        st = roma_statistics(conf, cfg.delta, cfg.significance)
+        st = st._replace(**{f: np.asarray(v)[:m] for f, v in st._asdict().items()})
         k = st.n_adversarial
         _, upper = clopper_pearson(k, cfg.samples, cfg.confidence, side="upper")
-        dt = (time.perf_counter() - t0) / m
-        parts.append(dict(plr=st.plr, log10_tail=st.log10_tail, lmbda=st.lmbda, lmbda_yj=st.lmbda_yj,
-                          ad_before=st.ad_before, ad_after=st.ad_after,
-                          status=np.array([STATUS_NAMES[RomaStatus(int(c))] for c in np.asarray(st.status)], object),
-                          n_adversarial=k, mc_estimate=k / cfg.samples, mc_upper=upper, mean=st.mean, std=st.std,
-                          time_s=np.full(m, dt)))
+        parts.append({"plr": st.plr, "log10_tail": st.log10_tail, "lmbda": st.lmbda, "lmbda_yj": st.lmbda_yj,
+                      "ad_before": st.ad_before, "ad_after": st.ad_after,
+                      "status": np.array([STATUS_NAMES[RomaStatus(int(c))] for c in st.status], object),
+                      "n_adversarial": k, "mc_estimate": k / cfg.samples, "mc_upper": upper, "mean": st.mean,
+                      "std": st.std, "time_s": np.full(m, (time.perf_counter() - t0) / m)})
     if not parts:
         return RomaResult(*(np.zeros(0) for _ in RomaResult._fields))
     return RomaResult(**{f: np.concatenate([np.asarray(p[f]) for p in parts]) for f in RomaResult._fields})

@@ -2,6 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.tree_util import Partial
 from scipy import stats
 
 from jaxrobust.errors import InputError
@@ -32,6 +33,28 @@ def test_samples_inside_ball_and_domain_and_chunk_invariant(sampler, rng):
     np.testing.assert_array_equal(np.asarray(chunked), s)
 
 
+@pytest.mark.parametrize("rng", perturb.RNGS)
+@pytest.mark.parametrize("sampler", ["linf", "l2", "gaussian"])
+def test_shaped_inputs_drawn_as_flat_vectors_bit_exact(sampler, rng):
+    """map_samples draws elementwise samples on flattened inputs (and domain arrays): same values as per shape."""
+    x = jnp.asarray(np.random.default_rng(4).uniform(0, 1, (2, 3, 4, 2)), jnp.float32)
+    for domain in ((0.0, 1.0), (np.zeros((3, 4, 2)), np.linspace(0.3, 1.0, 24).reshape(3, 4, 2))):
+        ref = perturb.sample(KEY, x, 0.2, 20, sampler=sampler, domain=domain, rng=rng)
+        got = perturb.map_samples(lambda s: s, KEY, x, 0.2, 20, 8, sampler=sampler, domain=domain, rng=rng)
+        assert got.shape == (2, 20, 3, 4, 2)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+
+
+def test_custom_sampler_of_another_shape():
+    """A sampler function may return samples of any shape; fn receives them as drawn."""
+    def pair(key, x, eps, domain):
+        return jnp.stack([x, x + eps * jax.random.uniform(key, x.shape)])
+
+    out = perturb.map_samples(lambda s: s.sum((2, 3)), KEY, X, EPS, 10, 4, sampler=pair)
+    assert out.shape == (3, 10)
+    np.testing.assert_allclose(np.asarray(out)[2], 2 * np.asarray(X)[2].sum(), rtol=1e-6)  # eps = 0
+
+
 def test_sub_batch_with_offset_and_start_bit_exact():
     full = np.asarray(perturb.sample(KEY, X, EPS, 200, domain=(0.0, 1.0)))
     sub = perturb.sample(KEY, X[1:], EPS[1:], 100, domain=(0.0, 1.0), offset=1, start=100)
@@ -46,6 +69,26 @@ def test_linf_uniform_on_clipped_box():
     assert stats.kstest(s[:, 1], stats.uniform(0.4, 0.2).cdf).pvalue > 1e-3
 
 
+def test_linf_is_the_clipped_affine_map_bit_for_bit():
+    """Sample i of input b is clip(lo + u·(hi − lo), lo, hi) with u from fold_in(fold_in(key, b), i), also
+    for inputs outside the domain (empty box: every sample is hi)."""
+    x = jnp.asarray(np.random.default_rng(2).uniform(-0.5, 1.5, (4, 50)), jnp.float32)
+    eps = jnp.array([0.02, 0.3, 0.0, 5.0], jnp.float32)
+
+    @jax.jit
+    def ref(x, eps):
+        lo, hi = jnp.maximum(x - eps[:, None], 0.0), jnp.minimum(x + eps[:, None], 1.0)
+        keys = jax.vmap(lambda b: jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(KEY, b), i))(jnp.arange(64)))(
+            jnp.arange(4))
+        u = jax.vmap(jax.vmap(lambda k: perturb.random_uniform(k, (50,))))(keys)
+        return jnp.clip(lo[:, None] + u * (hi - lo)[:, None], lo[:, None], hi[:, None])
+
+    s = np.asarray(perturb.sample(KEY, x, eps, 64, domain=(0.0, 1.0)))
+    np.testing.assert_array_equal(s.view(np.uint32), np.asarray(ref(x, eps)).view(np.uint32))
+    empty = np.asarray(x) - np.asarray(eps)[:, None] > 1
+    assert empty.any() and np.all(s.transpose(1, 0, 2)[:, empty] == 1.0)
+
+
 def test_l2_radius_distribution():
     eps, d = 0.7, 20
     s = np.asarray(perturb.sample(KEY, jnp.zeros((1, d)), eps, 3000, sampler="l2"))[0].astype(np.float64)
@@ -57,7 +100,9 @@ def test_l2_radius_distribution():
 
 
 def test_reductions_match_per_sample_outputs():
-    fn = lambda s: {"v": s.sum(-1), "hit": s[..., 0] > 0.5}  # noqa: E731
+    def fn(s):
+        return {"v": s.sum(-1), "hit": s[..., 0] > 0.5}
+
     per = perturb.map_samples(fn, KEY, X, 0.2, 11, 4, domain=(0, 1))
     assert per["v"].shape == (3, 11) and per["hit"].dtype == jnp.bool_
     v, hit = np.asarray(per["v"]), np.asarray(per["hit"])
@@ -83,13 +128,28 @@ def test_chunked_driver_memory_bounded_1e5():
     np.testing.assert_allclose(np.asarray(frac), ref, atol=0.01)
     logits = perturb.map_samples(net, KEY, x, 0.4, 1000, 128)  # a Network yields per-sample logits
     assert logits.shape == (2, 1000, 2)
-    # the compiled program never holds all samples: its scratch memory does not grow with n
-    def temp_bytes(n):
-        lowered = perturb._map_samples.lower(lambda s: s.sum(-1), perturb._sampler_fn("linf"), KEY, x,
-                                             jnp.full((2,), 0.4), None, 0, n, chunk, "max")
-        return lowered.compile().memory_analysis().temp_size_in_bytes
+    # each compiled stage holds one chunk: its memory does not depend on n (all samples would need 24 MB)
+    fn, sampler, eps, b_idx = Partial(lambda s: s.sum(-1)), perturb._sampler_fn("linf"), jnp.full((2,), 0.4), jnp.arange(2)
+    s = perturb._draw_chunk(sampler, KEY, x, eps, None, b_idx, 0, chunk, jnp.zeros((2, chunk, 3)))
+    state = perturb._init_state(fn, jax.ShapeDtypeStruct(s.shape, s.dtype), (3,), 1_000_000, "max")
+    for stage in (perturb._draw_chunk.lower(sampler, KEY, x, eps, None, b_idx, 0, chunk, s),
+                  perturb._evaluate_chunk.lower(fn, s, state, 0, 1_000_000, (3,), "max")):
+        m = stage.compile().memory_analysis()
+        assert m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes < 2 * 1_000_000 * 3 * 4 / 20
 
-    assert temp_bytes(1_000_000) < 2 * 1_000_000 * 3 * 4 / 20  # all samples would need 24 MB
+
+def test_stages_compiled_once_per_shape():
+    """Bound data (a `Partial`'s arguments, the samples' range) does not recompile the stages."""
+    def fn(w, s):
+        return s @ w
+
+    for n, w in ((100, jnp.ones(6)), (333, jnp.arange(6.0))):
+        out = perturb.map_samples(Partial(fn, w), KEY, X, 0.1, n, 32, reduce="sum")
+        ref = perturb.sample(KEY, X, 0.1, n) @ w
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref).sum(1), rtol=1e-5)
+    sizes = perturb._draw_chunk._cache_size(), perturb._evaluate_chunk._cache_size()
+    perturb.map_samples(Partial(fn, -w), KEY, X + 0.01, 0.2, 50, 32, reduce="sum", offset=5)
+    assert (perturb._draw_chunk._cache_size(), perturb._evaluate_chunk._cache_size()) == sizes
 
 
 def test_input_errors():

@@ -1,15 +1,23 @@
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
 
-import jax
-import jax.numpy as jnp
-
 from jaxrobust import from_function
 from jaxrobust.data import from_arrays
 from jaxrobust.errors import InputError
-from jaxrobust.roma import (CSV_COLUMNS, RomaConfig, categorical, compare_models, confidences, roma, run,
-                            wrong_label_confidence)
+from jaxrobust.kernels import perturb
+from jaxrobust.roma import (
+    CSV_COLUMNS,
+    RomaConfig,
+    categorical,
+    compare_models,
+    confidences,
+    roma,
+    run,
+    wrong_label_confidence,
+)
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +56,16 @@ def test_confidences_do_not_depend_on_chunk_or_batch(net, data):
     np.testing.assert_allclose(r2.lmbda, r8.lmbda, rtol=1e-4, atol=1e-5)
     some = roma(net, x[[5, 1]], y[[5, 1]], cfg, indices=[5, 1], batch=2)  # ids, not positions, seed the samples
     np.testing.assert_allclose(some.lmbda, r2.lmbda[[5, 1]], rtol=1e-4, atol=1e-5)
+
+
+def test_batches_reuse_the_compiled_stages(net, data):
+    """Labels, ids and inputs are arguments of the compiled sampling and evaluation stages, not constants."""
+    x, y = data
+    cfg = RomaConfig(eps=0.1, samples=300)
+    roma(net, x, y, cfg, batch=2)
+    sizes = perturb._draw_chunk._cache_size(), perturb._evaluate_chunk._cache_size()
+    roma(net, x[::-1], y[::-1], cfg, indices=np.arange(10, 16), batch=2)
+    assert (perturb._draw_chunk._cache_size(), perturb._evaluate_chunk._cache_size()) == sizes
 
 
 def test_statistics_agree_with_scipy(net, data):

@@ -29,12 +29,14 @@ Within a sample, the built-in samplers turn the per-sample key into one value pe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.tree_util import Partial
 
 from ..errors import InputError
 from ..network import Network
@@ -142,7 +144,9 @@ def uniform_linf(key, x, eps, domain=None, rng: str = "hash"):
     if domain is not None:
         lo, hi = jnp.maximum(lo, domain[0]), jnp.minimum(hi, domain[1])
     u = random_uniform(key, x.shape, x.dtype, rng)
-    return jnp.clip(lo + u * (hi - lo), lo, hi)
+    # = clip(lo + u·(hi - lo), lo, hi) bit for bit: lo + u·w >= lo for w >= 0, rounding may overshoot hi,
+    # and an empty box (x outside the domain, hi < lo) gives hi
+    return jnp.minimum(lo + u * jnp.maximum(hi - lo, 0), hi)
 
 
 def uniform_l2(key, x, eps, domain=None, rng: str = "threefry"):
@@ -160,6 +164,7 @@ def gaussian(key, x, sigma, domain=None, rng: str = "threefry"):
 
 
 SAMPLERS: dict[str, Sampler] = {"linf": uniform_linf, "l2": uniform_l2, "gaussian": gaussian}
+ELEMENTWISE = ("linf", "gaussian")  # coordinate j of a sample depends on coordinate j of the input only
 _BOUND = {(name, rng): partial(f, rng=rng) for name, f in SAMPLERS.items() for rng in RNGS}
 _BOUND.update({(name, None): f for name, f in SAMPLERS.items()})
 
@@ -208,12 +213,20 @@ def map_samples(fn, key, x, eps, n: int, chunk: int, *, sampler="linf", reduce: 
                 domain=None, offset=0, rng=None):
     """Apply ``fn`` to ``n`` samples around every input, ``chunk`` samples at a time.
 
-    Only one chunk ``(B, chunk, *shape)`` of samples exists at any moment (`lax.map` / `lax.scan`
-    over chunks), so ``n`` may be 10^6 per input.
+    Each chunk runs as two compiled stages dispatched asynchronously from a host loop: drawing the
+    samples ``(B, chunk, *shape)`` into a buffer, then evaluating ``fn`` on that buffer and writing (or
+    folding) its outputs into a donated result buffer. Kept apart, the sampler's elementwise work is
+    not fused into the operand of ``fn``'s first matrix product, which then runs at full speed on the
+    materialized buffer. Two sample buffers alternate (step ``i`` overwrites the donated samples of
+    step ``i - 2``) and the host stays within two steps of the device, so no memory is allocated per
+    step, at most two chunks of samples exist at a time, and ``n`` may be 10^6 per input. Call it
+    outside `jit` (under a trace the loop is unrolled).
 
     Args:
       fn: ``samples (B, c, *shape) -> pytree of arrays with leading dims (B, c)``; or a `Network`,
-        which yields logits ``(B, c, num_classes)`` and supplies the default domain.
+        which yields logits ``(B, c, num_classes)`` and supplies the default domain. Data that changes
+        between calls (labels, parameters) is best bound with `jax.tree_util.Partial`, so the
+        compiled stages are reused.
       key: PRNG key; see the module docstring for how samples derive from it.
       x: inputs ``(B, *shape)``.  eps: radius (or σ for ``"gaussian"``), scalar or ``(B,)``.
       n: samples per input.  chunk: samples per input per step (any value gives the same samples).
@@ -238,8 +251,40 @@ def map_samples(fn, key, x, eps, n: int, chunk: int, *, sampler="linf", reduce: 
             raise InputError(f"inputs must have shape (B, {fn.input_shape}), got {tuple(x.shape)}")
         if domain is None:
             domain = fn.domain
-    return _map_samples(fn, _sampler_fn(sampler, rng), key, x, eps, check_domain(domain), offset,
-                        n, min(chunk, n), reduce)
+    else:
+        fn = fn if isinstance(fn, Partial) else Partial(fn)
+    shape, domain, chunk = tuple(x.shape[1:]), check_domain(domain), min(chunk, n)
+    flat = isinstance(sampler, str) and sampler in ELEMENTWISE
+    if flat:
+        # these give the same values on an input's flat vector of coordinates, on which the generated
+        # loop runs over all of them at once instead of over the last axis; fn sees them reshaped
+        x = x.reshape(x.shape[0], -1)
+        if domain is not None:
+            domain = tuple(b if b.ndim == 0 else jnp.broadcast_to(b, shape).reshape(-1) for b in domain)
+    sampler = _sampler_fn(sampler, rng)
+    b_idx = offset + jnp.arange(x.shape[0]) if jnp.ndim(offset) == 0 else jnp.asarray(offset)
+    one = jax.eval_shape(sampler, key, jax.ShapeDtypeStruct(x.shape[1:], x.dtype), jax.ShapeDtypeStruct((), eps.dtype),
+                         domain)
+    samples = jax.ShapeDtypeStruct((x.shape[0], chunk) + one.shape, one.dtype)
+    shape = shape if flat else one.shape
+    state = _init_state(fn, samples, shape, n, reduce)
+    buffers = [jnp.zeros(samples.shape, samples.dtype) for _ in range(2)]
+    for i, start in enumerate(range(0, n, chunk)):
+        # step i's samples overwrite step i - 2's, already evaluated: no allocation per step
+        s = _draw_chunk(sampler, key, x, eps, domain, b_idx, start, chunk, buffers[i % 2])
+        state = _evaluate_chunk(fn, s, state, start, n, shape, reduce)
+        buffers[i % 2] = s
+        jax.block_until_ready(buffers[(i + 1) % 2])  # stay within two steps of the device
+    if reduce is None:
+        return jax.tree_util.tree_map(lambda a: a[:, :n], state)
+    return jax.tree_util.tree_map(lambda a: a / n, state) if reduce == "mean" else state
+
+
+def _apply(fn, s, shape):
+    """``fn`` on samples ``(B, c, ...)`` seen as ``(B, c, *shape)``; a Network sees one batch ``(B·c, *shape)``."""
+    if isinstance(fn, Network):
+        return fn(s.reshape((-1,) + shape)).reshape(s.shape[:2] + (-1,))
+    return fn(s.reshape(s.shape[:2] + shape))
 
 
 def _identity(reduce, dtype):
@@ -256,52 +301,57 @@ def _identity(reduce, dtype):
     return jnp.asarray(info.max if reduce == "min" else info.min, dtype)
 
 
+def _prep(a, reduce):
+    """Per-sample output as accumulated: bool counts as int32 for sums, anything as bool for any/all."""
+    if reduce in ("sum", "mean") and a.dtype == jnp.bool_:
+        return a.astype(jnp.int32)
+    if reduce in ("any", "all"):
+        return a.astype(jnp.bool_)
+    return a
+
+
 _COMBINE = {"sum": jnp.add, "mean": jnp.add, "min": jnp.minimum, "max": jnp.maximum,
             "any": jnp.logical_or, "all": jnp.logical_and}
 _REDUCE = {"sum": jnp.sum, "mean": jnp.sum, "min": jnp.min, "max": jnp.max, "any": jnp.any, "all": jnp.all}
 
 
-@partial(jax.jit, static_argnames=("fn", "sampler", "n", "chunk", "reduce"))
-def _map_samples(fn, sampler, key, x, eps, domain, offset, n, chunk, reduce):
-    B = x.shape[0]
-    b_idx = offset + jnp.arange(B) if jnp.ndim(offset) == 0 else offset
-    n_chunks = -(-n // chunk)
-
-    def run(c):
-        s_idx = c * chunk + jnp.arange(chunk)
-        s = draw(sampler, key, x, eps, b_idx, s_idx, domain)
-        if isinstance(fn, Network):
-            return fn(s.reshape((B * chunk,) + s.shape[2:])).reshape(B, chunk, -1), s_idx < n
-        return fn(s), s_idx < n
-
+def _init_state(fn, samples: jax.ShapeDtypeStruct, shape, n: int, reduce):
+    """The result buffer ``(B, ceil(n / c) · c, ...)`` per output of ``fn`` on ``samples (B, c, ...)``
+    seen as ``(B, c, *shape)``, or the reduction's identity ``(B, ...)``."""
+    out = _outputs.eval_shape(fn, samples, shape, reduce)
     if reduce is None:
-        out = lax.map(lambda c: run(c)[0], jnp.arange(n_chunks))
+        chunk = samples.shape[1]
         return jax.tree_util.tree_map(
-            lambda a: jnp.moveaxis(a, 0, 1).reshape((B, n_chunks * chunk) + a.shape[3:])[:, :n], out)
+            lambda o: jnp.zeros((o.shape[0], -(-n // chunk) * chunk) + o.shape[2:], o.dtype), out)
+    return jax.tree_util.tree_map(lambda o: jnp.full((o.shape[0],) + o.shape[2:], _identity(reduce, o.dtype)), out)
 
-    def prep(a):
-        if reduce in ("sum", "mean") and a.dtype == jnp.bool_:
-            return a.astype(jnp.int32)
-        if reduce in ("any", "all"):
-            return a.astype(jnp.bool_)
-        return a
 
-    out_shape = jax.eval_shape(lambda: jax.tree_util.tree_map(prep, run(0)[0]))
-    init = jax.tree_util.tree_map(
-        lambda s: jnp.full((s.shape[0],) + s.shape[2:], _identity(reduce, s.dtype)), out_shape)
+@partial(jax.jit, static_argnames=("shape", "reduce"))
+def _outputs(fn, s, shape, reduce):
+    """``fn``'s outputs on samples ``s`` as accumulated; `_init_state` takes their shapes (traced once)."""
+    return jax.tree_util.tree_map(lambda a: _prep(a, reduce), _apply(fn, s, shape))
 
-    def step(acc, c):
-        out, valid = run(c)
 
-        def fold(a_acc, a):
-            a = prep(a)
-            m = valid.reshape((1, chunk) + (1,) * (a.ndim - 2))
-            a = jnp.where(m, a, _identity(reduce, a.dtype))
-            return _COMBINE[reduce](a_acc, _REDUCE[reduce](a, axis=1))
+@partial(jax.jit, static_argnames=("sampler", "chunk"), donate_argnames=("buffer",), keep_unused=True)
+def _draw_chunk(sampler, key, x, eps, domain, b_idx, start, chunk, buffer):
+    """Samples ``start .. start + chunk - 1`` of every input, ``(B, chunk, *shape)``, written over the
+    donated ``buffer`` of that shape."""
+    return draw(sampler, key, x, eps, b_idx, start + jnp.arange(chunk), domain)
 
-        return jax.tree_util.tree_map(fold, acc, out), None
 
-    acc, _ = lax.scan(step, init, jnp.arange(n_chunks))
-    if reduce == "mean":
-        acc = jax.tree_util.tree_map(lambda a: a / n, acc)
-    return acc
+@partial(jax.jit, static_argnames=("shape", "reduce"), donate_argnames=("state",))
+def _evaluate_chunk(fn, s, state, start, n, shape, reduce):
+    """``fn`` on one chunk of samples seen as ``(B, c, *shape)``, written into (reduce None) or folded into
+    the donated ``state``."""
+    out = _apply(fn, s, shape)
+    if reduce is None:
+        return jax.tree_util.tree_map(lambda buf, o: lax.dynamic_update_slice_in_dim(buf, o, start, 1),
+                                      state, out)
+    valid = start + jnp.arange(s.shape[1]) < n
+
+    def fold(acc, o):
+        o = _prep(o, reduce)
+        o = jnp.where(valid.reshape((1, -1) + (1,) * (o.ndim - 2)), o, _identity(reduce, o.dtype))
+        return _COMBINE[reduce](acc, _REDUCE[reduce](o, axis=1))
+
+    return jax.tree_util.tree_map(fold, state, out)
