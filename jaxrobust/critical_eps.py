@@ -11,7 +11,8 @@ call per step (every input has its own brackets):
 Robustness is monotone in ε, so a proof at ε holds below it and a counterexample at distance d
 is one for every ε >= d. With a complete oracle both brackets meet; with an incomplete one a gap
 ``[lower, upper]`` may remain. The falsification bracket is warm-started by an attack at ``eps_max``
-(the distance of what it finds is an upper bound).
+(the distance of what it finds is an upper bound). An oracle with a minimum-norm attack (``minimize``) makes
+that first query with it and closes the bracket at the distance found (one query instead of a bisection).
 
 Status per input: ``exact`` (upper − lower <= tol, or adjacent grid values), ``gap``, ``censored``
 (no counterexample up to ``eps_max``: ``upper`` is NaN), ``misclassified`` (wrong at ε = 0: both 0),
@@ -19,8 +20,11 @@ Status per input: ``exact`` (upper − lower <= tol, or adjacent grid values), `
 """
 from __future__ import annotations
 
+import inspect
+
 import time
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -64,7 +68,7 @@ def _next_query(a: np.ndarray, b: np.ndarray, cfg: SearchConfig) -> np.ndarray:
     return np.where(i <= j, g[np.clip((i + j) // 2, 0, len(g) - 1)], np.nan)
 
 
-def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(), *,
+def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(), *,  # noqa: B008  (immutable)
            batch_size: int = 256, indices: Sequence[int] | None = None) -> CriticalEps:
     """Critical ε of every input in ``x: (N, *input_shape)`` with labels ``y: (N,)``.
 
@@ -102,8 +106,9 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
         jobs = [(kind, np.flatnonzero(~np.isnan(q)), q) for kind, q in (("prove", q_prove), ("falsify", q_fals))]
         if not any(len(ids) for _, ids, _ in jobs):
             break
+        minimizing = step == 0 and oracle.minimize is not None  # first falsify query: at eps_max
         for kind, ids, q in jobs:
-            fn = oracle.prove if kind == "prove" else oracle.falsify
+            fn = oracle.prove if kind == "prove" else oracle.minimize if minimizing else oracle.falsify
             for s in range(0, len(ids), batch_size):
                 b = ids[s:s + batch_size]
                 t0 = time.perf_counter()
@@ -112,7 +117,7 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
                     v = padded_call(fn, x[b], y[b], q[b], jax.random.fold_in(k, int(indices[b[0]])), batch_size)
                 except JaxRobustError:
                     raise
-                except Exception as e:  # an oracle failure is recorded per input, never reported as ε = 0
+                except Exception as e:  # noqa: BLE001  an oracle failure is recorded per input, never reported as ε = 0
                     failed[b] = True
                     errors.update({int(i): f"{type(e).__name__}: {e}" for i in indices[b]})
                     continue
@@ -131,6 +136,8 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
                     upper[bv[closer]] = d[closer]
                     cex[bv[closer]] = v.counterexample[vio][closer]
                     p_hi[bv] = np.minimum(p_hi[bv], d)
+                    if kind == "falsify" and minimizing:  # a minimum-norm attack closes the falsify bracket
+                        c_lo[bv] = upper[bv]
                 unk = ~rob & ~vio
                 if kind == "prove":
                     p_hi[b[unk]] = np.minimum(p_hi[b[unk]], q[b][unk])
@@ -181,7 +188,9 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
     from .store import ResultStore
 
     store = ResultStore(out, TABLE, columns(dataset.image_shape))
-    config = {"oracle": oracle_kind, **cfg._asdict(), "options": oracle_options or {}}
+    # the effective oracle options (defaults included) key the rows, so a change of method is a new config
+    defaults = {k: p.default for k, p in inspect.signature(make_oracle).parameters.items() if p.kind == p.KEYWORD_ONLY}
+    config = {"oracle": oracle_kind, **cfg._asdict(), "options": {**defaults, **(oracle_options or {})}}
     chash = store.save_config(config)
     positions = np.asarray(indices, dtype=int)
     todo = store.pending(net.hash, dataset, positions, chash, resume)

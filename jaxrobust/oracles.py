@@ -3,7 +3,9 @@
 An oracle answers two kinds of query on a batch ``x: (B, *shape)``, ``y: (B,)``, ``eps: (B,)``:
 
 * ``prove``    — try to prove robustness: returns ROBUST or UNKNOWN (a complete oracle may return VIOLATED);
-* ``falsify``  — try to find a counterexample: returns VIOLATED or UNKNOWN (a complete oracle may return ROBUST).
+* ``falsify``  — try to find a counterexample: returns VIOLATED or UNKNOWN (a complete oracle may return ROBUST);
+* ``minimize`` — optional: the closest counterexample it finds within ``eps`` (VIOLATED) or UNKNOWN; the search
+  then takes its distance as the upper bound instead of bisecting with ``falsify``.
 
 Both return ``Verdicts(status (B,) int8, counterexample (B, *shape))``; counterexample rows are NaN
 unless the status is VIOLATED, in which case a plain forward pass classifies them wrongly and they
@@ -11,7 +13,8 @@ lie in the ε-ball around ``x`` inside the network's domain.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,11 +33,13 @@ class Verdicts(NamedTuple):
 
 
 class Oracle(NamedTuple):
-    """``prove(x, y, eps, key)`` and ``falsify(x, y, eps, key)`` -> `Verdicts`; ``prove`` is None when the
-    oracle cannot prove anything (attack only)."""
+    """``prove(x, y, eps, key)``, ``falsify(x, y, eps, key)`` and ``minimize(x, y, eps_max, key)`` -> `Verdicts`;
+    ``prove`` is None when the oracle cannot prove anything (attack only), ``minimize`` when it has no
+    minimum-norm attack."""
     name: str
     prove: Callable | None
     falsify: Callable
+    minimize: Callable | None = None
 
 
 def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, targets: int = 9) -> Callable:
@@ -56,6 +61,20 @@ def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, target
         return Verdicts(np.where(found, VIOLATED, UNKNOWN).astype(np.int8), cex.astype(np.float32))
 
     return falsify
+
+
+def min_norm_falsifier(net: Network, *, steps: int = 60) -> Callable:
+    """`kernels.minnorm.min_norm` (margin loss, ``steps`` steps) as a ``minimize`` oracle: the closest
+    counterexample found within ``eps`` per input, confirmed by a forward pass."""
+    from .kernels.minnorm import min_norm
+
+    def minimize(x, y, eps, key) -> Verdicts:
+        r = min_norm(net, x, y, eps, key=key, steps=steps)
+        found = np.asarray(r.success)
+        cex = np.where(found.reshape((-1,) + (1,) * (x.ndim - 1)), np.asarray(r.x_adv), np.nan)
+        return Verdicts(np.where(found, VIOLATED, UNKNOWN).astype(np.int8), cex.astype(np.float32))
+
+    return minimize
 
 
 def padded_call(fn, x, y, eps, key, size: int):
@@ -86,12 +105,13 @@ def bound_prover(net: Network, method: str = "crown") -> Callable:
 
 
 def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: int = 1, targets: int = 9,
-                **options) -> Oracle:
-    """Oracle by name: ``attack`` (falsify only), ``ibp``/``crown``/``alpha-crown`` (bounds + attack),
-    ``complete`` (branch and bound)."""
+                min_norm_steps: int = 60, **options) -> Oracle:
+    """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
+    bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
+    bound)."""
     falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets)
     if kind == "attack":
-        return Oracle(kind, None, falsify)
+        return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps) if min_norm_steps else None)
     if kind in BOUND_METHODS:
         return Oracle(kind, bound_prover(net, kind), falsify)
     if kind == "complete":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxrobust.errors import InputError
-from jaxrobust.kernels import attacks
+from jaxrobust.kernels import attacks, min_norm
 from jaxrobust.network import from_function
 
 KEY = jax.random.key(3)
@@ -53,7 +53,7 @@ def test_pgd_options_ce_restarts_schedules():
 def test_pgd_domain_clipping_and_generic_callable():
     x = jnp.clip(X, 0.0, 1.0)
     y = jnp.argmax(NET(x), axis=1)
-    fn = lambda v: NET(v)  # noqa: E731  (a plain callable: no default domain)
+    fn = lambda v: NET(v)
     res = attacks.pgd(fn, x, y, 0.8, key=KEY, steps=10, domain=(0.0, 1.0))
     check_result(res, x, 0.8, "linf", (0.0, 1.0), y=y)
     assert np.asarray(res.x_adv == 0.0).any() or np.asarray(res.x_adv == 1.0).any()
@@ -113,3 +113,74 @@ def test_input_errors():
         attacks.pgd(NET, X, Y, 0.1, key=KEY, norm="l1")
     with pytest.raises(InputError, match="schedule"):
         attacks.pgd(NET, X, Y, 0.1, key=KEY, schedule="linear")
+
+
+# --- minimum-norm attack ------------------------------------------------------------------------------
+MN_KEY = jax.random.key(5)
+
+
+def check_min_norm(res, net, x, y, eps_max):
+    """Counterexamples are misclassified by a plain forward pass, lie in the domain and within the reported
+    distance (<= eps_max); failures report an infinite distance."""
+    x_adv, ok = np.asarray(res.x_adv), np.asarray(res.success)
+    m = np.asarray(attacks.margin(net(res.x_adv), y))
+    np.testing.assert_array_equal(ok, m < 0)
+    d = np.abs(x_adv - np.asarray(x)).reshape(len(x), -1).max(1)
+    np.testing.assert_allclose(np.asarray(res.distance)[ok], d[ok], rtol=1e-6)
+    assert np.all(d[ok] <= np.broadcast_to(eps_max, d.shape)[ok] + 1e-6)
+    assert np.all(np.isinf(np.asarray(res.distance)[~ok]))
+    assert x_adv.min() >= net.domain[0] and x_adv.max() <= net.domain[1]
+
+
+def test_min_norm_finds_the_analytic_distance_on_a_linear_model():
+    res = min_norm(NET, X, Y, 5.0, key=MN_KEY, steps=60)
+    check_min_norm(res, NET, X, Y, 5.0)
+    assert res.success.all()
+    d, star = np.asarray(res.distance), np.asarray(EPS_LINF)
+    assert np.all(d >= star * (1 - 1e-5)) and np.all(d <= star * 1.02)
+
+
+def test_min_norm_respects_eps_max():
+    cap = np.asarray(EPS_LINF) * np.where(np.arange(len(X)) % 2, 0.9, 1.5)
+    res = min_norm(NET, X, Y, cap, key=MN_KEY, steps=40)
+    check_min_norm(res, NET, X, Y, cap)
+    np.testing.assert_array_equal(np.asarray(res.success), np.arange(len(X)) % 2 == 0)
+
+
+def test_min_norm_misclassified_input_has_distance_zero():
+    res = min_norm(NET, X[:2], 1 - Y[:2], 1.0, key=MN_KEY, steps=5)
+    assert res.success.all() and np.all(np.asarray(res.distance) == 0)
+
+
+def relu_net(seed=0, d=20, h=24, c=4):
+    rng = np.random.default_rng(seed)
+    p = [jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32) for s in ((d, h), (h, h), (h, c))]
+    apply = lambda p, x: jax.nn.relu(jax.nn.relu(x @ p[0]) @ p[1]) @ p[2]
+    return from_function(apply, p, (d,), c, domain=(0.0, 1.0))
+
+
+@pytest.mark.parametrize("targets", [0, 3])
+def test_min_norm_not_much_worse_than_bisection_with_pgd(targets):
+    net = relu_net()
+    x = jnp.asarray(np.random.default_rng(1).uniform(0.2, 0.8, (16, 20)), jnp.float32)
+    y = jnp.argmax(net(x), axis=1)
+    res = min_norm(net, x, y, 1.0, key=MN_KEY, steps=60, targets=targets)
+    check_min_norm(res, net, x, y, 1.0)
+    grid = np.linspace(0.002, 0.5, 250)
+    lo, hi = np.zeros(len(x), int), np.full(len(x), len(grid) - 1)
+    for _ in range(8):  # per-input bisection over the grid with PGD-40
+        mid = (lo + hi) // 2
+        ok = np.asarray(attacks.pgd(net, x, y, grid[mid], key=KEY, steps=40).success)
+        hi, lo = np.where(ok, mid, hi), np.where(ok, lo, mid + 1)
+    d, bisection = np.asarray(res.distance), grid[hi]
+    assert res.success.all() and np.all(d <= 2 * bisection)   # a random ReLU net has several local optima
+    assert np.mean(d <= bisection + 0.002) >= 0.75
+
+
+def test_min_norm_input_errors():
+    with pytest.raises(InputError, match="steps"):
+        min_norm(NET, X, Y, 1.0, key=MN_KEY, steps=0)
+    with pytest.raises(InputError, match="gamma"):
+        min_norm(NET, X, Y, 1.0, key=MN_KEY, gamma=1.5)
+    with pytest.raises(InputError, match=">= 0"):
+        min_norm(NET, X, Y, -1.0, key=MN_KEY)

@@ -1,6 +1,6 @@
+import jax.numpy as jnp
 import numpy as np
 import pytest
-import jax.numpy as jnp
 
 from jaxrobust import from_function
 from jaxrobust.critical_eps import SearchConfig, run, search
@@ -64,22 +64,41 @@ def test_grid_search_returns_adjacent_grid_values(problem):
         assert not np.any((g > lo) & (g < up))
 
 
-def test_attack_only_gives_upper_bounds(problem):
+@pytest.mark.parametrize("min_norm_steps", [60, 0])  # one minimum-norm query, or bisection with PGD
+def test_attack_only_gives_upper_bounds(problem, min_norm_steps):
     net, w, b, x, y = problem
-    r = search(net, make_oracle(net, "attack"), x[1:], y[1:], SearchConfig(eps_max=3.0, tol=1e-3))
+    oracle = make_oracle(net, "attack", min_norm_steps=min_norm_steps)
+    r = search(net, oracle, x[1:], y[1:], SearchConfig(eps_max=3.0, tol=1e-3))
     star = true_critical(w, b, x[1:], y[1:])
     assert np.all(r.eps_lower == 0) and np.all(r.eps_upper >= star - 1e-6)
     assert np.median(r.eps_upper - star) <= 2e-3
+    assert np.all(r.status == "gap") and np.all((r.queries == 1) == (min_norm_steps > 0))
+    assert np.all(np.asarray(net(r.counterexample)).argmax(-1) != y[1:])
+    np.testing.assert_allclose(np.abs(r.counterexample - x[1:]).max(axis=1), r.eps_upper, rtol=1e-6)
+
+
+def test_minimum_norm_attack_on_a_grid(problem):
+    net, w, b, x, y = problem
+    grid = np.round(np.arange(1, 151) * 0.02, 6)
+    r = search(net, make_oracle(net, "attack"), x, y, SearchConfig(grid=tuple(grid)))
+    star = true_critical(w, b, x[1:], y[1:])
+    assert r.status[0] == "misclassified" and r.eps_upper[0] == 0 and r.queries[0] == 0
+    up, d = r.eps_upper[1:], np.abs(r.counterexample[1:] - x[1:]).max(axis=1)
+    assert np.all(np.isin(up, grid)) and np.all(up >= star - 1e-6)
+    assert np.all((d <= up + 1e-6) & (d > up - 0.02 - 1e-6))   # the smallest grid value holding the counterexample
+    assert np.median(up - star) <= 0.02 + 1e-6  # the margin loss may aim at a farther class
+    censored = search(net, make_oracle(net, "attack"), x[1:3], y[1:3], SearchConfig(grid=(1e-4, 2e-4)))
+    assert np.all(censored.status == "censored") and np.all(np.isnan(censored.eps_upper))
 
 
 def test_censored_when_no_counterexample_below_eps_max(problem):
-    net, w, b, x, y = problem
+    net, _w, _b, x, y = problem
     r = search(net, make_oracle(net, "crown"), x[1:3], y[1:3], SearchConfig(eps_max=1e-4, tol=1e-5))
     assert np.all(r.status == "censored") and np.all(np.isnan(r.eps_upper))
 
 
 def test_oracle_failure_is_error_never_zero(problem):
-    net, w, b, x, y = problem
+    net, _w, _b, x, y = problem
 
     def broken(x, y, eps, key):
         raise FloatingPointError("solver crashed")
@@ -90,7 +109,7 @@ def test_oracle_failure_is_error_never_zero(problem):
 
 
 def test_bad_input(problem):
-    net, w, b, x, y = problem
+    net, _w, _b, x, y = problem
     o = make_oracle(net, "attack")
     with pytest.raises(InputError, match="labels"):
         search(net, o, x, y + 5)
@@ -103,7 +122,7 @@ def test_bad_input(problem):
 
 
 def test_run_stores_rows_and_resumes(problem, tmp_path):
-    net, w, b, x, y = problem
+    net, _w, _b, x, y = problem
     ds = from_arrays(np.clip((x + 1) / 2, 0, 1).reshape(12, 1, 6, 1), y, "toy", num_classes=3)
     cfg = SearchConfig(eps_max=3.0, tol=1e-2)
     out = tmp_path / "r.h5"

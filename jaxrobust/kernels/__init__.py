@@ -5,6 +5,7 @@ explicit `jax.random` keys. Public names are re-exported here from the modules.
 """
 from .attacks import AttackResult, fgsm, margin, pgd, random_search
 from .bounds import Bounds, crown, ibp, margin_bounds, robustness_spec, spec_interval, widen
+from .minnorm import MinNormResult, min_norm
 from .perturb import gaussian, map_samples, sample, uniform_l2, uniform_linf
 from .sharding import batch_mesh, batch_sharding, map_sharded, replicate, shard_batch, unpad
 from .stats import (RomaStats, RomaStatus, anderson_normal, beta_ppf, boxcox, boxcox_llf, boxcox_mle,
@@ -15,6 +16,7 @@ from .stats import (RomaStats, RomaStatus, anderson_normal, beta_ppf, boxcox, bo
 __all__ = [
     "AttackResult", "fgsm", "margin", "pgd", "random_search",
     "Bounds", "crown", "ibp", "margin_bounds", "robustness_spec", "spec_interval", "widen",
+    "MinNormResult", "min_norm",
     "gaussian", "map_samples", "sample", "uniform_l2", "uniform_linf",
     "batch_mesh", "batch_sharding", "map_sharded", "replicate", "shard_batch", "unpad",
     "RomaStats", "RomaStatus", "anderson_normal", "beta_ppf", "boxcox", "boxcox_llf", "boxcox_mle",
