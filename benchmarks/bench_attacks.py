@@ -18,13 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
+from common import matmul_peak
 from jax import lax
 from onnx import numpy_helper
 
 from jaxrobust.kernels.attacks import pgd
 from jaxrobust.network import from_function
-
-from common import matmul_peak
 
 NETS = {
     "mnist-net_256x2": "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx",
@@ -59,12 +58,12 @@ def jax_mlp(layers, relu_last, input_shape):
 
 
 def jax_convsmall(w):
-    conv = lambda h, k, b, s: lax.conv_general_dilated(  # noqa: E731
+    conv = lambda h, k, b, s: lax.conv_general_dilated(
         h, k, (s, s), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
-    hwio = lambda k: jnp.asarray(k.transpose(2, 3, 1, 0))  # noqa: E731  OIHW -> HWIO
-    params = dict(k0=hwio(w["0.weight"]), b0=w["0.bias"], k1=hwio(w["1.0.weight"]), b1=w["1.0.bias"],
-                  k2=hwio(w["2.0.weight"]), b2=w["2.0.bias"], W5=w["5.0.weight"].T, b5=w["5.0.bias"],
-                  W6=w["6.weight"].T, b6=w["6.bias"])
+    hwio = lambda k: jnp.asarray(k.transpose(2, 3, 1, 0))  # OIHW -> HWIO
+    params = {"k0": hwio(w["0.weight"]), "b0": w["0.bias"], "k1": hwio(w["1.0.weight"]), "b1": w["1.0.bias"],
+              "k2": hwio(w["2.0.weight"]), "b2": w["2.0.bias"], "W5": w["5.0.weight"].T, "b5": w["5.0.bias"],
+              "W6": w["6.weight"].T, "b6": w["6.bias"]}
 
     def apply(p, x):  # x: (B, 1, 28, 28) NCHW with one channel == NHWC (B, 28, 28, 1)
         h = x.reshape(x.shape[0], 28, 28, 1)
@@ -173,15 +172,15 @@ def main():
             tj = timeit(run)
             atk = torchattacks.PGD(tmodel, eps=EPS, alpha=2.5 * EPS / STEPS, steps=STEPS, random_start=True)
             xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-            tt = timeit(lambda: atk(xt, yt))
+            tt = timeit(lambda atk=atk, xt=xt, yt=yt: atk(xt, yt))
             ej, et = B / tj, B / tt
             pct = 100 * ej * fl / peak
             print(f"{name:22s} {B:4d} {ej:10.0f} {et:12.0f} {ej / et:6.2f} {pct:5.1f}%", flush=True)
             rows.append((name, B, ej, et))
             if args.loops and B > 1:
                 for u in (1, 4, STEPS):
-                    t = timeit(lambda: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce",  # noqa
-                                           unroll=u).x_adv.block_until_ready())
+                    t = timeit(lambda u=u: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce",  # noqa: B023
+                                               unroll=u).x_adv.block_until_ready())
                     print(f"{'':22s} {'':4s} unroll={u:<3d} {B / t:8.0f} ex/s", flush=True)
     return rows
 

@@ -8,7 +8,8 @@ same run) reached by jaxrobust's IBP (flops from XLA's cost analysis of the comp
 shown for CROWN, whose chunking loop the cost analysis does not count reliably), and how much looser
 and how much tighter jaxrobust's bounds (without its round-off margin) are than auto_LiRPA's.
 jaxrobust intersects CROWN bounds with interval bounds, so it can be much tighter (e.g. on a final
-ReLU, whose CROWN lower bound may be negative).
+ReLU, whose CROWN lower bound may be negative). The load average is printed before and after, since
+timings on a shared machine are noisy.
 
 Needs ``pip install --no-deps auto-lirpa appdirs`` (auto_LiRPA 0.3); its incompatibilities with
 current numpy/torch are patched at import time below, never in the installed package.
@@ -16,6 +17,7 @@ current numpy/torch are patched at import time below, never in the installed pac
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -27,13 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
+from common import matmul_peak
 from onnx import numpy_helper
 
 from jaxrobust.kernels import crown, ibp
 from jaxrobust.kernels.bounds import _program
 from jaxrobust.onnx_import import load_onnx
-
-from common import matmul_peak
 
 NETS = {
     "mnist-net_256x2": "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx",
@@ -70,7 +71,7 @@ def torch_model(path):
     for n in model.graph.node:
         if n.op_type == "Conv":
             wt, b = w[n.input[1]], w[n.input[2]]
-            stride = [a.ints for a in n.attribute if a.name == "strides"][0]
+            stride = next(a.ints for a in n.attribute if a.name == "strides")
             conv = nn.Conv2d(wt.shape[1], wt.shape[0], wt.shape[2:], stride=tuple(stride))
             conv.weight.data, conv.bias.data = torch.tensor(wt), torch.tensor(b)
             if layers and isinstance(layers[0], nn.Flatten):
@@ -82,7 +83,7 @@ def torch_model(path):
             if conv_done and flat_perm and not any(isinstance(m, nn.Linear) for m in layers):
                 # the ONNX graph flattens NHWC; permute the columns to torch's NCHW flatten
                 c = layers[-2].out_channels if isinstance(layers[-1], nn.ReLU) else layers[-1].out_channels
-                hw = int(round((wt.shape[1] // c) ** 0.5))
+                hw = round((wt.shape[1] // c) ** 0.5)
                 wt = wt.reshape(-1, hw, hw, c).transpose(0, 3, 1, 2).reshape(wt.shape[0], -1)
                 layers.append(nn.Flatten())
             lin = nn.Linear(wt.shape[1], wt.shape[0])
@@ -96,7 +97,8 @@ def torch_model(path):
 
 
 def median_time(fn, min_runs=3, max_runs=15, budget=1.5):
-    fn()  # warm-up / compile
+    """Median seconds of ``fn()`` after one warm-up: at least ``min_runs`` runs, more within ``budget`` s."""
+    fn()
     times = []
     while len(times) < min_runs or (len(times) < max_runs and sum(times) < budget):
         t = time.perf_counter()
@@ -128,7 +130,7 @@ def main():
     images = mnist["x_test"][: max(args.batches)].astype(np.float32) / 255.0
     peak = matmul_peak()
     print(f"jax float32 2048^2 matmul peak: {peak / 1e9:.1f} GFLOP/s  "
-          f"(devices: {jax.devices()}, torch threads {torch.get_num_threads()})")
+          f"(devices: {jax.devices()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()})")
     head = (f"{'network':22s} {'B':>4s} {'method':6s} {'jaxrobust ex/s':>14s} {'auto_LiRPA ex/s':>15s} "
             f"{'ratio':>6s} {'%peak':>6s} {'looser':>9s} {'tighter':>9s}")
     print(head)
@@ -140,37 +142,42 @@ def main():
         bmodel = al.BoundedModule(tmodel, torch.zeros((1,) + net.input_shape), device="cpu")
         for B in args.batches:
             x = images[:B].reshape((B,) + net.input_shape)
-            lo, hi = np.clip(x - args.eps, 0, 1), np.clip(x + args.eps, 0, 1)
-            jlo, jhi = jnp.asarray(lo), jnp.asarray(hi)
-            tx = torch.tensor(x)
-            ptb = al.PerturbationLpNorm(norm=np.inf, x_L=torch.tensor(lo), x_U=torch.tensor(hi))
-            bx = al.BoundedTensor(tx, ptb)
             with torch.no_grad():
-                ref_out = tmodel(tx).numpy()
+                ref_out = tmodel(torch.tensor(x)).numpy()
             assert np.allclose(np.asarray(net(jnp.asarray(x))), ref_out, atol=1e-4), "models differ"
             for method in args.methods:
-                if method == "IBP":
-                    run_j = lambda: ibp(net, jlo, jhi, sound_margin=False)
-                else:
-                    run_j = lambda: crown(net, jlo, jhi, sound_margin=False)
+                print(row(al, net, bmodel, name, x, args.eps, method, peak), flush=True)
+    print(f"load average (1, 5, 15 min): {os.getloadavg()}")
 
-                def run_t():
-                    with torch.no_grad():
-                        return bmodel.compute_bounds(x=(bx,), method=method)
 
-                tj = median_time(lambda: jax.block_until_ready(run_j()))
-                tt = median_time(run_t)
-                bj, bt = run_j(), run_t()
-                dl = bt[0].numpy() - np.asarray(bj.lower)
-                du = np.asarray(bj.upper) - bt[1].numpy()
-                looser, tighter = max(dl.max(), du.max(), 0.0), max(-dl.min(), -du.min(), 0.0)
-                pct = "     -"
-                if method == "IBP":
-                    prog = _program(net, net.input_shape, jnp.float32)
-                    pct = f"{100 * xla_flops(prog.ibp, prog.consts, jlo, jhi, False) / tj / peak:5.1f}%"
-                print(f"{name:22s} {B:4d} {method:6s} {B / tj:14.0f} {B / tt:15.0f} {tt / tj:6.2f} "
-                      f"{pct} {looser:9.2e} {tighter:9.2e}", flush=True)
+def row(al, net, bmodel, name, x, eps, method, peak):
+    """One table row: both tools bound ``method`` on the eps-boxes around ``x`` (clipped to [0, 1])."""
+    import torch
+    B = len(x)
+    lo, hi = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
+    jlo, jhi = jnp.asarray(lo), jnp.asarray(hi)
+    bound = ibp if method == "IBP" else crown
+    bx = al.BoundedTensor(torch.tensor(x), al.PerturbationLpNorm(norm=np.inf, x_L=torch.tensor(lo),
+                                                                 x_U=torch.tensor(hi)))
 
+    def run_j():
+        return jax.block_until_ready(bound(net, jlo, jhi, sound_margin=False))
+
+    def run_t():
+        with torch.no_grad():
+            return bmodel.compute_bounds(x=(bx,), method=method)
+
+    tj, tt = median_time(run_j), median_time(run_t)
+    bj, bt = run_j(), run_t()
+    dl = bt[0].numpy() - np.asarray(bj.lower)
+    du = np.asarray(bj.upper) - bt[1].numpy()
+    looser, tighter = max(dl.max(), du.max(), 0.0), max(-dl.min(), -du.min(), 0.0)
+    pct = "     -"
+    if method == "IBP":
+        prog = _program(net, net.input_shape, jnp.float32)
+        pct = f"{100 * xla_flops(prog.ibp, prog.consts, jlo, jhi, False) / tj / peak:5.1f}%"
+    return (f"{name:22s} {B:4d} {method:6s} {B / tj:14.0f} {B / tt:15.0f} {tt / tj:6.2f} "
+            f"{pct} {looser:9.2e} {tighter:9.2e}")
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import jax
 
-from jaxrobust import generative as G, zoo
+from jaxrobust import generative as G
+from jaxrobust import zoo
 from jaxrobust.data import default_cache_dir, load_dataset
 from jaxrobust.gan import load_generators
 from jaxrobust.training import accuracy, train

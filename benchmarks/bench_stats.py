@@ -16,10 +16,9 @@ import warnings
 import jax
 import numpy as np
 import scipy.stats as st
+from common import median_time
 
 from jaxrobust.kernels.stats import roma_statistics
-
-from common import median_time
 
 
 def confidences(images: int, samples: int, seed: int = 0) -> np.ndarray:

@@ -19,14 +19,13 @@ import os
 import time
 
 import numpy as np
+from common import SHARED
 
 from jaxrobust.data import load_dataset, to_network_input
 from jaxrobust.onnx_import import load_onnx
 from jaxrobust.oracles import ROBUST, UNKNOWN, VIOLATED
 from jaxrobust.reference import load_jair
 from jaxrobust.verify import VerifyConfig, verify
-
-from common import SHARED
 
 FOLDERS = {"mnist-net_256x2": "vnncomp2021_mnistfc", "mnist-net_256x4": "vnncomp2021_mnistfc",
            "mnist-net_256x6": "vnncomp2021_mnistfc", "mnist-net": "fomlas_misc"}

@@ -28,6 +28,7 @@ def _info_options(p):
 @command("info", "input shape, ops, parameter count and accuracy of a network", _info_options)
 def info(args):
     import jax
+
     from .weights import load_network
     net = load_network(args.network)
     jaxpr = jax.make_jaxpr(net.apply)(net.params, jax.ShapeDtypeStruct((1, *net.input_shape), "float32"))
@@ -85,6 +86,7 @@ def train_cmd(args):
     from pathlib import Path
 
     import jax
+
     from . import zoo
     from .data import load_dataset
     from .training import accuracy, train
@@ -177,6 +179,7 @@ def _distribution_options(p):
          _distribution_options)
 def distribution_cmd(args):
     from pathlib import Path
+
     from .distributions import summarize
     if not Path(args.results).is_file():
         raise FileNotFoundError(f"no results file {args.results}")
@@ -237,6 +240,7 @@ def _roma_options(p):
          _roma_options)
 def roma_cmd(args):
     import numpy as np
+
     from . import plots
     from .data import load_dataset, parse_indices
     from .roma import CSV_COLUMNS, RomaConfig, categorical, compare_models, run
@@ -328,6 +332,7 @@ def demo_cmd(args):
     import tempfile
     import time
     from pathlib import Path
+
     from .critical_eps import SearchConfig, run
     from .data import load_dataset, to_network_input
     from .distributions import summarize
@@ -404,6 +409,7 @@ def _compilation_cache():
     if os.environ.get("JAXROBUST_COMPILE_CACHE", "1") == "0":
         return
     import jax
+
     from .data import default_cache_dir
     jax.config.update("jax_compilation_cache_dir", str(default_cache_dir() / "xla"))
 

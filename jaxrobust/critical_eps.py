@@ -21,7 +21,6 @@ Status per input: ``exact`` (upper − lower <= tol, or adjacent grid values), `
 from __future__ import annotations
 
 import inspect
-
 import time
 from collections.abc import Sequence
 from typing import NamedTuple

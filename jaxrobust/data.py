@@ -32,8 +32,8 @@ import tempfile
 import urllib.request
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 

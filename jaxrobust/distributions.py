@@ -5,7 +5,8 @@ misclassified at ε = 0, censored or errored searches are excluded by the caller
 """
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 from scipy import stats
@@ -131,11 +132,11 @@ def summarize(path, *, by: tuple = ("network_name", "split"), bootstrap: int = 1
     """Analyse a ``critical_eps`` results file: per group (default network × split) status counts, medians,
     log-normal fit with KS and bootstrap p-values; train vs test comparison per network; correlation across
     networks on shared inputs. Writes ECDF, histogram and heat-map PNGs into ``plot_dir`` when given."""
+    import h5py
+
     from . import plots
     from .critical_eps import TABLE, columns
     from .store import ResultStore
-
-    import h5py
     with h5py.File(path, "r") as f:
         if TABLE not in f:
             raise InputError(f"{path} holds no critical-ε results (table {TABLE!r} missing)")

@@ -18,8 +18,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, NamedTuple, Sequence
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.serialization

@@ -6,7 +6,8 @@ Like `Network`, it is a pytree whose only leaves are the parameters.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 

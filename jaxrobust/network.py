@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,7 @@ class Network:
         """Logits of one input ``x: input_shape -> (num_classes,)``."""
         return self.apply(self.params, x[None])[0]
 
-    def replace(self, **changes) -> "Network":
+    def replace(self, **changes) -> Network:
         return dataclasses.replace(self, **changes)
 
     @property

@@ -5,8 +5,9 @@ A user's own Flax/optax loop can call `loss`, `adversarial_loss` or a step from 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp

@@ -9,7 +9,7 @@ Families (inputs NHWC images in [0, 1], e.g. ``(28, 28, 1)``):
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax

@@ -3,11 +3,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jax import lax
 
+from jaxrobust import zoo
 from jaxrobust.errors import UnsupportedOpError
-from jaxrobust.kernels import crown, ibp, margin_bounds, robustness_spec, spec_interval
+from jaxrobust.kernels import (
+    bounds,
+    crown,
+    ibp,
+    margin_bounds,
+    robustness_spec,
+    spec_interval,
+)
 
 ACTS = {
     "relu": jax.nn.relu,
@@ -223,3 +232,24 @@ def test_shared_network_bounds_contain_samples(shared):
     spec = robustness_spec(jnp.asarray(mnist["y_test"][:3]), net.num_classes)
     assert m.shape == (3, net.num_classes - 1)
     assert bool(jnp.all(m[None] <= jnp.einsum("bkc,pbc->pbk", spec, y)))
+
+
+def test_same_architecture_shares_one_compiled_program():
+    a = zoo.arch("mlp", input_shape=(5,), num_classes=3, hidden=(7, 6))
+    nets = [zoo.init(a, jax.random.PRNGKey(s)) for s in (0, 1)]
+    progs = [bounds._program(n, (5,), jnp.float32) for n in nets]
+    assert progs[0].crown is progs[1].crown and progs[0].ibp is progs[1].ibp
+    lo, hi = boxes(4, (5,), eps=0.1)
+    sizes = []
+    for net in nets:
+        ibp(net, lo, hi), crown(net, lo, hi, intermediate="ibp")
+        sizes.append((progs[0].ibp._cache_size(), progs[0].crown._cache_size()))
+    assert sizes[0] == sizes[1]
+    b0, b1 = crown(nets[0], lo, hi), crown(nets[1], lo, hi)
+    assert not np.allclose(b0.lower, b1.lower)
+    for net, b in zip(nets, (b0, b1)):
+        assert_inside(extreme_points(net, lo, hi, jax.random.PRNGKey(0), n_random=5_000, pgd_steps=5), b)
+    bounds._compiled.cache_clear()
+    fresh = crown(lambda x: nets[1](x), lo, hi)
+    np.testing.assert_array_equal(b1.lower, fresh.lower)
+    np.testing.assert_array_equal(b1.upper, fresh.upper)

@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 
 from jaxrobust import data
-from jaxrobust.data import (Dataset, fetch_verified, from_arrays, from_network_input, load_dataset,
-                            parse_indices, read_idx, select, to_network_input)
+from jaxrobust.data import (
+    Dataset,
+    fetch_verified,
+    from_arrays,
+    from_network_input,
+    load_dataset,
+    parse_indices,
+    read_idx,
+    select,
+    to_network_input,
+)
 from jaxrobust.errors import FileFormatError, InputError
 
 RNG = np.random.default_rng(0)

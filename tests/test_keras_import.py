@@ -9,8 +9,12 @@ import pytest
 
 from jaxrobust.errors import FileFormatError
 from jaxrobust.generator import Generator
-from jaxrobust.keras_import import (DCGAN_MNIST_GENERATOR, keras_sequential_generator,
-                                    load_keras_dcgan_generator, read_keras_weights)
+from jaxrobust.keras_import import (
+    DCGAN_MNIST_GENERATOR,
+    keras_sequential_generator,
+    load_keras_dcgan_generator,
+    read_keras_weights,
+)
 
 TINY = (
     ("dense", {"units": 12, "activation": "relu"}),
@@ -106,12 +110,12 @@ def test_mismatched_files_are_rejected(tmp_path):
 _generate = jax.jit(lambda gen, z: gen(z))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(path):
     return load_keras_dcgan_generator(path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _samples(path):
     gen = _load(path)
     z = jax.random.normal(jax.random.PRNGKey(0), (1000, gen.latent_dim))

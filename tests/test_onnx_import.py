@@ -1,6 +1,6 @@
 """ONNX import: real networks and synthetic single-op graphs against onnxruntime (the reference)."""
 import os
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jax
@@ -46,7 +46,7 @@ def _normalized(stem: str, x: np.ndarray) -> np.ndarray:
     return ((x - mean) / std).astype(np.float32)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dataset(kind: str):
     """Images in [0, 1] as float32 and labels: MNIST test set (10k) or the 100 lossless CIFAR images."""
     if kind == "mnist":
@@ -56,7 +56,7 @@ def _dataset(kind: str):
     return d["x_test"].transpose(0, 3, 1, 2).astype(np.float32) / 255, d["y_test"].astype(np.int64)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _evaluate(rel: str):
     """(network, inputs, labels, logits) for a shared network over its whole test set, batch 1000."""
     net = load_onnx(SHARED / "networks" / rel)

@@ -2,8 +2,8 @@
 import numpy as np
 
 from jaxrobust.critical_eps import SearchConfig, search
-from jaxrobust.oracles import make_oracle
 from jaxrobust.onnx_import import load_onnx
+from jaxrobust.oracles import make_oracle
 from jaxrobust.reference import load_jair, violations
 
 

@@ -11,7 +11,6 @@ For one spatial dim with stride ``s``, kernel ``K``, low padding ``p``:
 """
 from __future__ import annotations
 
-
 import jax.numpy as jnp
 import numpy as np
 

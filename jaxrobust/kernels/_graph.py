@@ -155,9 +155,8 @@ class _Builder:
             node = self.max_const(name, ins, bpos[0], shapes[0])
         elif name in ("max", "min"):
             node = self.max_bounded(eqn, ins, shapes[0])
-        elif name in MULTIPLICATIVE and len(bpos) == 1 and not (name == "div" and bpos[0] == 1):
-            node = self.linear(eqn, ins, bpos)
-        elif name in STRUCTURAL and not (name == "select_n" and 0 in bpos):
+        elif ((name in MULTIPLICATIVE and len(bpos) == 1 and not (name == "div" and bpos[0] == 1))
+              or (name in STRUCTURAL and not (name == "select_n" and 0 in bpos))):
             node = self.linear(eqn, ins, bpos)
         elif name == "mul":
             node = Node("mul2", eqn.primitive, params, self.refs(ins), ())
@@ -308,9 +307,7 @@ def _exact_vars(nodes, x, shapes, consts):
             name = "mul"
         if name in _COPYING and same_size:
             state[n.outs[0]] = s
-        elif name in _COPYING or name in ("gather", "broadcast_in_dim", "tile"):
-            state[n.outs[0]] = "A"
-        elif name in _MIXING and s == "C":
+        elif name in _COPYING or name in ("gather", "broadcast_in_dim", "tile") or (name in _MIXING and s == "C"):
             state[n.outs[0]] = "A"
     return set(state)
 

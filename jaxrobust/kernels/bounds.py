@@ -8,8 +8,13 @@ All methods share one call shape::
 ``fn`` maps a batch ``(B, *in_shape) -> (B, *out)`` (a `Network`, or ``lambda x: net.apply(p, x)``);
 ``lo, hi: (B, *in_shape)``. ``fn`` is traced once on a single example (batch 1) and its jaxpr is
 interpreted (see `_graph`); examples are processed independently with ``vmap`` (CROWN in chunks
-of examples bounded by `MEMORY_BUDGET`). The interpreted program is cached per ``(fn, in_shape,
-dtype)`` (weakly on ``fn``) and jitted with the network constants as arguments.
+of examples bounded by `MEMORY_BUDGET`). The interpreted graph is cached per ``(fn, in_shape,
+dtype)`` (weakly on ``fn``); its jitted programs take the network constants as arguments and are
+shared by every graph of the same structure, so networks of one architecture compile once.
+
+Intermediate CROWN bounds are computed, like auto_LiRPA's, only for the units that interval bounds
+leave unstable; the relaxations use the interval bounds of the stable units and the CROWN bounds of the
+others (so the adaptive slopes match auto_LiRPA's), interval propagation the intersection of both.
 
 CROWN propagates, backwards from the output, a coefficient tensor of shape ``(rows, *node_shape)``.
 Lower and upper bounds use the same rows with a sign trick: ``upper(c . y) = -lower(-c . y)``, so a
@@ -29,13 +34,16 @@ This is an engineering margin for realistic networks, not a worst-case interval-
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import weakref
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -48,6 +56,11 @@ MARGIN_ABS = 1e-6
 # Bytes of CROWN coefficient tensors per chunk of examples (rough estimate). Small chunks keep the
 # working set near the caches: on 2 CPU cores chunks of ~10 MLP examples ran ~1.8x faster than 256.
 MEMORY_BUDGET = 2 ** 25
+# Intermediate CROWN bounds are computed only for the units whose interval bounds straddle a kink, in
+# blocks of 1/BLOCKS of the layer, as many as the example with most such units in a chunk needs (chunks
+# of examples sorted by their fraction of unstable units under plain interval bounds).
+BLOCKS = 8
+_EXAMPLES = "examples"  # vmap axis of the examples in a chunk
 
 
 class Bounds(NamedTuple):
@@ -154,14 +167,66 @@ def widen(b: Bounds) -> Bounds:
 # Programs (cached per function and input shape)
 # ---------------------------------------------------------------------------------------------
 class _Program:
+    """A function's bounded graph, its constants and the jitted programs shared by its architecture."""
+
     def __init__(self, fn, in_shape, dtype):
         self.graph = build_graph(lambda x: fn(x), in_shape, dtype)
         self.consts = [jnp.asarray(c) for c in self.graph.consts]
-        self.ibp = jax.jit(functools.partial(_ibp_batch, self.graph), static_argnums=(3,))
-        self.crown = jax.jit(functools.partial(_crown_batch, self.graph), static_argnums=(4, 5, 6, 7))
+        try:
+            self.arch = _Arch(self.graph)
+        except TypeError:  # unhashable primitive parameters: programs of this graph only
+            self.arch = None
+            self.ibp, self.crown = _programs(self.graph)
+        else:
+            self.ibp, self.crown = _compiled(self.arch)
 
 
-_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+class _Arch:
+    """A graph with its constants replaced by their shapes, hashed by structure: graphs that differ
+    only in constant values (same architecture, other weights) are equal and share compiled programs."""
+
+    def __init__(self, g: Graph):
+        self.graph = dataclasses.replace(g, consts=[jax.ShapeDtypeStruct(jnp.shape(c), jnp.result_type(c))
+                                                   for c in g.consts])
+        self.key = _freeze((g.nodes, g.shapes, g.input, g.output, g.needs_bounds, g.exact, self.graph.consts))
+        hash(self.key)
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Arch) and self.key == other.key
+
+
+def _freeze(obj):
+    """A hashable image of nested nodes, containers and numpy arrays."""
+    if isinstance(obj, Node):
+        return ("node", obj.kind, obj.prim, _freeze(obj.params), obj.ins, obj.outs, _freeze(obj.extra))
+    if isinstance(obj, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in obj.items()))
+    if isinstance(obj, (list, tuple)):
+        return tuple(_freeze(v) for v in obj)
+    if isinstance(obj, (set, frozenset)):
+        return frozenset(obj)
+    if isinstance(obj, np.ndarray):
+        return (obj.shape, obj.dtype.str, obj.tobytes())
+    if isinstance(obj, jax.ShapeDtypeStruct):
+        return (obj.shape, jnp.dtype(obj.dtype).str)
+    return obj
+
+
+def _programs(g: Graph):
+    """Jitted ``(ibp, crown)`` of ``g`` with its constants as the first argument."""
+    return (jax.jit(functools.partial(_ibp_batch, g), static_argnums=(3,)),
+            jax.jit(functools.partial(_crown_batch, g), static_argnums=(4, 5, 6, 7)))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(arch: _Arch):
+    return _programs(arch.graph)
+
+
+_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _program(fn, in_shape, dtype) -> _Program:
@@ -185,15 +250,21 @@ def _check_box(lo, hi):
     hi = hi.astype(lo.dtype)
     if lo.shape != hi.shape or lo.ndim < 1:
         raise InputError(f"lo and hi must have the same shape (B, *in_shape), got {lo.shape} and {hi.shape}")
-    if not isinstance(lo, jax.core.Tracer) and not isinstance(hi, jax.core.Tracer):
-        if bool(jnp.any(lo > hi)) or not bool(jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi))):
-            raise InputError("the box must satisfy lo <= hi with finite entries")
+    concrete = not isinstance(lo, jax.core.Tracer) and not isinstance(hi, jax.core.Tracer)
+    if concrete and not bool(_valid_box(lo, hi)):
+        raise InputError("the box must satisfy lo <= hi with finite entries")
     return lo, hi
+
+
+@jax.jit
+def _valid_box(lo, hi):
+    """Whether ``lo <= hi`` with finite entries everywhere (one fused reduction)."""
+    return jnp.all((lo <= hi) & jnp.isfinite(lo) & jnp.isfinite(hi))
 
 
 def _ibp_batch(g: Graph, consts, lo, hi, margin):
     def one(l, h):
-        iv = _forward(g, consts, l[None], h[None])[g.output]
+        iv = _forward(g, consts, l[None], h[None])[0][g.output]
         return iv.lo[0], iv.hi[0]
 
     b = Bounds(*jax.vmap(one)(lo, hi))
@@ -207,17 +278,32 @@ def _crown_batch(g: Graph, consts, lo, hi, spec, intermediate, steps, lr, margin
 
     prefixes = _identity_prefixes(g, consts, lo.dtype) if intermediate == "crown" else {}
 
-    def one(args):
-        l, h, s = args
+    def one(l, h, s):
         s = jnp.eye(n_out, dtype=l.dtype) if s is None else s
         return _crown_one(g, consts, l[None], h[None], s, prefixes, steps, lr)
 
-    chunk = max(1, MEMORY_BUDGET // _bytes_per_example(g, rows, intermediate, steps))
-    lower, upper = lax.map(one, (lo, hi, spec), batch_size=min(chunk, lo.shape[0]))
+    chunk = min(lo.shape[0], max(1, MEMORY_BUDGET // _bytes_per_example(g, rows, intermediate, steps)))
+    order = None
+    if prefixes and _kinks(g):
+        order = jnp.argsort(jax.vmap(functools.partial(_unstable_fraction, g, consts))(lo, hi))
+    lower, upper = _chunked(one, (lo, hi, spec), chunk, order)
     if spec is None:
         lower, upper = lower.reshape((-1,) + out_shape), upper.reshape((-1,) + out_shape)
     b = Bounds(lower, upper)
     return widen(b) if margin else b
+
+
+def _chunked(fn, args, chunk, order=None):
+    """``vmap(fn)`` over the examples of ``args`` (leading axis ``B``) in chunks of ``chunk`` examples,
+    taken in ``order`` (a permutation of ``B``; None: as given); vmap axis name `_EXAMPLES`."""
+    B = jax.tree_util.tree_leaves(args)[0].shape[0]
+    n = -(-B // chunk)
+    order = jnp.arange(B) if order is None else order
+    idx = jnp.concatenate([order, jnp.full((n * chunk - B,), order[-1])]).reshape(n, chunk)
+    run = jax.vmap(fn, axis_name=_EXAMPLES)
+    _, out = lax.scan(lambda _, i: (None, run(*jax.tree_util.tree_map(lambda a: a[i], args))), None, idx)
+    inv = jnp.argsort(order)
+    return jax.tree_util.tree_map(lambda o: o.reshape((n * chunk,) + o.shape[2:])[inv], out)
 
 
 def _bytes_per_example(g: Graph, rows, intermediate, steps):
@@ -226,6 +312,24 @@ def _bytes_per_example(g: Graph, rows, intermediate, steps):
     need = [2 * math.prod(g.shape(v)) for v in g.needs_bounds - g.exact] if intermediate == "crown" else []
     copies = 4 if steps else 2
     return 4 * copies * width * max([rows] + need)
+
+
+def _kinks(g: Graph):
+    """``{var: const index of k}`` for the vars that need CROWN bounds and feed kinks at one ``k``."""
+    out = {}
+    for n in g.nodes:
+        if n.kind == "pwl":
+            v = n.bounded()[0]
+            out[v] = n.extra["k"] if out.get(v, n.extra["k"]) == n.extra["k"] else None
+    return {v: k for v, k in out.items() if k is not None and v in g.needs_bounds - g.exact}
+
+
+def _unstable_fraction(g: Graph, consts, lo, hi):
+    """Largest fraction, over the vars in `_kinks`, of units whose interval bounds straddle the kink,
+    for one example ``lo, hi: in_shape`` (the key by which `_crown_batch` sorts the examples)."""
+    ivs = _forward(g, consts, lo[None], hi[None])[0]
+    return jnp.max(jnp.stack([jnp.mean((ivs[v].lo < consts[k]) & (ivs[v].hi > consts[k]))
+                              for v, k in _kinks(g).items()]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,16 +428,19 @@ def _ibp_node(node: Node, consts, ivs):
 
 
 def _forward(g: Graph, consts, lo, hi, prefixes=None):
-    """Bounds of every var for one example (``lo, hi: (1, *in)``), tightened by CROWN for the vars
-    in ``prefixes`` (see `_identity_prefixes`)."""
+    """Bounds of every var for one example (``lo, hi: (1, *in)``), with CROWN bounds for the vars in
+    ``prefixes`` (see `_identity_prefixes`). Returns ``(ivs, rel)``: ``ivs`` the tightest bounds
+    (interval and CROWN intersected), propagated forward; ``rel`` the bounds the relaxations use (see
+    `_refine_var`)."""
     ivs = {g.input: _Iv(lo=lo, hi=hi)}
+    rel = dict(ivs)
+    kinks = _kinks(g) if prefixes else {}
     for node in g.nodes:
         for v, iv in zip(node.outs, _ibp_node(node, consts, [ivs[b] for b in node.bounded()])):
+            ivs[v] = rel[v] = iv
             if prefixes and v in prefixes:
-                cl, cu = _crown_var(g, consts, ivs, v, prefixes[v])
-                iv = _Iv(lo=jnp.maximum(iv.lo, cl), hi=jnp.minimum(iv.hi, cu))
-            ivs[v] = iv
-    return ivs
+                ivs[v], rel[v] = _refine_var(g, consts, rel, iv, v, prefixes[v], kinks.get(v))
+    return ivs, rel
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,6 +463,43 @@ def _crown_var(g: Graph, consts, ivs, v, prefix):
     n = math.prod(shape)
     res = _backward(g, consts, ivs, prefix)
     return res[:n].reshape(shape), -res[n:].reshape(shape)
+
+
+def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
+    """Bounds of the bounded var ``v`` from its interval bounds ``iv`` and CROWN (`_crown_var`).
+
+    Returns ``(tight, relax)``. For a var feeding a kink at ``consts[kink]``, only the units whose
+    interval bounds straddle the kink get CROWN rows (see `BLOCKS`); ``relax`` keeps the interval
+    bounds of the stable units and the CROWN bounds of the others, as auto_LiRPA does, so that the
+    adaptive slopes agree with it; ``tight`` is the intersection.
+    """
+    shape = g.shape(v)
+    n = math.prod(shape)
+    if kink is None:
+        cl, cu = _crown_var(g, consts, rel, v, prefix)
+        tight = _Iv(lo=jnp.maximum(iv.lo, cl), hi=jnp.minimum(iv.hi, cu))
+        return tight, tight
+    flo, fhi = iv.lo.reshape(-1), iv.hi.reshape(-1)
+    k = jnp.broadcast_to(consts[kink], shape).reshape(-1)
+    stable = (flo >= k) | (fhi <= k)
+
+    # blocks of `blk` units, unstable first, until every example of the chunk has all its unstable units
+    blk = -(-n // BLOCKS)
+    order = jnp.argsort(stable)
+    acc, bias, last = prefix
+
+    def block(j, c):
+        sel = lax.dynamic_slice(order, (j * blk,), (blk,))
+        rows = jnp.concatenate([sel, sel + n])
+        res = _backward(g, consts, rel, ({u: t[rows] for u, t in acc.items()}, bias[rows], last))
+        return c[0].at[sel].set(res[:blk]), c[1].at[sel].set(-res[blk:])
+
+    need = lax.pmax(jnp.sum(~stable), _EXAMPLES)
+    cl, cu = lax.fori_loop(0, -(-need // blk), block, (flo, fhi))
+    cl, cu = jnp.where(stable, flo, cl), jnp.where(stable, fhi, cu)
+    relax = _Iv(lo=cl.reshape(shape), hi=cu.reshape(shape))
+    tight = _Iv(lo=jnp.maximum(flo, cl).reshape(shape), hi=jnp.minimum(fhi, cu).reshape(shape))
+    return tight, relax
 
 
 def _sum_rows(t):
@@ -477,14 +621,14 @@ def _transpose(g: Graph, node: Node, consts, lams):
 
 def _crown_one(g: Graph, consts, lo, hi, spec, prefixes, steps, lr):
     """Bounds ``(K,), (K,)`` of ``spec @ out`` for one example ``lo, hi: (1, *in)``, ``spec: (K, C)``."""
-    ivs = _forward(g, consts, lo, hi, prefixes)
+    ivs, rel = _forward(g, consts, lo, hi, prefixes)
     shape = g.shape(g.output)
     K = spec.shape[0]
     state = _linear_prefix(g, consts, g.output, jnp.concatenate([spec, -spec]).reshape((2 * K,) + shape))
-    bound = lambda theta: _backward(g, consts, ivs, state, theta)
+    bound = lambda theta: _backward(g, consts, rel, state, theta)
     res = bound(None)
     if steps:
-        res = jnp.maximum(res, _optimize_alpha(g, consts, ivs, bound, 2 * K, steps, lr))
+        res = jnp.maximum(res, _optimize_alpha(g, consts, rel, bound, 2 * K, steps, lr))
     out = ivs[g.output]
     ib = spec_interval(spec[None], out.lo.reshape(1, -1), out.hi.reshape(1, -1))
     return jnp.maximum(res[:K], ib.lower[0]), jnp.minimum(-res[K:], ib.upper[0])

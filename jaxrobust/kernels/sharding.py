@@ -14,7 +14,8 @@ or in one call: ``res = map_sharded(lambda x, y: pgd(net, x, y, 0.1, key=key), x
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 from functools import partial
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -111,7 +112,7 @@ def _pow_terms(kappa, L, c, order):
     ts = jnp.where(series, t, 0.0)
     k_s = jnp.where(series, 1.0, kappa)
     e = jnp.exp(jnp.where(series, 0.0, t - c))
-    out, v, prev = [], None, None
+    out, prev = [], None
     for j in range(order + 1):
         ser = L ** (j + 1) * _poly(_exprel_coefs(L.dtype, j), ts)
         if j == 0:
