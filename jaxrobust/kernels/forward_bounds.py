@@ -209,12 +209,12 @@ def _node(g: Graph, node: Node, consts, forms: list[_Affine], ivs: list[_Iv], n:
 def _linear(node: Node, consts, forms: list[_Affine]) -> list[_Affine]:
     """``C`` through the linear map, ``D`` through its absolute value; constant offsets go to ``cb``."""
     name = node.prim.name
-    rows = lambda f, parts: jax.vmap(lambda *xs: f(list(xs)))(*parts)  # noqa: E731
-    centre = lambda xs: _bind(node, consts, xs)  # noqa: E731
+    rows = lambda f, parts: jax.vmap(lambda *xs: f(list(xs)))(*parts)
+    centre = lambda xs: _bind(node, consts, xs)
     if name == "neg":
-        width = lambda xs: xs  # noqa: E731
+        width = lambda xs: xs
     else:
-        width = lambda xs: _bind(node, consts, xs, absolute=True, prim=lax.add_p if name == "sub" else None)  # noqa: E731
+        width = lambda xs: _bind(node, consts, xs, absolute=True, prim=lax.add_p if name == "sub" else None)
     ca = rows(centre, [f.ca for f in forms])
     da = rows(width, [f.da for f in forms])
     cb, db = centre([f.cb for f in forms]), width([f.db for f in forms])
@@ -228,10 +228,10 @@ def _maxpool(node: Node, x: _Affine, iv: _Iv, n: int, shape) -> _Affine:
     ``max >= sel_l · L`` and ``max <= sel_u · U + c_u`` (`_relax.window_max`)."""
     idx = node.extra["idx"]
     pad = jnp.full((1,), -jnp.inf, iv.lo.dtype)
-    window = lambda a: jnp.concatenate([a.reshape(-1), pad])[idx]  # noqa: E731
+    window = lambda a: jnp.concatenate([a.reshape(-1), pad])[idx]
     sel_l, sel_u, c_u = _relax.window_max(window(iv.lo), window(iv.hi))
-    gather = lambda a: jnp.concatenate([a.reshape(n, -1), jnp.zeros((n, 1), a.dtype)], 1)[:, idx]  # noqa: E731
-    bias = lambda a: jnp.concatenate([a.reshape(-1), jnp.zeros((1,), a.dtype)])[idx]  # noqa: E731
+    gather = lambda a: jnp.concatenate([a.reshape(n, -1), jnp.zeros((n, 1), a.dtype)], 1)[:, idx]
+    bias = lambda a: jnp.concatenate([a.reshape(-1), jnp.zeros((1,), a.dtype)])[idx]
     low_a, low_b = (sel_l * gather(x.ca - x.da)).sum(-1), (sel_l * bias(x.cb - x.db)).sum(-1)
     up_a, up_b = (sel_u * gather(x.ca + x.da)).sum(-1), (sel_u * bias(x.cb + x.db)).sum(-1) + c_u
     return _from_bounds(low_a.reshape((n,) + shape), low_b.reshape(shape), up_a.reshape((n,) + shape),
