@@ -3,7 +3,8 @@
 Networks are rebuilt from the ONNX initializers of the shared MNIST networks, once as a JAX
 function and once as a torch module. Prints examples/s (median of several timed runs), the ratio
 jaxrobust / torchattacks and the share of the JAX float32 2048² matmul peak measured in the same run
-(FLOPs per PGD step counted as 3x a forward pass). ``--loops`` also times the step-loop variants
+(FLOPs per PGD step counted as 2x a forward pass: the forward and the input-gradient backward, which
+computes no weight gradients). ``--loops`` also times the step-loop variants
 (rolled `fori_loop`, partial and full unrolling).
 
     python benchmarks/bench_attacks.py [--shared ../shared] [--batches 1 32 256] [--loops]
@@ -163,7 +164,7 @@ def main():
     rows = []
     for name in args.nets:
         net, tmodel = build(name, shared / NETS[name])
-        fl = 3 * forward_flops(name, initializers(shared / NETS[name])) * STEPS  # per example
+        fl = 2 * forward_flops(name, initializers(shared / NETS[name])) * STEPS  # per example
         for B in args.batches:
             x = (mnist["x_test"][:B].astype(np.float32) / 255).reshape((B,) + net.input_shape)
             y = mnist["y_test"][:B].astype(np.int32)

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from jax import lax
 
 from jaxrobust import zoo
-from jaxrobust.errors import UnsupportedOpError
+from jaxrobust.errors import InputError, UnsupportedOpError
 from jaxrobust.kernels import (
     bounds,
     crown,
@@ -208,6 +208,18 @@ def test_unsupported_primitive_is_named():
     fn = lambda x: jnp.sin(x) @ jnp.ones((3, 2))
     with pytest.raises(UnsupportedOpError, match="sin"):
         ibp(fn, jnp.zeros((1, 3)), jnp.ones((1, 3)))
+
+
+def test_invalid_boxes_are_rejected():
+    fn, in_shape = build(("mlp", 0, "relu", None))
+    lo, hi = boxes(0, in_shape)
+    for bad_lo, bad_hi in ((hi, lo), (lo.at[0, 0].set(jnp.nan), hi), (lo, hi.at[1, 2].set(jnp.inf))):
+        for method in (ibp, crown):
+            with pytest.raises(InputError, match="lo <= hi with finite entries"):
+                method(fn, bad_lo, bad_hi)
+    with pytest.raises(InputError, match="same shape"):
+        ibp(fn, lo, hi[:1])
+    assert bool(jnp.all(jax.jit(lambda a, b: ibp(fn, a, b).lower)(lo, hi) == ibp(fn, lo, hi).lower))
 
 
 def test_robustness_spec_rows():

@@ -80,7 +80,7 @@ def ibp(fn: Callable, lo, hi, *, sound_margin: bool = True) -> Bounds:
     """
     lo, hi = _check_box(lo, hi)
     prog = _program(fn, lo.shape[1:], lo.dtype)
-    return prog.ibp(prog.consts, lo, hi, sound_margin)
+    return _checked(*prog.ibp(prog.consts, lo, hi, sound_margin))
 
 
 def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha: bool = False,
@@ -112,7 +112,8 @@ def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha
     if spec is not None and spec.shape[2] != n_out:
         raise InputError(f"spec has {spec.shape[2]} columns but the network has {n_out} outputs")
     steps = int(alpha_steps) if alpha else 0
-    return prog.crown(prog.consts, lo, hi, spec, intermediate, steps, float(alpha_lr), sound_margin)
+    pre = prog.prefixes() if intermediate == "crown" else {}
+    return _checked(*prog.crown(prog.consts, pre, lo, hi, spec, steps, float(alpha_lr), sound_margin))
 
 
 def robustness_spec(labels, num_classes: int) -> jax.Array:
@@ -172,13 +173,22 @@ class _Program:
     def __init__(self, fn, in_shape, dtype):
         self.graph = build_graph(lambda x: fn(x), in_shape, dtype)
         self.consts = [jnp.asarray(c) for c in self.graph.consts]
+        self.dtype = jnp.dtype(dtype)
+        self._prefixes = None
         try:
             self.arch = _Arch(self.graph)
         except TypeError:  # unhashable primitive parameters: programs of this graph only
             self.arch = None
-            self.ibp, self.crown = _programs(self.graph)
+            self.ibp, self.crown, self._prefix_program = _programs(self.graph)
         else:
-            self.ibp, self.crown = _compiled(self.arch)
+            self.ibp, self.crown, self._prefix_program = _compiled(self.arch)
+
+    def prefixes(self) -> dict:
+        """`_identity_prefixes` of these constants, computed on first use and kept (they depend on the
+        weights only; at batch 1 they cost more than the rest of a CROWN call)."""
+        if self._prefixes is None:
+            self._prefixes = self._prefix_program(self.consts, self.dtype)
+        return self._prefixes
 
 
 class _Arch:
@@ -216,9 +226,10 @@ def _freeze(obj):
 
 
 def _programs(g: Graph):
-    """Jitted ``(ibp, crown)`` of ``g`` with its constants as the first argument."""
+    """Jitted ``(ibp, crown, prefixes)`` of ``g`` with its constants as the first argument."""
     return (jax.jit(functools.partial(_ibp_batch, g), static_argnums=(3,)),
-            jax.jit(functools.partial(_crown_batch, g), static_argnums=(4, 5, 6, 7)))
+            jax.jit(functools.partial(_crown_batch, g), static_argnums=(5, 6, 7)),
+            jax.jit(functools.partial(_identity_prefixes, g), static_argnums=(1,)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,22 +255,28 @@ def _program(fn, in_shape, dtype) -> _Program:
 
 
 def _check_box(lo, hi):
+    """Shapes and dtypes of a box; its values are checked by the bound programs (see `_checked`)."""
     lo, hi = jnp.asarray(lo), jnp.asarray(hi)
     if not jnp.issubdtype(lo.dtype, jnp.floating):
         lo = lo.astype(jnp.float32)
     hi = hi.astype(lo.dtype)
     if lo.shape != hi.shape or lo.ndim < 1:
         raise InputError(f"lo and hi must have the same shape (B, *in_shape), got {lo.shape} and {hi.shape}")
-    concrete = not isinstance(lo, jax.core.Tracer) and not isinstance(hi, jax.core.Tracer)
-    if concrete and not bool(_valid_box(lo, hi)):
-        raise InputError("the box must satisfy lo <= hi with finite entries")
     return lo, hi
 
 
-@jax.jit
-def _valid_box(lo, hi):
-    """Whether ``lo <= hi`` with finite entries everywhere (one fused reduction)."""
+def _box_ok(lo, hi):
+    """Whether ``lo <= hi`` with finite entries everywhere; computed inside the programs, where it fuses
+    with their first pass over the box instead of costing a dispatch and a device round trip of its own."""
     return jnp.all((lo <= hi) & jnp.isfinite(lo) & jnp.isfinite(hi))
+
+
+def _checked(bounds, ok):
+    """``bounds`` of a program that also returned `_box_ok`; InputError if the box was invalid (not
+    checked under tracing, where the value is unknown)."""
+    if not isinstance(ok, jax.core.Tracer) and not bool(ok):
+        raise InputError("the box must satisfy lo <= hi with finite entries")
+    return bounds
 
 
 def _ibp_batch(g: Graph, consts, lo, hi, margin):
@@ -268,21 +285,21 @@ def _ibp_batch(g: Graph, consts, lo, hi, margin):
         return iv.lo[0], iv.hi[0]
 
     b = Bounds(*jax.vmap(one)(lo, hi))
-    return widen(b) if margin else b
+    return (widen(b) if margin else b), _box_ok(lo, hi)
 
 
-def _crown_batch(g: Graph, consts, lo, hi, spec, intermediate, steps, lr, margin):
+def _crown_batch(g: Graph, consts, pre, lo, hi, spec, steps, lr, margin):
+    """CROWN bounds; ``pre``: `_identity_prefixes` for CROWN intermediate bounds, ``{}`` for interval ones."""
     out_shape = g.shape(g.output)[1:]
     n_out = math.prod(out_shape)
     rows = 2 * (n_out if spec is None else spec.shape[1])
-
-    prefixes = _identity_prefixes(g, consts, lo.dtype) if intermediate == "crown" else {}
+    prefixes = {v: (acc, bias, _prefix_end(g, v)) for v, (acc, bias) in pre.items()}
 
     def one(l, h, s):
         s = jnp.eye(n_out, dtype=l.dtype) if s is None else s
         return _crown_one(g, consts, l[None], h[None], s, prefixes, steps, lr)
 
-    chunk = min(lo.shape[0], max(1, MEMORY_BUDGET // _bytes_per_example(g, rows, intermediate, steps)))
+    chunk = min(lo.shape[0], max(1, MEMORY_BUDGET // _bytes_per_example(g, rows, prefixes, steps)))
     order = None
     if prefixes and _kinks(g):
         order = jnp.argsort(jax.vmap(functools.partial(_unstable_fraction, g, consts))(lo, hi))
@@ -290,7 +307,7 @@ def _crown_batch(g: Graph, consts, lo, hi, spec, intermediate, steps, lr, margin
     if spec is None:
         lower, upper = lower.reshape((-1,) + out_shape), upper.reshape((-1,) + out_shape)
     b = Bounds(lower, upper)
-    return widen(b) if margin else b
+    return (widen(b) if margin else b), _box_ok(lo, hi)
 
 
 def _chunked(fn, args, chunk, order=None):
@@ -306,10 +323,11 @@ def _chunked(fn, args, chunk, order=None):
     return jax.tree_util.tree_map(lambda o: o.reshape((n * chunk,) + o.shape[2:])[inv], out)
 
 
-def _bytes_per_example(g: Graph, rows, intermediate, steps):
-    """Rough peak memory of one example: coefficient rows times the widest node, a few copies."""
+def _bytes_per_example(g: Graph, rows, prefixes, steps):
+    """Rough peak memory of one example: coefficient rows (spec rows, or those of the vars with CROWN
+    bounds) times the widest node, a few copies."""
     width = max(math.prod(s) for s in g.shapes.values())
-    need = [2 * math.prod(g.shape(v)) for v in g.needs_bounds - g.exact] if intermediate == "crown" else []
+    need = [2 * math.prod(g.shape(v)) for v in prefixes]
     copies = 4 if steps else 2
     return 4 * copies * width * max([rows] + need)
 
@@ -447,13 +465,14 @@ def _forward(g: Graph, consts, lo, hi, prefixes=None):
 # Backward (CROWN) propagation
 # ---------------------------------------------------------------------------------------------
 def _identity_prefixes(g: Graph, consts, dtype):
-    """Shared backward-pass prefixes ``{var: state}`` of the vars that need CROWN bounds."""
+    """Backward-pass prefixes ``{var: (acc, bias)}`` (see `_linear_prefix`) from the identity on each var
+    that needs CROWN bounds; they depend on the weights only, so they are shared by every example."""
     out = {}
     for v in g.needs_bounds - g.exact:
         shape = g.shape(v)
         n = math.prod(shape)
         eye = jnp.eye(n, dtype=dtype)
-        out[v] = _linear_prefix(g, consts, v, jnp.concatenate([eye, -eye]).reshape((2 * n,) + shape))
+        out[v] = _linear_prefix(g, consts, v, jnp.concatenate([eye, -eye]).reshape((2 * n,) + shape))[:2]
     return out
 
 
@@ -506,23 +525,34 @@ def _sum_rows(t):
     return t.reshape(t.shape[0], -1).sum(axis=1)
 
 
+def _prefix_end(g: Graph, start) -> int:
+    """Index of the first nonlinear node that a backward pass from ``start`` reaches (-1: none)."""
+    live = {start}
+    idx = max(i for i, n in enumerate(g.nodes) if start in n.outs)
+    while idx >= 0:
+        node = g.nodes[idx]
+        if live & set(node.outs):
+            if node.kind != "linear":
+                break
+            live = (live - set(node.outs)) | set(node.bounded())
+        idx -= 1
+    return idx
+
+
 def _linear_prefix(g: Graph, consts, start, lam):
-    """Run the backward pass from ``start`` through linear nodes only, up to the first nonlinear
-    node reached; these steps do not depend on the example, so they are shared by the batch.
+    """Run the backward pass from ``start`` through linear nodes only, up to `_prefix_end`; these steps
+    do not depend on the example, so they are shared by the batch.
 
     Returns the state ``(acc, bias, idx)`` that `_backward` resumes from.
     """
     R = lam.shape[0]
     acc, bias = {start: lam}, jnp.zeros((R,), lam.dtype)
-    idx = max(i for i, n in enumerate(g.nodes) if start in n.outs)
-    while idx >= 0:
+    end = _prefix_end(g, start)
+    for idx in range(max(i for i, n in enumerate(g.nodes) if start in n.outs), end, -1):
         node = g.nodes[idx]
         if any(o in acc for o in node.outs):
-            if node.kind != "linear":
-                break
             bias = _linear_step(g, consts, node, acc, bias, R)
-        idx -= 1
-    return acc, bias, idx
+    return acc, bias, end
 
 
 def _linear_step(g: Graph, consts, node, acc, bias, R):

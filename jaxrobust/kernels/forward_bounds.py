@@ -38,7 +38,9 @@ from .bounds import (
     Bounds,
     _backward,
     _bind,
+    _box_ok,
     _check_box,
+    _checked,
     _crown_var,
     _ibp_node,
     _Iv,
@@ -83,7 +85,7 @@ def forward_linear(fn: Callable, lo, hi, spec=None, *, sound_margin: bool = True
         n_out = math.prod(prog.graph.shape(prog.graph.output))
         if spec.ndim != 3 or spec.shape[0] != lo.shape[0] or spec.shape[2] != n_out:
             raise InputError(f"spec must have shape (B, K, {n_out}) with B={lo.shape[0]}, got {spec.shape}")
-    return _jitted(prog)(prog.consts, lo, hi, spec, sound_margin)
+    return _checked(*_jitted(prog)(prog.consts, lo, hi, spec, sound_margin))
 
 
 def _jitted(prog):
@@ -126,7 +128,7 @@ def _batch(g: Graph, consts, lo, hi, spec, margin):
     if spec is None:
         lower, upper = lower.reshape((-1,) + out_shape), upper.reshape((-1,) + out_shape)
     b = Bounds(lower, upper)
-    return widen(b) if margin else b
+    return (widen(b) if margin else b), _box_ok(lo, hi)
 
 
 def _spec_bounds(g: Graph, consts, forms, ivs, spec):
