@@ -57,9 +57,12 @@ MARGIN_ABS = 1e-6
 # working set near the caches: on 2 CPU cores chunks of ~10 MLP examples ran ~1.8x faster than 256.
 MEMORY_BUDGET = 2 ** 25
 # Intermediate CROWN bounds are computed only for the units whose interval bounds straddle a kink, in
-# blocks of 1/BLOCKS of the layer, as many as the example with most such units in a chunk needs (chunks
-# of examples sorted by their fraction of unstable units under plain interval bounds).
-BLOCKS = 8
+# blocks of at least 1/BLOCKS of the layer, as many as the example with most such units in a chunk needs
+# (chunks of examples sorted by their fraction of unstable units under plain interval bounds). A block
+# also holds at least BLOCK_FLOATS coefficients over the chunk, so that small chunks (batch 1) of
+# networks with cheap rows do not pay the loop overhead many times for little work.
+BLOCKS = 32
+BLOCK_FLOATS = 2 ** 16
 _EXAMPLES = "examples"  # vmap axis of the examples in a chunk
 
 
@@ -301,7 +304,7 @@ def _crown_batch(g: Graph, consts, pre, lo, hi, spec, steps, lr, margin):
 
     chunk = min(lo.shape[0], max(1, MEMORY_BUDGET // _bytes_per_example(g, rows, prefixes, steps)))
     order = None
-    if prefixes and _kinks(g):
+    if prefixes and _kinks(g) and lo.shape[0] > chunk:  # with one chunk, its order changes nothing
         order = jnp.argsort(jax.vmap(functools.partial(_unstable_fraction, g, consts))(lo, hi))
     lower, upper = _chunked(one, (lo, hi, spec), chunk, order)
     if spec is None:
@@ -503,7 +506,7 @@ def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
     stable = (flo >= k) | (fhi <= k)
 
     # blocks of `blk` units, unstable first, until every example of the chunk has all its unstable units
-    blk = -(-n // BLOCKS)
+    blk = _block_units(g, v, lax.axis_size(_EXAMPLES))
     order = jnp.argsort(stable)
     acc, bias, last = prefix
 
@@ -519,6 +522,14 @@ def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
     relax = _Iv(lo=cl.reshape(shape), hi=cu.reshape(shape))
     tight = _Iv(lo=jnp.maximum(flo, cl).reshape(shape), hi=jnp.minimum(fhi, cu).reshape(shape))
     return tight, relax
+
+
+def _block_units(g: Graph, v, chunk: int) -> int:
+    """Units of ``v`` per block of `_refine_var` for chunks of ``chunk`` examples (see `BLOCKS`)."""
+    n = math.prod(g.shape(v))
+    idx = max(i for i, node in enumerate(g.nodes) if v in node.outs)
+    row = sum(math.prod(g.shape(u)) for node in g.nodes[:idx] for u in node.outs) + math.prod(g.shape(g.input))
+    return min(n, max(-(-n // BLOCKS), -(-BLOCK_FLOATS // (2 * chunk * row))))
 
 
 def _sum_rows(t):
