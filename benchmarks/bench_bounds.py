@@ -5,8 +5,11 @@
 Prints, per network / batch size / method: examples per second (median of several runs) for both
 tools, their ratio, the fraction of the float32 matmul peak (a 2048x2048 JAX matmul measured in the
 same run) reached by jaxrobust's IBP (flops from XLA's cost analysis of the compiled program; not
-shown for CROWN, whose chunking loop the cost analysis does not count reliably), and how much looser
-and how much tighter jaxrobust's bounds (without its round-off margin) are than auto_LiRPA's.
+shown for CROWN, whose chunking loop the cost analysis does not count reliably), for IBP the time of
+its weight products alone at the same shapes (every dot / convolution with ``W`` and ``|W|``, nothing
+else: the floor of any midpoint-radius IBP on this machine, and the ratio to auto_LiRPA it allows),
+and how much looser and how much tighter jaxrobust's bounds (without its round-off margin) are than
+auto_LiRPA's.
 jaxrobust intersects CROWN bounds with interval bounds, so it can be much tighter (e.g. on a final
 ReLU, whose CROWN lower bound may be negative). The load average is printed before and after, since
 timings on a shared machine are noisy.
@@ -33,7 +36,7 @@ from common import matmul_peak
 from onnx import numpy_helper
 
 from jaxrobust.kernels import crown, ibp
-from jaxrobust.kernels.bounds import _program
+from jaxrobust.kernels.bounds import _bind, _program
 from jaxrobust.onnx_import import load_onnx
 
 NETS = {
@@ -113,6 +116,21 @@ def xla_flops(jitted, *args):
     return float(cost.get("flops", float("nan")))
 
 
+def products_time(prog, B):
+    """Median seconds of the weight products of an IBP pass at batch ``B``: each dot / convolution of
+    ``prog``'s graph applied to an input of its shape, once with ``W`` and once with ``|W|``."""
+    g = prog.graph
+    nodes = [n for n in g.nodes if n.kind == "linear" and "abs" in n.extra]
+    xs = [jnp.full((B,) + g.shape(n.bounded()[0])[1:], 0.5, jnp.float32) for n in nodes]
+
+    @jax.jit
+    def products(consts, xs):
+        return [jax.vmap(lambda x, n=n, a=a: _bind(n, consts, [x[None]], absolute=a)[0])(x)
+                for n, x in zip(nodes, xs) for a in (False, True)]
+
+    return median_time(lambda: jax.block_until_ready(products(prog.consts, xs)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
@@ -132,7 +150,7 @@ def main():
     print(f"jax float32 2048^2 matmul peak: {peak / 1e9:.1f} GFLOP/s  "
           f"(devices: {jax.devices()}, torch threads {torch.get_num_threads()}, load average {os.getloadavg()})")
     head = (f"{'network':22s} {'B':>4s} {'method':6s} {'jaxrobust ex/s':>14s} {'auto_LiRPA ex/s':>15s} "
-            f"{'ratio':>6s} {'%peak':>6s} {'looser':>9s} {'tighter':>9s}")
+            f"{'ratio':>6s} {'%peak':>6s} {'products':>8s} {'max ratio':>9s} {'looser':>9s} {'tighter':>9s}")
     print(head)
     print("-" * len(head))
     for name in args.nets:
@@ -172,12 +190,14 @@ def row(al, net, bmodel, name, x, eps, method, peak):
     dl = bt[0].numpy() - np.asarray(bj.lower)
     du = np.asarray(bj.upper) - bt[1].numpy()
     looser, tighter = max(dl.max(), du.max(), 0.0), max(-dl.min(), -du.min(), 0.0)
-    pct = "     -"
+    pct, floor = "     -", f"{'-':>8s} {'-':>9s}"
     if method == "IBP":
         prog = _program(net, net.input_shape, jnp.float32)
         pct = f"{100 * xla_flops(prog.ibp, prog.consts, jlo, jhi, False) / tj / peak:5.1f}%"
+        tp = products_time(prog, B)
+        floor = f"{100 * tp / tj:7.0f}% {tt / tp:9.2f}"
     return (f"{name:22s} {B:4d} {method:6s} {B / tj:14.0f} {B / tt:15.0f} {tt / tj:6.2f} "
-            f"{pct} {looser:9.2e} {tighter:9.2e}")
+            f"{pct} {floor} {looser:9.2e} {tighter:9.2e}")
 
 if __name__ == "__main__":
     main()
