@@ -36,7 +36,7 @@ from jax import lax
 
 from ..errors import InputError
 from ..network import Network
-from .perturb import check_domain, check_eps, check_x, draw, is_concrete, uniform_l2, uniform_linf
+from .perturb import check_domain, check_eps, check_values, check_x, draw, uniform_l2, uniform_linf
 
 NORMS = ("linf", "l2")
 LOSSES = ("margin", "ce", "targeted")
@@ -128,7 +128,8 @@ def _signature(apply, params, shape, dtype):
     """(number of classes, whether ``apply`` contains a convolution) for inputs ``shape``; cached per
     ``apply`` and parameter shapes."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    specs = tuple(jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves)
+    specs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) if hasattr(a, "dtype") else
+                  jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)) for a in leaves)
     return _traced_signature(apply, treedef, specs, tuple(shape), dtype)
 
 
@@ -157,7 +158,7 @@ def _prepare(fn, x, y, eps, domain):
     """Validate inputs; return ``(apply, params, x, y, eps (B,), domain, has_conv)`` (see `_split`)."""
     if not callable(fn):
         raise InputError(f"fn must be callable, got {type(fn).__name__}")
-    x = check_x(x)
+    x = check_x(x, values=False)
     if isinstance(fn, Network):
         if tuple(x.shape[1:]) != tuple(fn.input_shape):
             raise InputError(f"inputs must have shape (B, {', '.join(map(str, fn.input_shape))}), "
@@ -166,18 +167,14 @@ def _prepare(fn, x, y, eps, domain):
             domain = fn.domain
     domain = check_domain(domain)
     B = x.shape[0]
-    if domain is not None and is_concrete(x):
-        if bool(jnp.any(x < domain[0] - 1e-6)) or bool(jnp.any(x > domain[1] + 1e-6)):
-            raise InputError("inputs lie outside the domain")
     apply, params = _split(fn)
     num_classes, has_conv = _signature(apply, params, x.shape, x.dtype)
     y = jnp.asarray(y)
     if y.shape != (B,) or not jnp.issubdtype(y.dtype, jnp.integer):
         raise InputError(f"labels must be integers of shape ({B},), got {y.dtype} {y.shape}")
-    if is_concrete(y) and (bool(jnp.any(y < 0)) or bool(jnp.any(y >= num_classes))):
-        raise InputError(f"labels must lie in [0, {num_classes}), got range "
-                         f"[{int(jnp.min(y))}, {int(jnp.max(y))}]")
-    return apply, params, x, y.astype(jnp.int32), check_eps(eps, B), domain, has_conv
+    eps = check_eps(eps, B)
+    check_values(x, domain=domain, y=y, num_classes=num_classes)
+    return apply, params, x, y.astype(jnp.int32), eps, domain, has_conv
 
 
 def _option(value, allowed, what):

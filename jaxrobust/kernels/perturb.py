@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.tree_util import Partial
 
@@ -51,8 +52,9 @@ def is_concrete(a) -> bool:
     return not isinstance(a, jax.core.Tracer)
 
 
-def check_x(x, what: str = "inputs") -> jax.Array:
-    """Validate a batch ``x: (B, *shape)`` (numeric, at least 1-d, finite); return it as float32."""
+def check_x(x, what: str = "inputs", *, values: bool = True) -> jax.Array:
+    """Validate a batch ``x: (B, *shape)`` (numeric, at least 1-d, finite); return it as float32.
+    ``values=False`` leaves the finiteness check to a later `check_values`."""
     if not hasattr(x, "dtype"):
         x = jnp.asarray(x)
     if not (jnp.issubdtype(x.dtype, jnp.floating) or jnp.issubdtype(x.dtype, jnp.integer)):
@@ -60,36 +62,75 @@ def check_x(x, what: str = "inputs") -> jax.Array:
     if x.ndim < 1 or x.shape[0] == 0:
         raise InputError(f"{what} must have a non-empty leading batch dimension, got shape {x.shape}")
     x = jnp.asarray(x, jnp.float32)
-    if is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
-        raise InputError(f"{what} contain NaN or inf")
+    if values:
+        check_values(x, what=what)
     return x
 
 
 def check_eps(eps, batch: int, what: str = "eps") -> jax.Array:
     """Validate a radius: scalar or ``(B,)``, finite, ``>= 0``; return it broadcast to ``(B,)`` float32."""
-    e = jnp.asarray(eps, jnp.float32)
-    if e.ndim == 0:
-        e = jnp.broadcast_to(e, (batch,))
-    elif e.shape != (batch,):
+    e = _f32(eps)
+    if e.ndim != 0 and e.shape != (batch,):
         raise InputError(f"{what} must be a scalar or have shape ({batch},), got {e.shape}")
-    if is_concrete(e):
-        if not bool(jnp.all(jnp.isfinite(e))):
-            raise InputError(f"{what} must be finite, got NaN or inf")
-        if bool(jnp.any(e < 0)):
-            raise InputError(f"{what} must be >= 0, got min {float(jnp.min(e)):.4g}")
-    return e
+    check_values(eps=e, eps_what=what)
+    if isinstance(e, np.ndarray):
+        return jnp.asarray(np.broadcast_to(e, (batch,)))
+    return jnp.broadcast_to(e, (batch,))
+
+
+def check_values(x=None, *, eps=None, domain=None, y=None, num_classes: int | None = None,
+                 what: str = "inputs", eps_what: str = "eps") -> None:
+    """The value checks of a call at once: ``x`` finite (and inside ``domain``, up to 1e-6), ``eps``
+    finite and ``>= 0``, labels ``y`` in ``[0, num_classes)``. On the host for numpy arguments, else in
+    one compiled reduction and one device round trip; tracers (inside `jit`) are not checked.
+    Raises `InputError` for the first failure."""
+    x, eps, y = (a if a is not None and is_concrete(a) else None for a in (x, eps, y))
+    args = (x, eps, domain if x is not None else None, y)
+    if any(isinstance(a, jax.Array) for a in jax.tree_util.tree_leaves(args)):
+        flags = jax.device_get(_device_flags(*args, num_classes=num_classes))
+    else:
+        flags = _value_flags(np, *args, num_classes=num_classes)
+    errors = [lambda: f"{what} contain NaN or inf",
+              lambda: f"{eps_what} must be finite, got NaN or inf",
+              lambda: f"{eps_what} must be >= 0, got min {float(np.min(eps)):.4g}",
+              lambda: f"{what} lie outside the domain",
+              lambda: f"labels must lie in [0, {num_classes}), got range [{int(np.min(y))}, {int(np.max(y))}]"]
+    for ok, message in zip(flags, errors):
+        if not ok:
+            raise InputError(message())
+
+
+def _value_flags(xp, x, eps, domain, y, num_classes):
+    """``(5,)`` booleans of `check_values` (True where the argument is None); ``xp``: numpy or jax.numpy."""
+    true = xp.asarray(True)
+    return xp.stack([
+        true if x is None else xp.all(xp.isfinite(x)),
+        true if eps is None else xp.all(xp.isfinite(eps)),
+        true if eps is None else xp.all(eps >= 0),
+        true if domain is None else xp.all((x >= domain[0] - 1e-6) & (x <= domain[1] + 1e-6)),
+        true if y is None else xp.all((y >= 0) & (y < num_classes)),
+    ])
+
+
+_device_flags = jax.jit(partial(_value_flags, jnp), static_argnames=("num_classes",))
+
+
+def _f32(a):
+    """``a`` as float32: a JAX array if it is one, else a numpy array (no device work)."""
+    return jnp.asarray(a, jnp.float32) if isinstance(a, jax.Array) else np.asarray(a, np.float32)
 
 
 def check_domain(domain) -> tuple[jax.Array, jax.Array] | None:
-    """``None`` or ``(lo, hi)`` (scalars or arrays broadcastable to one input) as float32 arrays."""
+    """``None`` or ``(lo, hi)`` (scalars or arrays broadcastable to one input) as float32 arrays (numpy
+    unless given as JAX arrays)."""
     if domain is None:
         return None
     try:
         lo, hi = domain
     except (TypeError, ValueError):
         raise InputError(f"domain must be None or a pair (lo, hi), got {domain!r}") from None
-    lo, hi = jnp.asarray(lo, jnp.float32), jnp.asarray(hi, jnp.float32)
-    if is_concrete(lo) and is_concrete(hi) and bool(jnp.any(lo > hi)):
+    lo, hi = _f32(lo), _f32(hi)
+    if is_concrete(lo) and is_concrete(hi) and bool(np.any(jax.device_get(lo > hi))):
         raise InputError("domain must satisfy lo <= hi")
     return lo, hi
 
