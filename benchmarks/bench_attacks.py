@@ -1,8 +1,8 @@
 """PGD-40 (L∞, cross-entropy, random start): jaxrobust vs torchattacks on identical weights.
 
 Networks are rebuilt from the ONNX initializers of the shared MNIST networks, once as a JAX
-function and once as a torch module. Prints examples/s (median of several timed runs), the ratio
-jaxrobust / torchattacks and the share of the JAX float32 2048² matmul peak measured in the same run
+function and once as a torch module. Prints examples/s (medians of rounds that alternate between the two
+tools, so both see the same load), the median of the per-round ratios jaxrobust / torchattacks and the share of the JAX float32 2048² matmul peak measured in the same run
 (FLOPs per PGD step counted as 2x a forward pass: the forward and the input-gradient backward, which
 computes no weight gradients). ``--loops`` also times the step-loop variants
 (rolled `fori_loop`, partial and full unrolling).
@@ -12,14 +12,13 @@ computes no weight gradients). ``--loops`` also times the step-loop variants
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
-from common import matmul_peak
+from common import matmul_peak, median_time, paired_times
 from jax import lax
 from onnx import numpy_helper
 
@@ -125,22 +124,6 @@ def forward_flops(name, w=None):
     return 2 * sum(W.size for W, _ in dense_layers(w))
 
 
-def timeit(f, min_time=0.3, runs=5):
-    """Median seconds per call of ``f`` (already compiled), over ``runs`` timed groups."""
-    f()
-    t0 = time.perf_counter()
-    f()
-    one = time.perf_counter() - t0
-    reps = max(1, int(min_time / max(one, 1e-6)))
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            f()
-        out.append((time.perf_counter() - t0) / reps)
-    return float(np.median(out))
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
@@ -170,18 +153,17 @@ def main():
             y = mnist["y_test"][:B].astype(np.int32)
             xj, yj, key = jnp.asarray(x), jnp.asarray(y), jax.random.key(0)
             run = lambda: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce").x_adv.block_until_ready()  # noqa
-            tj = timeit(run)
             atk = torchattacks.PGD(tmodel, eps=EPS, alpha=2.5 * EPS / STEPS, steps=STEPS, random_start=True)
             xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-            tt = timeit(lambda atk=atk, xt=xt, yt=yt: atk(xt, yt))
+            tj, tt, ratio = paired_times(run, lambda atk=atk, xt=xt, yt=yt: atk(xt, yt))
             ej, et = B / tj, B / tt
             pct = 100 * ej * fl / peak
-            print(f"{name:22s} {B:4d} {ej:10.0f} {et:12.0f} {ej / et:6.2f} {pct:5.1f}%", flush=True)
+            print(f"{name:22s} {B:4d} {ej:10.0f} {et:12.0f} {ratio:6.2f} {pct:5.1f}%", flush=True)
             rows.append((name, B, ej, et))
             if args.loops and B > 1:
                 for u in (1, 4, STEPS):
-                    t = timeit(lambda u=u: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce",  # noqa: B023
-                                               unroll=u).x_adv.block_until_ready())
+                    t = median_time(lambda u=u: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce",  # noqa: B023
+                                                    unroll=u), 7)
                     print(f"{'':22s} {'':4s} unroll={u:<3d} {B / t:8.0f} ex/s", flush=True)
     return rows
 

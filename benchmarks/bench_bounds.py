@@ -2,8 +2,8 @@
 
     python benchmarks/bench_bounds.py [--shared ../shared] [--batches 1 32 256] [--eps 0.02]
 
-Prints, per network / batch size / method: examples per second (median of several runs) for both
-tools, their ratio, the fraction of the float32 matmul peak (a 2048x2048 JAX matmul measured in the
+Prints, per network / batch size / method: examples per second for both tools (medians of rounds that
+alternate between them, so both see the same load) and the median of the per-round ratios, the fraction of the float32 matmul peak (a 2048x2048 JAX matmul measured in the
 same run) reached by jaxrobust's IBP (flops from XLA's cost analysis of the compiled program; not
 shown for CROWN, whose chunking loop the cost analysis does not count reliably), for IBP the time of
 its weight products alone at the same shapes (every dot / convolution with ``W`` and ``|W|``, nothing
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
-import time
 import types
 import warnings
 from pathlib import Path
@@ -32,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
-from common import matmul_peak
+from common import matmul_peak, median_time, paired_times
 from onnx import numpy_helper
 
 from jaxrobust.kernels import crown, ibp
@@ -99,17 +97,6 @@ def torch_model(path):
     return nn.Sequential(*layers).eval()
 
 
-def median_time(fn, min_runs=3, max_runs=15, budget=1.5):
-    """Median seconds of ``fn()`` after one warm-up: at least ``min_runs`` runs, more within ``budget`` s."""
-    fn()
-    times = []
-    while len(times) < min_runs or (len(times) < max_runs and sum(times) < budget):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def xla_flops(jitted, *args):
     cost = jitted.lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -128,7 +115,7 @@ def products_time(prog, B):
         return [jax.vmap(lambda x, n=n, a=a: _bind(n, consts, [x[None]], absolute=a)[0])(x)
                 for n, x in zip(nodes, xs) for a in (False, True)]
 
-    return median_time(lambda: jax.block_until_ready(products(prog.consts, xs)))
+    return median_time(lambda: products(prog.consts, xs), 7)
 
 
 def main():
@@ -185,7 +172,7 @@ def row(al, net, bmodel, name, x, eps, method, peak):
         with torch.no_grad():
             return bmodel.compute_bounds(x=(bx,), method=method)
 
-    tj, tt = median_time(run_j), median_time(run_t)
+    tj, tt, ratio = paired_times(run_j, run_t)
     bj, bt = run_j(), run_t()
     dl = bt[0].numpy() - np.asarray(bj.lower)
     du = np.asarray(bj.upper) - bt[1].numpy()
@@ -196,7 +183,7 @@ def row(al, net, bmodel, name, x, eps, method, peak):
         pct = f"{100 * xla_flops(prog.ibp, prog.consts, jlo, jhi, False) / tj / peak:5.1f}%"
         tp = products_time(prog, B)
         floor = f"{100 * tp / tj:7.0f}% {tt / tp:9.2f}"
-    return (f"{name:22s} {B:4d} {method:6s} {B / tj:14.0f} {B / tt:15.0f} {tt / tj:6.2f} "
+    return (f"{name:22s} {B:4d} {method:6s} {B / tj:14.0f} {B / tt:15.0f} {ratio:6.2f} "
             f"{pct} {floor} {looser:9.2e} {tighter:9.2e}")
 
 if __name__ == "__main__":

@@ -22,6 +22,26 @@ def median_time(fn, runs: int) -> float:
     return float(np.median(times))
 
 
+def paired_times(fa, fb, rounds: int = 5, min_time: float = 0.2) -> tuple[float, float, float]:
+    """Seconds per call of ``fa`` and of ``fb`` (each blocks on its results), timed in alternating groups
+    of calls so that both see the same load on a shared machine: the medians over ``rounds`` and the
+    median of the per-round ratios ``t_b / t_a``."""
+    reps = []
+    for f in (fa, fb):
+        f()
+        t = time.perf_counter()
+        f()
+        reps.append(max(1, int(min_time / max(time.perf_counter() - t, 1e-6))))
+    ta, tb = [], []
+    for _ in range(rounds):
+        for f, n, out in ((fa, reps[0], ta), (fb, reps[1], tb)):
+            t = time.perf_counter()
+            for _ in range(n):
+                f()
+            out.append((time.perf_counter() - t) / n)
+    return float(np.median(ta)), float(np.median(tb)), float(np.median(np.array(tb) / np.array(ta)))
+
+
 def matmul_peak(runs: int = 10) -> float:
     """FLOP/s of a float32 2048x2048 JAX matmul, median of ``runs``: the peak the kernels are compared with."""
     a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)

@@ -303,6 +303,7 @@ def _crown_batch(g: Graph, consts, pre, lo, hi, spec, steps, lr, margin):
         return _crown_one(g, consts, l[None], h[None], s, prefixes, steps, lr)
 
     chunk = min(lo.shape[0], max(1, MEMORY_BUDGET // _bytes_per_example(g, rows, prefixes, steps)))
+    chunk = -(-lo.shape[0] // -(-lo.shape[0] // chunk))  # as many chunks, evenly filled (least padding)
     order = None
     if prefixes and _kinks(g) and lo.shape[0] > chunk:  # with one chunk, its order changes nothing
         order = jnp.argsort(jax.vmap(functools.partial(_unstable_fraction, g, consts))(lo, hi))
