@@ -97,6 +97,12 @@ def test_input_errors():
         attacks.pgd(NET, X, Y, -0.1, key=KEY)
     with pytest.raises(InputError, match="finite"):
         attacks.fgsm(NET, X, Y, jnp.full((B,), jnp.nan))
+    with pytest.raises(InputError, match=">= 0"):  # checked on the device
+        attacks.pgd(NET, X, Y, jnp.full((B,), -0.1), key=KEY)
+    with pytest.raises(InputError, match="finite"):  # checked on the host
+        attacks.fgsm(NET, X, Y, np.full((B,), np.inf))
+    with pytest.raises(InputError, match="domain must satisfy"):
+        attacks.pgd(NET, X, Y, 0.1, key=KEY, domain=(1.0, 0.0))
     with pytest.raises(InputError, match="NaN"):
         attacks.pgd(NET, X.at[0, 0].set(jnp.nan), Y, 0.1, key=KEY)
     with pytest.raises(InputError, match=r"labels must lie in \[0, 2\)"):
