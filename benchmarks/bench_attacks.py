@@ -1,11 +1,12 @@
 """PGD-40 (L∞, cross-entropy, random start): jaxrobust vs torchattacks on identical weights.
 
 Networks are rebuilt from the ONNX initializers of the shared MNIST networks, once as a JAX
-function and once as a torch module. Prints examples/s (medians of rounds that alternate between the two
-tools, so both see the same load), the median of the per-round ratios jaxrobust / torchattacks and the share of the JAX float32 2048² matmul peak measured in the same run
-(FLOPs per PGD step counted as 2x a forward pass: the forward and the input-gradient backward, which
-computes no weight gradients). ``--loops`` also times the step-loop variants
-(rolled `fori_loop`, partial and full unrolling).
+function and once as a torch module. Prints examples/s (medians of rounds that alternate between the
+two tools, so both see the same load), the median of the per-round ratios jaxrobust / torchattacks,
+and the share of the JAX float32 2048² matmul peak measured in the same run (FLOPs per PGD step
+counted as 2x a forward pass: the forward and the input-gradient backward, which computes no weight
+gradients). ``--loops`` also times the step-loop variants (rolled `fori_loop`, partial and full
+unrolling).
 
     python benchmarks/bench_attacks.py [--shared ../shared] [--batches 1 32 256] [--loops]
 """

@@ -2,9 +2,10 @@
 
     python benchmarks/bench_bounds.py [--shared ../shared] [--batches 1 32 256] [--eps 0.02]
 
-Prints, per network / batch size / method: examples per second for both tools (medians of rounds that
-alternate between them, so both see the same load) and the median of the per-round ratios, the fraction of the float32 matmul peak (a 2048x2048 JAX matmul measured in the
-same run) reached by jaxrobust's IBP (flops from XLA's cost analysis of the compiled program; not
+Prints, per network / batch size / method: examples per second for both tools (medians of rounds
+that alternate between them, so both see the same load) and the median of the per-round ratios, the
+fraction of the float32 matmul peak (a 2048x2048 JAX matmul measured in the same run) reached by
+jaxrobust's IBP (flops from XLA's cost analysis of the compiled program; not
 shown for CROWN, whose chunking loop the cost analysis does not count reliably), for IBP the time of
 its weight products alone at the same shapes (every dot / convolution with ``W`` and ``|W|``, nothing
 else: the floor of any midpoint-radius IBP on this machine, and the ratio to auto_LiRPA it allows),

@@ -82,6 +82,10 @@ class Graph:
     def shape(self, v):
         return self.shapes[v]
 
+    def producer_index(self, v) -> int:
+        """Index of the node that outputs var ``v``."""
+        return next(i for i, n in enumerate(self.nodes) if v in n.outs)
+
 
 class _Builder:
     def __init__(self):

@@ -471,13 +471,15 @@ def _forward(g: Graph, consts, lo, hi, prefixes=None):
 def _identity_prefixes(g: Graph, consts, dtype):
     """Backward-pass prefixes ``{var: (acc, bias)}`` (see `_linear_prefix`) from the identity on each var
     that needs CROWN bounds; they depend on the weights only, so they are shared by every example."""
-    out = {}
-    for v in g.needs_bounds - g.exact:
-        shape = g.shape(v)
-        n = math.prod(shape)
-        eye = jnp.eye(n, dtype=dtype)
-        out[v] = _linear_prefix(g, consts, v, jnp.concatenate([eye, -eye]).reshape((2 * n,) + shape))[:2]
-    return out
+    return {v: _identity_prefix(g, consts, v, dtype)[:2] for v in g.needs_bounds - g.exact}
+
+
+def _identity_prefix(g: Graph, consts, v, dtype):
+    """`_linear_prefix` from the rows ``[I; -I]`` on var ``v``: the start of a backward pass that gives
+    lower bounds of every unit of ``v`` (first half) and of their negatives (second half)."""
+    n = math.prod(g.shape(v))
+    eye = jnp.eye(n, dtype=dtype)
+    return _linear_prefix(g, consts, v, jnp.concatenate([eye, -eye]).reshape((2 * n,) + g.shape(v)))
 
 
 def _crown_var(g: Graph, consts, ivs, v, prefix):
@@ -528,8 +530,8 @@ def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
 def _block_units(g: Graph, v, chunk: int) -> int:
     """Units of ``v`` per block of `_refine_var` for chunks of ``chunk`` examples (see `BLOCKS`)."""
     n = math.prod(g.shape(v))
-    idx = max(i for i, node in enumerate(g.nodes) if v in node.outs)
-    row = sum(math.prod(g.shape(u)) for node in g.nodes[:idx] for u in node.outs) + math.prod(g.shape(g.input))
+    upstream = [g.input] + [u for node in g.nodes[:g.producer_index(v)] for u in node.outs]
+    row = sum(math.prod(g.shape(u)) for u in upstream)
     return min(n, max(-(-n // BLOCKS), -(-BLOCK_FLOATS // (2 * chunk * row))))
 
 
@@ -540,7 +542,7 @@ def _sum_rows(t):
 def _prefix_end(g: Graph, start) -> int:
     """Index of the first nonlinear node that a backward pass from ``start`` reaches (-1: none)."""
     live = {start}
-    idx = max(i for i, n in enumerate(g.nodes) if start in n.outs)
+    idx = g.producer_index(start)
     while idx >= 0:
         node = g.nodes[idx]
         if live & set(node.outs):
@@ -560,7 +562,7 @@ def _linear_prefix(g: Graph, consts, start, lam):
     R = lam.shape[0]
     acc, bias = {start: lam}, jnp.zeros((R,), lam.dtype)
     end = _prefix_end(g, start)
-    for idx in range(max(i for i, n in enumerate(g.nodes) if start in n.outs), end, -1):
+    for idx in range(g.producer_index(start), end, -1):
         node = g.nodes[idx]
         if any(o in acc for o in node.outs):
             bias = _linear_step(g, consts, node, acc, bias, R)

@@ -43,6 +43,7 @@ from .bounds import (
     _checked,
     _crown_var,
     _ibp_node,
+    _identity_prefix,
     _Iv,
     _linear_prefix,
     _program,
@@ -157,7 +158,7 @@ def _floats_per_example(g: Graph, in_shape, prefixes) -> int:
 
 
 def _small_prefixes(g: Graph, consts, dtype) -> dict:
-    """Backward-pass prefixes (`bounds._linear_prefix`) of the relaxed vars whose CROWN bounds fit in
+    """Backward-pass prefixes (`bounds._identity_prefix`) of the relaxed vars whose CROWN bounds fit in
     `BACKWARD_FLOATS`: ``2 · size(v) · (widest var before v)`` coefficients."""
     widest, out = 0, {}
     for node in g.nodes:
@@ -165,8 +166,7 @@ def _small_prefixes(g: Graph, consts, dtype) -> dict:
         for v in node.outs:
             size = math.prod(g.shape(v))
             if v in g.needs_bounds and v not in g.exact and 2 * size * widest <= BACKWARD_FLOATS:
-                eye = jnp.eye(size, dtype=dtype)
-                out[v] = _linear_prefix(g, consts, v, jnp.concatenate([eye, -eye]).reshape((2 * size,) + g.shape(v)))
+                out[v] = _identity_prefix(g, consts, v, dtype)
     return out
 
 
