@@ -265,3 +265,27 @@ def test_same_architecture_shares_one_compiled_program():
     fresh = crown(lambda x: nets[1](x), lo, hi)
     np.testing.assert_array_equal(b1.lower, fresh.lower)
     np.testing.assert_array_equal(b1.upper, fresh.upper)
+
+
+def test_unit_blocks_and_chunks_do_not_change_crown_bounds(monkeypatch):
+    """Refining unstable units in coarse and fine blocks, over sorted chunks of examples, gives the
+    bounds of refining every unit at once in one chunk."""
+    net = zoo.init(zoo.arch("mlp", input_shape=(6,), num_classes=3, hidden=(24, 24, 24)), jax.random.PRNGKey(3))
+    fn = lambda z: net(z)  # noqa: E731  (a plain function: compiled afresh for each setting)
+    x = jax.random.uniform(jax.random.PRNGKey(4), (7, 6), minval=-1, maxval=1)
+    eps = jnp.linspace(0.002, 0.1, 7)[:, None]  # from 1/8 to all units unstable
+    prog = bounds._program(fn, (6,), jnp.float32)
+    per_example = bounds._bytes_per_example(prog.graph, 6, prog.prefixes(), 0)
+
+    def run(**config):
+        for k, v in config.items():
+            monkeypatch.setattr(bounds, k, v)
+        bounds._compiled.cache_clear()
+        bounds._CACHE.clear()
+        return crown(fn, x - eps, x + eps)
+
+    whole = run(BLOCKS=1, COARSE=1, MEMORY_BUDGET=2 ** 30)
+    # blocks of 1 unit, coarse blocks of 5, chunks of 3 examples
+    blocked = run(BLOCKS=24, BLOCK_FLOATS=1, COARSE=5, MEMORY_BUDGET=3 * per_example)
+    np.testing.assert_allclose(blocked.lower, whole.lower, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(blocked.upper, whole.upper, rtol=1e-5, atol=1e-5)

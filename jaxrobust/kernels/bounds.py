@@ -60,9 +60,13 @@ MEMORY_BUDGET = 2 ** 25
 # blocks of at least 1/BLOCKS of the layer, as many as the example with most such units in a chunk needs
 # (chunks of examples sorted by their fraction of unstable units under plain interval bounds). A block
 # also holds at least BLOCK_FLOATS coefficients over the chunk, so that small chunks (batch 1) of
-# networks with cheap rows do not pay the loop overhead many times for little work.
+# networks with cheap rows do not pay the loop overhead many times for little work. Each iteration
+# costs a few dozen small kernel launches besides its arithmetic, so the units are first taken
+# COARSE blocks at a time while whole coarse blocks are needed (no padding), the rest in fine blocks:
+# on mnist_relu_6_100, whose units are nearly all unstable, this ran 1.4x faster than fine blocks alone.
 BLOCKS = 32
 BLOCK_FLOATS = 2 ** 16
+COARSE = 8
 _EXAMPLES = "examples"  # vmap axis of the examples in a chunk
 
 
@@ -508,19 +512,26 @@ def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
     k = jnp.broadcast_to(consts[kink], shape).reshape(-1)
     stable = (flo >= k) | (fhi <= k)
 
-    # blocks of `blk` units, unstable first, until every example of the chunk has all its unstable units
+    # blocks of units, unstable first, until every example of the chunk has all its unstable units
     blk = _block_units(g, v, lax.axis_size(_EXAMPLES))
     order = jnp.argsort(stable)
     acc, bias, last = prefix
 
-    def block(j, c):
-        sel = lax.dynamic_slice(order, (j * blk,), (blk,))
-        rows = jnp.concatenate([sel, sel + n])
-        res = _backward(g, consts, rel, ({u: t[rows] for u, t in acc.items()}, bias[rows], last))
-        return c[0].at[sel].set(res[:blk]), c[1].at[sel].set(-res[blk:])
+    def blocks(start, size, count, c):
+        def block(j, c):
+            sel = lax.dynamic_slice(order, (start + j * size,), (size,))
+            rows = jnp.concatenate([sel, sel + n])
+            res = _backward(g, consts, rel, ({u: t[rows] for u, t in acc.items()}, bias[rows], last))
+            return c[0].at[sel].set(res[:size]), c[1].at[sel].set(-res[size:])
+        return lax.fori_loop(0, count, block, c)
 
     need = lax.pmax(jnp.sum(~stable), _EXAMPLES)
-    cl, cu = lax.fori_loop(0, -(-need // blk), block, (flo, fhi))
+    big = min(n, COARSE * blk)
+    c, done = (flo, fhi), 0
+    if big > blk:
+        done = need // big * big
+        c = blocks(0, big, need // big, c)
+    cl, cu = blocks(done, blk, -(-(need - done) // blk), c)
     cl, cu = jnp.where(stable, flo, cl), jnp.where(stable, fhi, cu)
     relax = _Iv(lo=cl.reshape(shape), hi=cu.reshape(shape))
     tight = _Iv(lo=jnp.maximum(flo, cl).reshape(shape), hi=jnp.minimum(fhi, cu).reshape(shape))
