@@ -2,11 +2,14 @@
 
 Networks are rebuilt from the ONNX initializers of the shared MNIST networks, once as a JAX
 function and once as a torch module. Prints examples/s (medians of rounds that alternate between the
-two tools, so both see the same load), the median of the per-round ratios jaxrobust / torchattacks,
-and the share of the JAX float32 2048² matmul peak measured in the same run (FLOPs per PGD step
-counted as 2x a forward pass: the forward and the input-gradient backward, which computes no weight
-gradients). ``--loops`` also times the step-loop variants (rolled `fori_loop`, partial and full
-unrolling).
+two tools, so both see the same load) of jaxrobust returning each input's final iterate as
+torchattacks does (``keep_best=False``) and keeping its best iterate (the default), of torchattacks,
+the medians of the per-round ratios jaxrobust / torchattacks for both, the share of the JAX float32
+2048² matmul peak measured in the same run (final-iterate runs; FLOPs per step counted as 2x a forward
+pass: the forward and the input-gradient backward, which computes no weight gradients), and the time
+of the same passes through the affine layers alone (`affine_time`: the floor of any PGD on this
+machine) with the ratio to torchattacks that floor allows. ``--loops`` also
+times the step-loop variants (rolled `fori_loop`, partial and full unrolling).
 
     python benchmarks/bench_attacks.py [--shared ../shared] [--batches 1 32 256] [--loops]
 """
@@ -44,7 +47,7 @@ def dense_layers(w):
     return [(w[n + ".weight"], w[n + ".bias"]) for n in names]
 
 
-def jax_mlp(layers, relu_last, input_shape):
+def jax_mlp(layers, relu_last, input_shape, act=jax.nn.relu):
     params = [(jnp.asarray(W.T), jnp.asarray(b)) for W, b in layers]
 
     def apply(p, x):
@@ -52,13 +55,13 @@ def jax_mlp(layers, relu_last, input_shape):
         for i, (W, b) in enumerate(p):
             h = h @ W + b
             if i < len(p) - 1 or relu_last:
-                h = jax.nn.relu(h)
+                h = act(h)
         return h
 
     return from_function(apply, params, input_shape, 10)
 
 
-def jax_convsmall(w):
+def jax_convsmall(w, act=jax.nn.relu):
     conv = lambda h, k, b, s: lax.conv_general_dilated(
         h, k, (s, s), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")) + b
     hwio = lambda k: jnp.asarray(k.transpose(2, 3, 1, 0))  # OIHW -> HWIO
@@ -69,9 +72,9 @@ def jax_convsmall(w):
     def apply(p, x):  # x: (B, 1, 28, 28) NCHW with one channel == NHWC (B, 28, 28, 1)
         h = x.reshape(x.shape[0], 28, 28, 1)
         h = conv(h, p["k0"], p["b0"], 1)
-        h = jax.nn.relu(conv(h, p["k1"], p["b1"], 2))
-        h = jax.nn.relu(conv(h, p["k2"], p["b2"], 2))  # (B, 5, 5, 32), flattened HWC like the ONNX graph
-        h = jax.nn.relu(h.reshape(h.shape[0], -1) @ p["W5"] + p["b5"])
+        h = act(conv(h, p["k1"], p["b1"], 2))
+        h = act(conv(h, p["k2"], p["b2"], 2))  # (B, 5, 5, 32), flattened HWC like the ONNX graph
+        h = act(h.reshape(h.shape[0], -1) @ p["W5"] + p["b5"])
         return h @ p["W6"] + p["b6"]
 
     return from_function(apply, jax.tree_util.tree_map(jnp.asarray, params), (1, 28, 28), 10)
@@ -109,14 +112,31 @@ def torch_model(name, w):
     return nn.Sequential(*mods).eval()
 
 
-def build(name, path):
+def build(name, path, act=jax.nn.relu):
+    """The JAX network (activations ``act``) and the torch module of ``name``."""
     w = initializers(path)
     if name == "convSmallRELU__Point":
-        net = jax_convsmall(w)
+        net = jax_convsmall(w, act)
     else:
         net = jax_mlp(dense_layers(w), name == "mnist_relu_6_100",
-                      (784,) if name == "mnist-net_256x2" else (1, 28, 28))
+                      (784,) if name == "mnist-net_256x2" else (1, 28, 28), act)
     return net, torch_model(name, w)
+
+
+def affine_time(net, B):
+    """Median seconds of STEPS forward and input-gradient passes, at batch ``B``, through ``net``'s
+    affine layers alone (built with identity activations): its weight products in the order a gradient
+    step needs them, the floor of any PGD here. Each pass starts from the last one's gradient."""
+    x = jnp.full((B,) + net.input_shape, 0.5, jnp.float32)
+
+    @jax.jit
+    def passes(params, x):
+        def step(_, x):
+            z, vjp = jax.vjp(lambda v: net.apply(params, v), x)
+            return x + 1e-7 * vjp(z)[0]
+        return lax.fori_loop(0, STEPS, step, x, unroll=True)  # unrolled as PGD around convolutions
+
+    return median_time(lambda: passes(net.params, x), 7)
 
 
 def forward_flops(name, w=None):
@@ -144,22 +164,30 @@ def main():
     print(f"JAX f32 2048^2 matmul peak: {peak / 1e9:.1f} GFLOP/s   ({jax.devices()[0].platform}, "
           f"torch threads {torch.get_num_threads()})")
     print(f"PGD-{STEPS} L∞ eps={EPS} CE loss, random start; examples/s (median)")
-    print(f"{'network':22s} {'B':>4s} {'jaxrobust':>10s} {'torchattacks':>12s} {'ratio':>6s} {'%peak':>6s}")
+    print(f"{'network':22s} {'B':>4s} {'final':>7s} {'best':>7s} {'torchattacks':>12s} {'ratio':>6s} "
+          f"{'(best)':>6s} {'%peak':>6s} {'affine':>8s} {'max ratio':>9s}")
     rows = []
     for name in args.nets:
         net, tmodel = build(name, shared / NETS[name])
+        affine, _ = build(name, shared / NETS[name], act=lambda h: h)
         fl = 2 * forward_flops(name, initializers(shared / NETS[name])) * STEPS  # per example
         for B in args.batches:
             x = (mnist["x_test"][:B].astype(np.float32) / 255).reshape((B,) + net.input_shape)
             y = mnist["y_test"][:B].astype(np.int32)
             xj, yj, key = jnp.asarray(x), jnp.asarray(y), jax.random.key(0)
-            run = lambda: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce").x_adv.block_until_ready()  # noqa
             atk = torchattacks.PGD(tmodel, eps=EPS, alpha=2.5 * EPS / STEPS, steps=STEPS, random_start=True)
             xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-            tj, tt, ratio = paired_times(run, lambda atk=atk, xt=xt, yt=yt: atk(xt, yt))
+            times = []
+            for keep_best in (False, True):
+                run = lambda k=keep_best: pgd(net, xj, yj, EPS, key=key, steps=STEPS, loss="ce",  # noqa: E731
+                                              keep_best=k).x_adv.block_until_ready()
+                times.append(paired_times(run, lambda atk=atk, xt=xt, yt=yt: atk(xt, yt)))
+            (tj, tt, ratio), (tb, _, ratio_b) = times
             ej, et = B / tj, B / tt
             pct = 100 * ej * fl / peak
-            print(f"{name:22s} {B:4d} {ej:10.0f} {et:12.0f} {ratio:6.2f} {pct:5.1f}%", flush=True)
+            tp = affine_time(affine, B)
+            print(f"{name:22s} {B:4d} {ej:7.0f} {B / tb:7.0f} {et:12.0f} {ratio:6.2f} {ratio_b:6.2f} {pct:5.1f}% "
+                  f"{100 * tp / tj:7.0f}% {tt / tp:9.2f}", flush=True)
             rows.append((name, B, ej, et))
             if args.loops and B > 1:
                 for u in (1, 4, STEPS):

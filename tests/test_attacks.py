@@ -5,6 +5,7 @@ import pytest
 
 from jaxrobust.errors import InputError
 from jaxrobust.kernels import attacks, min_norm
+from jaxrobust.kernels.perturb import sample
 from jaxrobust.network import from_function
 
 KEY = jax.random.key(3)
@@ -74,6 +75,27 @@ def test_pgd_conv_net_unrolled():
     res = attacks.pgd(net, x, y, 0.3, key=KEY, steps=5)
     check_result(res, x, 0.3, "linf", net.domain, net=net, y=y)
     assert res.success.any()
+
+
+def test_pgd_keep_best_or_final_iterate():
+    """keep_best=False returns the final iterate (checked against a plain loop from the documented
+    random start); keep_best=True the lowest-margin iterate, strictly better where steps overshoot."""
+    w = jnp.asarray(_rng.normal(size=D), jnp.float32)
+    net = from_function(lambda p, x: jnp.stack([jnp.cos(3 * x @ p) + 1.5, jnp.zeros(len(x))], 1), w, (D,), 2,
+                        domain=(-10.0, 10.0))
+    y = jnp.zeros(B, jnp.int32)
+    eps, alpha, steps = 1.0, 0.3, 6
+    last = attacks.pgd(net, X, y, eps, key=KEY, steps=steps, step_size=alpha, keep_best=False)
+    best = attacks.pgd(net, X, y, eps, key=KEY, steps=steps, step_size=alpha)
+    for res in (last, best):
+        check_result(res, X, eps, "linf", net.domain, net=net, y=y)
+    assert np.all(np.asarray(best.margin) <= np.asarray(last.margin) + 1e-6)
+    assert np.any(np.asarray(best.margin) < np.asarray(last.margin) - 1e-3)
+    xa = sample(jax.random.fold_in(KEY, 0), X, eps, 1, domain=net.domain)[:, 0]
+    loss = lambda v: -jnp.sum(attacks.margin(net(v), y))  # noqa: E731
+    for _ in range(steps):
+        xa = attacks.project(xa + alpha * jnp.sign(jax.grad(loss)(xa)), X, jnp.full(B, eps), "linf", net.domain)
+    np.testing.assert_allclose(np.asarray(last.x_adv), np.asarray(xa), atol=1e-6)
 
 
 def test_fgsm_sanity():
