@@ -8,8 +8,8 @@ the medians of the per-round ratios jaxrobust / torchattacks for both, the share
 2048² matmul peak measured in the same run (final-iterate runs; FLOPs per step counted as 2x a forward
 pass: the forward and the input-gradient backward, which computes no weight gradients), and the time
 of the same passes through the affine layers alone (`affine_time`: the floor of any PGD on this
-machine) with the ratio to torchattacks that floor allows. ``--loops`` also
-times the step-loop variants (rolled `fori_loop`, partial and full unrolling).
+machine) with the ratio to torchattacks that floor allows. ``--loops`` also times the step-loop
+variants (rolled `fori_loop`, partial and full unrolling).
 
     python benchmarks/bench_attacks.py [--shared ../shared] [--batches 1 32 256] [--loops]
 """
@@ -112,15 +112,12 @@ def torch_model(name, w):
     return nn.Sequential(*mods).eval()
 
 
-def build(name, path, act=jax.nn.relu):
-    """The JAX network (activations ``act``) and the torch module of ``name``."""
-    w = initializers(path)
+def jax_net(name, w, act=jax.nn.relu):
+    """The JAX network ``name`` from its initializers ``w``, with activations ``act``."""
     if name == "convSmallRELU__Point":
-        net = jax_convsmall(w, act)
-    else:
-        net = jax_mlp(dense_layers(w), name == "mnist_relu_6_100",
-                      (784,) if name == "mnist-net_256x2" else (1, 28, 28), act)
-    return net, torch_model(name, w)
+        return jax_convsmall(w, act)
+    return jax_mlp(dense_layers(w), name == "mnist_relu_6_100",
+                   (784,) if name == "mnist-net_256x2" else (1, 28, 28), act)
 
 
 def affine_time(net, B):
@@ -168,9 +165,9 @@ def main():
           f"{'(best)':>6s} {'%peak':>6s} {'affine':>8s} {'max ratio':>9s}")
     rows = []
     for name in args.nets:
-        net, tmodel = build(name, shared / NETS[name])
-        affine, _ = build(name, shared / NETS[name], act=lambda h: h)
-        fl = 2 * forward_flops(name, initializers(shared / NETS[name])) * STEPS  # per example
+        w = initializers(shared / NETS[name])
+        net, affine, tmodel = jax_net(name, w), jax_net(name, w, act=lambda h: h), torch_model(name, w)
+        fl = 2 * forward_flops(name, w) * STEPS  # per example
         for B in args.batches:
             x = (mnist["x_test"][:B].astype(np.float32) / 255).reshape((B,) + net.input_shape)
             y = mnist["y_test"][:B].astype(np.int32)
