@@ -225,8 +225,9 @@ def pgd(fn, x, y, eps, *, key, steps: int = 40, step_size=None, restarts: int = 
       unroll: unroll factor of the step loop; None picks full unrolling for convolutional ``fn``
         and a rolled loop otherwise.
       keep_best: keep the lowest-margin iterate of every restart (a select over the batch at each
-        step: ~15% of the time of an MLP attack on CPU). False keeps each restart's final iterate, as
-        torchattacks and adversarial training do; the best restart is picked either way.
+        step: 5-10% of the time of an MLP attack at batch 256 on CPU, see
+        ``benchmarks/bench_attacks.py``). False keeps each restart's final iterate, as torchattacks and
+        adversarial training do; the best restart is picked either way.
     Returns:
       `AttackResult` with the lowest-margin point kept (re-checked by a forward pass).
     """

@@ -63,7 +63,7 @@ MEMORY_BUDGET = 2 ** 25
 # networks with cheap rows do not pay the loop overhead many times for little work. Each iteration
 # costs a few dozen small kernel launches besides its arithmetic, so the units are first taken
 # COARSE blocks at a time while whole coarse blocks are needed (no padding), the rest in fine blocks:
-# on mnist_relu_6_100, whose units are nearly all unstable, this ran 1.4x faster than fine blocks alone.
+# on mnist_relu_6_100, whose units are nearly all unstable, CROWN ran 1.5-2x faster (bench_bounds.py).
 BLOCKS = 32
 BLOCK_FLOATS = 2 ** 16
 COARSE = 8
