@@ -116,7 +116,10 @@ def content_hash(arch: Any, params: Any) -> str:
 def check_batch(x, input_shape, domain, what: str = "inputs") -> np.ndarray:
     """Validate ``x: (B, *input_shape)`` (dtype, shape, finiteness, domain); return float32 numpy."""
     a = np.asarray(x)
-    if a.dtype.kind not in "fiu":
+    if a.dtype.kind in "iub":
+        raise InputError(f"{what} must be floating point in the network's domain {tuple(domain)}, got {a.dtype} "
+                         "(scale integer images first, e.g. x / 255)")
+    if a.dtype.kind != "f":
         raise InputError(f"{what} must be numeric, got dtype {a.dtype}")
     if a.ndim != len(input_shape) + 1 or tuple(a.shape[1:]) != tuple(input_shape):
         raise InputError(f"{what} must have shape (B, {', '.join(map(str, input_shape))}), "

@@ -137,12 +137,13 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
     return VerifyResult(status, cex, time_s, domains, evals, lower, stage.astype(str))
 
 
-def float32_boxes(lo, hi, domain):
-    """The real box ``[lo, hi]`` (float64 arrays) ∩ domain as float32 boxes ``(outer, inner)``, each ``(lo, hi)``:
-    ``outer`` contains every real point of it (proofs are made on it), ``inner`` only points of it
-    (counterexamples are rounded into it)."""
-    lo = np.clip(np.asarray(lo, np.float64), *domain)
-    hi = np.clip(np.asarray(hi, np.float64), *domain)
+def float32_boxes(lo, hi, domain=None):
+    """The real box ``[lo, hi]`` (float64 arrays), intersected with ``domain`` unless None, as float32 boxes
+    ``(outer, inner)``, each ``(lo, hi)``: ``outer`` contains every real point of it (proofs are made on it),
+    ``inner`` only points of it (counterexamples are rounded into it)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    if domain is not None:
+        lo, hi = np.clip(lo, *domain), np.clip(hi, *domain)
 
     def rounded(v, down):
         f = v.astype(np.float32)
@@ -293,7 +294,11 @@ class PropertyResult(NamedTuple):
 
 def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> PropertyResult:
     """Decide a VNN-LIB `vnnlib.Property` whose unsafe region is a union of half-spaces ``a . y <= b``
-    (one comparison per disjunct, as in robustness properties) over its input box."""
+    (one comparison per disjunct, as in robustness properties) over exactly its input box.
+
+    The box is the question: it is not intersected with ``net.domain``, so a box reaching outside the
+    domain is verified as written (a counterexample may lie outside the domain); a box whose bounds
+    have no float32 point between them is refused with an InputError naming the input."""
     cfg = VerifyConfig() if cfg is None else cfg
     _check_config(cfg)
     t0 = time.perf_counter()
@@ -303,9 +308,12 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> Prop
                          f"takes {n0} inputs and has {net.num_classes} outputs")
     if any(a.shape[0] != 1 for a, _ in prop.disjuncts):
         raise InputError("only unsafe regions that are unions of single comparisons (a . y <= b) are supported")
-    if np.any(np.maximum(prop.lower, net.domain[0]) > np.minimum(prop.upper, net.domain[1])):
-        raise InputError("the property's input box does not meet the network's input domain")
-    outer, (lo, hi) = float32_boxes(prop.lower, prop.upper, net.domain)
+    outer, (lo, hi) = float32_boxes(prop.lower, prop.upper)
+    empty = np.flatnonzero(lo > hi)
+    if len(empty):
+        i = int(empty[0])
+        raise InputError(f"the property's bounds of X_{i} ({prop.lower[i]!r} <= X_{i} <= {prop.upper[i]!r}) "
+                         "hold no float32 value")
     C = np.concatenate([a for a, _ in prop.disjuncts]).astype(np.float32)
     d = np.concatenate([b for _, b in prop.disjuncts]).astype(np.float32)
 

@@ -85,7 +85,7 @@ def ibp(fn: Callable, lo, hi, *, sound_margin: bool = True) -> Bounds:
     Affine layers use the midpoint-radius form (center through ``W``, radius through ``|W|``).
     ``sound_margin=False`` skips the round-off widening (only for comparisons with other tools).
     """
-    lo, hi = _check_box(lo, hi)
+    lo, hi = _check_box(fn, lo, hi)
     prog = _program(fn, lo.shape[1:], lo.dtype)
     return _checked(*prog.ibp(prog.consts, lo, hi, sound_margin))
 
@@ -109,7 +109,7 @@ def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha
     """
     if intermediate not in ("crown", "ibp"):
         raise InputError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
-    lo, hi = _check_box(lo, hi)
+    lo, hi = _check_box(fn, lo, hi)
     if spec is not None:
         spec = jnp.asarray(spec, lo.dtype)
         if spec.ndim != 3 or spec.shape[0] != lo.shape[0]:
@@ -124,8 +124,12 @@ def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha
 
 
 def robustness_spec(labels, num_classes: int) -> jax.Array:
-    """Spec ``(B, C-1, C)`` whose rows give the margins ``logit_y - logit_j`` for ``j != y`` (ascending j)."""
+    """Spec ``(B, C-1, C)`` whose rows give the margins ``logit_y - logit_j`` for ``j != y`` (ascending j).
+
+    Concrete labels must be integers in ``[0, num_classes)`` (InputError otherwise)."""
     labels = jnp.asarray(labels)
+    if not isinstance(labels, jax.core.Tracer):
+        _check_labels(labels, num_classes)
     j = jnp.arange(num_classes - 1)[None, :]
     j = j + (j >= labels[:, None])
     eye = jnp.eye(num_classes, dtype=jnp.float32)
@@ -135,10 +139,13 @@ def robustness_spec(labels, num_classes: int) -> jax.Array:
 def margin_bounds(net, x, eps, method: str = "ibp", *, labels=None) -> jax.Array:
     """Lower bounds ``(B, C-1)`` of ``logit_y - logit_j`` (j != y) over the eps-box around ``x``.
 
-    The box ``[x - eps, x + eps]`` (eps scalar or ``(B,)``) is clipped to ``net.domain``.
-    ``labels`` default to the network's predictions at ``x``. ``method``: "ibp", "crown" or
-    "alpha-crown". All margins positive proves robustness of every example.
+    ``x`` must lie in ``net.domain`` (InputError otherwise, as for integer images: scale them first);
+    the box ``[x - eps, x + eps]`` (eps scalar or ``(B,)``) is clipped to ``net.domain``, so it still
+    contains ``x``. ``labels`` default to the network's predictions at ``x``. ``method``: "ibp",
+    "crown" or "alpha-crown". All margins positive proves robustness of every example.
     """
+    if not isinstance(x, jax.core.Tracer):
+        x = net.check_inputs(x)
     x = jnp.asarray(x, jnp.float32)
     eps = jnp.asarray(eps, x.dtype)
     if eps.ndim == 1:
@@ -261,15 +268,51 @@ def _program(fn, in_shape, dtype) -> _Program:
     return per_fn[key]
 
 
-def _check_box(lo, hi):
-    """Shapes and dtypes of a box; its values are checked by the bound programs (see `_checked`)."""
+def _check_labels(labels, num_classes: int):
+    """InputError unless ``labels`` are integers in ``[0, num_classes)``."""
+    a = np.asarray(labels)
+    if a.dtype.kind not in "iu" or (a.size and (a.min() < 0 or a.max() >= num_classes)):
+        raise InputError(f"labels must be integers in [0, {num_classes}), got {a.dtype}"
+                         + (f" in [{a.min()}, {a.max()}]" if a.size else ""))
+
+
+def _check_box(fn, lo, hi):
+    """Shapes and dtype of a box; its values are checked by the bound programs (see `_checked`).
+
+    The box takes the dtype ``fn`` computes in (`_compute_dtype`); a wider box is rounded outward to it,
+    so it still contains every point of the given box.
+    """
     lo, hi = jnp.asarray(lo), jnp.asarray(hi)
-    if not jnp.issubdtype(lo.dtype, jnp.floating):
-        lo = lo.astype(jnp.float32)
-    hi = hi.astype(lo.dtype)
     if lo.shape != hi.shape or lo.ndim < 1:
         raise InputError(f"lo and hi must have the same shape (B, *in_shape), got {lo.shape} and {hi.shape}")
-    return lo, hi
+    dtype = _compute_dtype(fn, lo.shape[1:])
+    return _round_to(lo, dtype, down=True), _round_to(hi, dtype, down=False)
+
+
+def _round_to(a, dtype, down: bool):
+    """``a`` in ``dtype``, rounded down (up) where the cast is inexact; under tracing a plain cast."""
+    if a.dtype == dtype:
+        return a
+    b = a.astype(dtype)
+    if not jnp.issubdtype(a.dtype, jnp.floating) or isinstance(a, jax.core.Tracer):
+        return b
+    off = b.astype(a.dtype) > a if down else b.astype(a.dtype) < a
+    return jnp.where(off, jnp.nextafter(b, jnp.asarray(-jnp.inf if down else jnp.inf, dtype)), b)
+
+
+def _compute_dtype(fn, in_shape):
+    """The floating dtype of ``fn``'s output on a float32 input: float32 unless the network computes in
+    float64 (its parameters are float64 under ``jax_enable_x64``). Cached per function."""
+    key = ("dtype", tuple(in_shape))
+    try:
+        per_fn = _CACHE.setdefault(fn, {})
+    except TypeError:
+        per_fn = {}
+    if key not in per_fn:
+        out = jax.eval_shape(fn, jax.ShapeDtypeStruct((1, *in_shape), jnp.float32))
+        dt = jnp.dtype(out.dtype)
+        per_fn[key] = dt if jnp.issubdtype(dt, jnp.floating) else jnp.dtype(jnp.float32)
+    return per_fn[key]
 
 
 def _box_ok(lo, hi):

@@ -79,7 +79,7 @@ def forward_linear(fn: Callable, lo, hi, spec=None, *, sound_margin: bool = True
     ``spec: (B, K, C)`` with ``C = prod(out)`` gives bounds ``(B, K)``; None gives ``(B, *out)``. The
     result is intersected with the interval bounds, so it is never looser than IBP.
     """
-    lo, hi = _check_box(lo, hi)
+    lo, hi = _check_box(fn, lo, hi)
     prog = _program(fn, lo.shape[1:], lo.dtype)
     if spec is not None:
         spec = jnp.asarray(spec, lo.dtype)
