@@ -20,6 +20,7 @@ time budget depends on the machine.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from typing import NamedTuple
 
@@ -28,13 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
-from .kernels.bab import box_bounds, domain_bounds
-from .kernels.bounds import MARGIN_ABS, MARGIN_REL
+from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits, split_point
+from .kernels.bounds import MARGIN_ABS, MARGIN_REL, crown
 from .kernels.perturb import check_eps
-from .kernels.relu_chain import ReluChain, relu_chain
 from .network import Network
 from .oracles import ROBUST, UNKNOWN, VIOLATED, Oracle, Verdicts, attack_falsifier
 
+# Signed-gradient steps from every open subdomain's minimiser before it is checked as a counterexample.
+DESCENT_STEPS = 5
+# Networks with at most this many inputs are verified by input splitting under ``split="auto"``.
+INPUT_SPLIT_DIMS = 20
 STAGES = ("forward", "attack", "crown", "bab", "lp", "timeout", "domains", "memory", "lp-unknown")
 
 
@@ -46,6 +50,7 @@ class VerifyConfig(NamedTuple):
     steps: int = 10                # α/β Adam iterations per subdomain batch (warm-started from the parent)
     root_steps: int = 100          # α iterations on the whole box
     intermediate_steps: int = 20   # α iterations for the hidden layers' bounds on the whole box
+    split: str = "auto"            # "neurons", "inputs" (input splitting) or "auto" (inputs for <= INPUT_SPLIT_DIMS)
     attack_steps: int = 40
     attack_restarts: int = 1
     attack_targets: int = 9
@@ -63,16 +68,17 @@ class VerifyResult(NamedTuple):
     stage: np.ndarray          # str: the stage that decided (STAGES)
 
 
-_CHAINS: dict = {}
+_BRANCHERS: dict = {}
 
 
-def network_chain(net: Network) -> ReluChain:
-    """The dense `ReluChain` of ``net`` (cached by content hash)."""
+def network_brancher(net: Network) -> Brancher:
+    """The branch-and-bound programs of ``net`` (`kernels.bab.Brancher`, the last one kept by content hash).
+    Building it traces the network, so an unsupported operation is reported here, before any work."""
     key = (net.hash, tuple(net.input_shape))
-    if key not in _CHAINS:
-        _CHAINS.clear()
-        _CHAINS[key] = relu_chain(net, net.input_shape)
-    return _CHAINS[key]
+    if key not in _BRANCHERS:
+        _BRANCHERS.clear()
+        _BRANCHERS[key] = Brancher(net, net.input_shape)
+    return _BRANCHERS[key]
 
 
 def robustness_specs(label: int, num_classes: int):
@@ -94,6 +100,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
     cfg = VerifyConfig() if cfg is None else cfg
     _check_config(cfg)
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
+    brancher = network_brancher(net)
     outer, inner = float32_boxes(x - radius, x + radius, net.domain)
     status = np.full(B, UNKNOWN, np.int8)
     cex = np.full(x.shape, np.nan, np.float32)
@@ -119,7 +126,6 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
 
     todo = np.flatnonzero(status == UNKNOWN)
     if len(todo):
-        chain = network_chain(net)
         it = todo
         if progress:
             from tqdm.auto import tqdm
@@ -127,7 +133,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
         for i in it:
             t1 = time.perf_counter()
             C, d = robustness_specs(int(y[i]), net.num_classes)
-            r = verify_box(net, chain, (outer[0][i].reshape(-1), outer[1][i].reshape(-1)), C, d, cfg,
+            r = decide_box(net, brancher, (outer[0][i].reshape(-1), outer[1][i].reshape(-1)), C, d, cfg,
                            deadline=t1 + max(cfg.timeout - time_s[i], 0.0),
                            inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)))
             status[i], stage[i], domains[i], evals[i], lower[i] = r.status, r.stage, r.domains, r.bound_evals, r.lower
@@ -162,65 +168,82 @@ class BoxResult(NamedTuple):
     stage: str
 
 
-def verify_box(net: Network, chain: ReluChain, box, C, d, cfg: VerifyConfig, *, deadline: float,
+def decide_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
+               inner=None) -> BoxResult:
+    """`verify_box_inputs` when ``cfg.split`` asks for input splitting (``"auto"``: networks with at most
+    `INPUT_SPLIT_DIMS` inputs), else `verify_box` (neuron splitting)."""
+    n_in = math.prod(net.input_shape)
+    if cfg.split == "inputs" or (cfg.split == "auto" and n_in <= INPUT_SPLIT_DIMS):
+        return verify_box_inputs(net, box, C, d, cfg, deadline=deadline, inner=inner)
+    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner)
+
+
+def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
                inner=None) -> BoxResult:
     """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``box = (lo, hi)``, each ``(n_0,)``, or find
     ``x`` in ``inner`` (default the box itself) violating a row.
 
     ``C: (T, n_L)``, ``d: (T,)``. Runs stages 3–5 of the module doc until ``deadline`` (perf_counter).
     """
-    lo, hi = (jnp.asarray(b, jnp.float32) for b in box)
-    in_lo, in_hi = (np.asarray(b, np.float32) for b in (box if inner is None else inner))
+    shape = (1,) + tuple(net.input_shape)
+    lo, hi = (jnp.asarray(b, jnp.float32).reshape(shape) for b in box)
+    in_lo, in_hi = (np.asarray(b, np.float32).reshape(-1) for b in (box if inner is None else inner))
     C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
-    widths = chain.widths[1:-1]
-    H = int(sum(widths))
-    lowers, uppers = box_bounds(chain, lo, hi, steps=cfg.intermediate_steps)
-    shape = (-1,) + tuple(net.input_shape)
-
+    root = brancher.root_bounds(lo, hi, cfg.intermediate_steps)
+    lay = brancher.layout
     batch = cfg.batch
 
-    def violating(xs):
-        """``xs: (D, n_0)`` rounded into the inner box, and which of them a plain forward pass maps into
-        the unsafe region (any spec row)."""
-        xs = np.clip(xs, in_lo, in_hi)
+    def violating(xs, rows):
+        """Candidates ``xs: (D, n_0)`` of the spec rows ``rows`` and the points a few signed-gradient steps on
+        those rows take them to (`_descend`), rounded into the inner box; returns ``(points, bad)``, ``bad``
+        marking those a plain forward pass maps into the unsafe region (any spec row)."""
         n = len(xs)
         pad = -n % 16 if n <= 16 else -n % batch
+        padded = lambda a: np.concatenate([a, np.repeat(a[:1], pad, 0)]) if pad else a
+        moved = np.concatenate([np.asarray(_descend(net, jnp.asarray(padded(xs)[i:i + batch]).reshape((-1,) + shape[1:]),
+                                                    jnp.asarray(padded(C[rows])[i:i + batch]), jnp.asarray(in_lo),
+                                                    jnp.asarray(in_hi), DESCENT_STEPS)).reshape(-1, xs.shape[1])
+                                for i in range(0, n + pad, batch)])[:n]
+        xs = np.clip(np.concatenate([xs, moved]), in_lo, in_hi)
+        m = len(xs)
+        pad = -m % 16 if m <= 16 else -m % batch
         xp = np.concatenate([xs, np.repeat(xs[:1], pad, 0)]) if pad else xs
-        out = np.concatenate([np.asarray(net(jnp.asarray(xp[i:i + batch]).reshape(shape)), np.float64)
-                              for i in range(0, len(xp), batch)])[:n]
+        out = np.concatenate([np.asarray(net(jnp.asarray(xp[i:i + batch]).reshape((-1,) + shape[1:])), np.float64)
+                              for i in range(0, len(xp), batch)])[:m]
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
-    def bound(splits, rows, init, steps):
-        """Bounds of ``len(rows) <= batch`` subdomains: lower, x*, branch, alpha, beta. Batches are padded
-        to 16, batch / 4 or batch rows, so only three shapes are compiled."""
+    def bound(sp: Splits, rows, init, steps):
+        """Bounds of ``len(rows) <= batch`` subdomains (`DomainBounds` as numpy, lower shifted by ``d``).
+        Batches are padded to 16, batch / 4 or batch rows, so only three shapes are compiled."""
         n = len(rows)
         size = next(s for s in (16, batch // 4, batch) if s >= n)
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
-        parts = np.split(pad(splits), np.cumsum(widths)[:-1], axis=1)
         init = None if init is None else tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
-        r = domain_bounds(chain, lo, hi, lowers, uppers, tuple(jnp.asarray(p) for p in parts),
-                          jnp.asarray(pad(C[rows])), init, steps=steps)
-        lower = np.asarray(r.lower)[:n] - d[rows]
-        return lower, np.asarray(r.x_star)[:n], np.asarray(r.branch)[:n], \
-            np.asarray(r.alpha)[:n].astype(np.float16), np.asarray(r.beta)[:n].astype(np.float16)
+        r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
+                           init, steps=steps)
+        r = DomainBounds(*(np.asarray(a)[:n] for a in r))
+        return r._replace(lower=r.lower - d[rows], alpha=r.alpha.astype(np.float16), beta=r.beta.astype(np.float16))
 
     T = len(C)
     n_domains, n_evals = T, T * (cfg.root_steps + 1)
-    root = bound(np.zeros((T, H), np.int8), np.arange(T), None, cfg.root_steps)
-    root_b, root_x = root[0], root[1]
-    root_x, bad = violating(root_x)
+    root_sp = brancher.initial(root, T)
+    r = bound(root_sp, np.arange(T), None, cfg.root_steps)
+    xs, bad = violating(r.x_star, np.arange(T))
     if bad.any():
-        return BoxResult(VIOLATED, root_x[np.argmax(bad)], n_domains, n_evals, float(root_b.min()), "bab")
-    open_rows = root_b <= 0
+        return BoxResult(VIOLATED, xs[np.argmax(bad)], n_domains, n_evals, float(r.lower.min()), "bab")
+    open_rows = r.lower <= 0
     if not open_rows.any():
-        return BoxResult(ROBUST, None, n_domains, n_evals, float(root_b.min()), "crown")
+        return BoxResult(ROBUST, None, n_domains, n_evals, float(r.lower.min()), "crown")
 
-    # pending subdomains: split states, spec row, lower bound, neuron to branch on, warm start (alpha, beta)
-    pool = {"s": np.zeros((int(open_rows.sum()), H), np.int8), "t": np.flatnonzero(open_rows),
-            "b": root_b[open_rows], "br": root[2][open_rows], "a": root[3][open_rows], "be": root[4][open_rows]}
-    proved_min = float(root_b[~open_rows].min()) if (~open_rows).any() else np.inf
-    undecided = np.inf          # lowest bound of subdomains whose exact LP minimum is within round-off of 0
-    max_pool = max(1, cfg.max_pool_bytes // (5 * max(H, 1)))
+    # pending subdomains: splits, spec row, lower bound, unit to branch on and its bounds, warm start
+    keep = lambda a: a[open_rows]
+    pool = {"s": keep(root_sp.s), "ilo": keep(root_sp.ilo), "ihi": keep(root_sp.ihi), "t": np.flatnonzero(open_rows),
+            "b": keep(r.lower), "br": keep(r.branch), "ul": keep(r.unit_lo), "uh": keep(r.unit_hi),
+            "a": keep(r.alpha), "be": keep(r.beta)}
+    proved_min = float(r.lower[~open_rows].min()) if (~open_rows).any() else np.inf
+    undecided = np.inf          # lowest bound of leaves that could not be decided
+    per_domain = lay.Hk + 8 * lay.Hi + 2 * lay.Ha + 2 * (lay.Hk + 2 * lay.Hi) + 32
+    max_pool = max(1, cfg.max_pool_bytes // per_domain)
     stage = "bab"
 
     def stop(status, why, xs=None, pending=()):
@@ -241,12 +264,13 @@ def verify_box(net: Network, chain: ReluChain, box, C, d, cfg: VerifyConfig, *, 
                 if time.perf_counter() > deadline:
                     return stop(UNKNOWN, "timeout")
                 t = pool["t"][j]
-                verdict, xs = _lp_subdomain(chain, lo, hi, lowers, uppers, pool["s"][j], C[t], d[t])
+                verdict, xs = (_lp_leaf(brancher, root, lo, hi, pool["s"][j], C[t], d[t])
+                               if brancher.pure_kink else (UNKNOWN, None))
                 if verdict == VIOLATED:
-                    xs, bad = violating(xs[None])
-                    if bad[0]:
-                        return stop(VIOLATED, "lp", xs[0])
-                if verdict != ROBUST:    # within round-off of 0: undecidable in float32, go on with the rest
+                    xs, bad = violating(xs[None], t[None])
+                    if bad.any():
+                        return stop(VIOLATED, "lp", xs[np.argmax(bad)])
+                if verdict != ROBUST:    # within round-off of 0, or not piecewise linear: go on with the rest
                     undecided = min(undecided, float(pool["b"][j]))
             stage = "lp"
             pool = {k: v[~exhausted] for k, v in pool.items()}
@@ -255,30 +279,150 @@ def verify_box(net: Network, chain: ReluChain, box, C, d, cfg: VerifyConfig, *, 
         take, left = order[:batch // 2], order[batch // 2:]
         par = {k: v[take] for k, v in pool.items()}
         pool = {k: v[left] for k, v in pool.items()}
-        P = len(take)
-        cs = np.concatenate([par["s"], par["s"]])
-        cs[np.arange(P), par["br"]] = 1
-        cs[P + np.arange(P), par["br"]] = -1
-        ct = np.concatenate([par["t"], par["t"]])
-        be = np.concatenate([par["be"], par["be"]])
-        be[np.arange(2 * P), np.concatenate([par["br"], par["br"]])] = 0
-        b, xs, br, al, be = bound(cs, ct, (np.concatenate([par["a"], par["a"]]), be), cfg.steps)
-        b = np.maximum(b, np.concatenate([par["b"], par["b"]]))
-        n_domains += 2 * P
-        n_evals += 2 * P * (cfg.steps + 1)
+        children = _children(lay, par)
+        n_ch = len(children["t"])
+        r = bound(Splits(children["s"], children["ilo"], children["ihi"]), children["t"],
+                  (children["a"], children["be"]), cfg.steps)
+        b = np.maximum(r.lower, children["b"])
+        n_domains += n_ch
+        n_evals += n_ch * (cfg.steps + 1)
         open_ = b <= 0
         if open_.any():
-            cand = np.flatnonzero(open_)
-            pts, bad = violating(xs[cand])
-            if bad.any():
-                return stop(VIOLATED, "bab", pts[np.argmax(bad)], (b,))
+            cand = np.flatnonzero(open_ & np.isfinite(b))
+            if len(cand):
+                pts, bad = violating(r.x_star[cand], children["t"][cand])
+                if bad.any():
+                    return stop(VIOLATED, "bab", pts[np.argmax(bad)], (b,))
         if (~open_).any():
             proved_min = min(proved_min, float(b[~open_].min()))
-        new = {"s": cs, "t": ct, "b": b, "br": br, "a": al, "be": be}
+        new = dict(children, b=b, br=r.branch, ul=r.unit_lo, uh=r.unit_hi, a=r.alpha, be=r.beta)
         pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
     if undecided < np.inf:
         return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
     return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, stage)
+
+
+def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: float, inner=None) -> BoxResult:
+    """`verify_box` by input splitting: every sub-box is bounded by CROWN (α-CROWN on the whole box) with its
+    own intermediate bounds; the open sub-box with the lowest bound is halved along the coordinate with the
+    largest width times |gradient| of its spec row at its centre. Its centre and the vertex the gradient
+    points away from are checked as counterexamples. For networks with few inputs (latent spaces)."""
+    shape = tuple(net.input_shape)
+    lo, hi = (np.asarray(b, np.float32).reshape(1, -1) for b in box)
+    in_lo, in_hi = (np.asarray(b, np.float32).reshape(-1) for b in (box if inner is None else inner))
+    C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
+    batch = cfg.batch
+    grad = _row_gradient(net)
+
+    def bound(los, his, rows, steps):
+        n = len(rows)
+        size = next(s for s in (16, batch // 4, batch) if s >= n)
+        pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
+        b = crown(net, pad(los).reshape((-1,) + shape), pad(his).reshape((-1,) + shape), pad(C[rows])[:, None],
+                  alpha=steps > 0, alpha_steps=max(steps, 1)).lower
+        mid = pad((los + his) / 2)
+        g = np.asarray(grad(jnp.asarray(mid).reshape((-1,) + shape), jnp.asarray(pad(C[rows]))))[:n].reshape(n, -1)
+        cands = np.concatenate([mid[:n], np.where(g > 0, los, his)])
+        cands = np.clip(cands, in_lo, in_hi)
+        out = np.asarray(net(jnp.asarray(cands).reshape((-1,) + shape)), np.float64)
+        viol = np.any(out @ C.T.astype(np.float64) <= d, axis=1)
+        width = his - los
+        score = np.where(width > MIN_WIDTH * (1 + np.maximum(np.abs(los), np.abs(his))),
+                         width * (np.abs(g) + 1e-6), -np.inf)
+        return np.asarray(b)[:n, 0] - d[rows], cands[np.argmax(viol)] if viol.any() else None, score
+
+    T = len(C)
+    rows = np.arange(T)
+    b, cex, score = bound(np.repeat(lo, T, 0), np.repeat(hi, T, 0), rows, cfg.root_steps)
+    n_domains, n_evals = T, T * (cfg.root_steps + 1)
+    if cex is not None:
+        return BoxResult(VIOLATED, cex, n_domains, n_evals, float(b.min()), "bab")
+    open_ = b <= 0
+    if not open_.any():
+        return BoxResult(ROBUST, None, n_domains, n_evals, float(b.min()), "crown")
+    pool = {"lo": np.repeat(lo, open_.sum(), 0), "hi": np.repeat(hi, open_.sum(), 0), "t": rows[open_],
+            "b": b[open_], "sc": score[open_]}
+    proved_min = float(b[~open_].min()) if (~open_).any() else np.inf
+    undecided = np.inf
+    while len(pool["t"]):
+        low = float(pool["b"].min())
+        if time.perf_counter() > deadline:
+            return BoxResult(UNKNOWN, None, n_domains, n_evals, low, "timeout")
+        if n_domains >= cfg.max_domains:
+            return BoxResult(UNKNOWN, None, n_domains, n_evals, low, "domains")
+        leaf = np.all(pool["sc"] == -np.inf, axis=1)
+        if leaf.any():
+            undecided = min(undecided, float(pool["b"][leaf].min()))
+            pool = {k: v[~leaf] for k, v in pool.items()}
+            continue
+        order = np.argsort(pool["b"], kind="stable")
+        take, left = order[:batch // 2], order[batch // 2:]
+        par = {k: v[take] for k, v in pool.items()}
+        pool = {k: v[left] for k, v in pool.items()}
+        P = len(take)
+        dim = np.argmax(par["sc"], axis=1)
+        mid = (par["lo"][np.arange(P), dim] + par["hi"][np.arange(P), dim]) / 2
+        clo, chi = np.concatenate([par["lo"], par["lo"]]), np.concatenate([par["hi"], par["hi"]])
+        chi[np.arange(P), dim] = mid
+        clo[P + np.arange(P), dim] = mid
+        ct = np.concatenate([par["t"], par["t"]])
+        b, cex, score = bound(clo, chi, ct, 0)
+        b = np.maximum(b, np.concatenate([par["b"], par["b"]]))
+        n_domains += 2 * P
+        n_evals += 2 * P
+        if cex is not None:
+            return BoxResult(VIOLATED, cex, n_domains, n_evals, low, "bab")
+        open_ = b <= 0
+        if (~open_).any():
+            proved_min = min(proved_min, float(b[~open_].min()))
+        new = {"lo": clo, "hi": chi, "t": ct, "b": b, "sc": score}
+        pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
+    if undecided < np.inf:
+        return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
+    return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, "bab")
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _descend(net: Network, xs, c, lo, hi, steps: int):
+    """``steps`` signed-gradient steps on ``c[d] . net(xs[d])`` per row, step sizes from 1/8 of the box width
+    shrinking by 0.7 each step, projected on the flat box ``lo, hi: (n_0,)``; ``xs: (D, *in)``."""
+    shape = xs.shape
+    lo, hi = lo.reshape(shape[1:]), hi.reshape(shape[1:])
+    obj = lambda x: jnp.sum(net(x) * c)
+
+    def step(i, x):
+        return jnp.clip(x - (hi - lo) / 8 * 0.7 ** i * jnp.sign(jax.grad(obj)(x)), lo, hi)
+
+    return jax.lax.fori_loop(0, steps, step, xs)
+
+
+@functools.lru_cache(maxsize=4)
+def _row_gradient(net: Network):
+    """Jitted ``(x (D, *in), c (D, n_out)) -> d(c . net(x))/dx`` per row."""
+    return jax.jit(jax.vmap(jax.grad(lambda x, c: c @ net(x[None])[0])))
+
+
+def _children(lay, par: dict) -> dict:
+    """The two children of each parent subdomain in ``par`` (pool fields), split on its branch unit: a kink
+    unit to ``+1`` / ``-1``, an interval unit at `split_point` of its bounds; the children's multipliers
+    of the new constraint start at 0, the rest from the parent."""
+    P = len(par["t"])
+    two = lambda a: np.concatenate([a, a])
+    ch = {k: two(par[k]) for k in ("s", "ilo", "ihi", "t", "b", "a", "be")}
+    br = par["br"]
+    rows = np.arange(P)
+    kink = br < lay.Hk
+    k_rows, kb = rows[kink], br[kink]
+    ch["s"][k_rows, kb], ch["s"][P + k_rows, kb] = 1, -1
+    ch["be"][k_rows, kb] = ch["be"][P + k_rows, kb] = 0
+    i_rows, ib = rows[~kink], br[~kink] - lay.Hk
+    p = split_point(par["ul"][~kink], par["uh"][~kink])
+    ch["ihi"][i_rows, ib], ch["ilo"][P + i_rows, ib] = p, p
+    ch["ilo"][i_rows, ib] = np.maximum(ch["ilo"][i_rows, ib], par["ul"][~kink])
+    ch["ihi"][P + i_rows, ib] = np.minimum(ch["ihi"][P + i_rows, ib], par["uh"][~kink])
+    for off in (lay.Hk, lay.Hk + lay.Hi):
+        ch["be"][i_rows, off + ib] = ch["be"][P + i_rows, off + ib] = 0
+    return ch
 
 
 class PropertyResult(NamedTuple):
@@ -302,6 +446,7 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> Prop
     cfg = VerifyConfig() if cfg is None else cfg
     _check_config(cfg)
     t0 = time.perf_counter()
+    brancher = network_brancher(net)
     n0 = int(np.prod(net.input_shape))
     if prop.lower.size != n0 or prop.n_outputs != net.num_classes:
         raise InputError(f"the property has {prop.lower.size} inputs and {prop.n_outputs} outputs; the network "
@@ -327,7 +472,7 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> Prop
         out = np.asarray(net(jnp.asarray(xa).reshape((1,) + tuple(net.input_shape))), np.float64)[0]
         if np.any(C.astype(np.float64) @ out <= d):
             return found(xa, "attack")
-    r = verify_box(net, network_chain(net), outer, C, d, cfg, deadline=t0 + cfg.timeout, inner=(lo, hi))
+    r = decide_box(net, brancher, outer, C, d, cfg, deadline=t0 + cfg.timeout, inner=(lo, hi))
     if r.status == VIOLATED:
         return found(r.counterexample, r.stage)._replace(domains=r.domains)
     result = "unsat" if r.status == ROBUST else ("timeout" if r.stage == "timeout" else "unknown")
@@ -351,42 +496,36 @@ def _box_attack(net: Network, lo, hi, C, d, key, steps: int, restarts: int):
     return xs[jnp.argmin(objective(xs))]
 
 
-def _lp_subdomain(chain: ReluChain, lo, hi, lowers, uppers, split, c, d):
-    """Exact ``min c . out - d`` over a subdomain whose neurons are all fixed (by the box bounds or the
-    split): an LP in the input. Returns ``(ROBUST | VIOLATED | UNKNOWN, minimiser or None)``."""
+def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d):
+    """Exact ``min c . out - d`` over a subdomain whose kink units are all stable (the network is affine on it):
+    an LP (HiGHS) in the input over the box and the split constraints, loosened by the round-off margin.
+    Returns ``(ROBUST | VIOLATED | UNKNOWN, minimiser or None)``."""
     from scipy.optimize import linprog
 
-    lo64, hi64 = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
-    n0 = lo64.size
-    A, a0 = np.eye(n0), np.zeros(n0)
+    units, (A_out, a_out) = brancher.leaf(root, lo, hi, jnp.asarray(s))
+    lo64, hi64 = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
+    top = np.maximum(np.abs(lo64), np.abs(hi64))
     rows, rhs = [], []
-    offset = 0
-    for k, (w, b) in enumerate(zip(chain.weights, chain.biases)):
-        w, b = np.asarray(w, np.float64), np.asarray(b, np.float64)
-        A, a0 = w @ A, w @ a0 + b
-        if k == len(chain.weights) - 1:
-            break
-        n = w.shape[0]
-        s = split[offset:offset + n]
-        l, u = np.asarray(lowers[k]), np.asarray(uppers[k])
-        active = (l >= 0) | (s > 0)
-        inactive = ((u <= 0) | (s < 0)) & ~active
-        if np.any((l >= 0) & (s < 0)) or np.any((u <= 0) & (s > 0)):
-            return ROBUST, None                   # contradictory split: empty subdomain
-        rows += [-A[active], A[inactive]]
-        rhs += [a0[active], -a0[inactive]]
-        A, a0 = A * active[:, None], a0 * active
-        offset += n
-    obj = np.asarray(c, np.float64) @ A
-    const = float(np.asarray(c, np.float64) @ a0) - float(d)
-    res = linprog(obj, A_ub=np.concatenate(rows), b_ub=np.concatenate(rhs), bounds=np.stack([lo64, hi64], 1),
+    for (v, k, off, n), (A, a0) in zip(brancher.layout.kink, units):
+        A, a0 = np.asarray(A, np.float64), np.asarray(a0, np.float64)
+        sv = s[off:off + n]
+        kk = np.broadcast_to(np.asarray(brancher.consts[k], np.float64), brancher.graph.shape(v)).reshape(-1)
+        slack = MARGIN_REL * (np.abs(A) @ top + np.abs(a0)) + MARGIN_ABS
+        for sign in (1, -1):   # sign * (A x + a0 - k) >= 0  <=>  -sign A x <= sign (a0 - k) + slack
+            m = sv == sign
+            rows.append(-sign * A[m])
+            rhs.append(sign * (a0[m] - kk[m]) + slack[m])
+    obj = np.asarray(c, np.float64) @ np.asarray(A_out, np.float64)
+    const = float(np.asarray(c, np.float64) @ np.asarray(a_out, np.float64)) - float(d)
+    A_ub = np.concatenate(rows) if rows else None
+    res = linprog(obj, A_ub=A_ub, b_ub=np.concatenate(rhs) if rows else None, bounds=np.stack([lo64, hi64], 1),
                   method="highs")
     if res.status == 2:
         return ROBUST, None
     if res.status != 0:
         return UNKNOWN, None
     value = res.fun + const
-    scale = np.abs(obj) @ np.maximum(np.abs(lo64), np.abs(hi64)) + abs(const)
+    scale = np.abs(obj) @ top + abs(const)
     if value > MARGIN_REL * scale + MARGIN_ABS:
         return ROBUST, None
     return VIOLATED, np.clip(res.x, lo64, hi64).astype(np.float32)
@@ -397,6 +536,8 @@ def _check_config(cfg: VerifyConfig):
         raise InputError(f"timeout must be > 0 seconds, got {cfg.timeout}")
     if cfg.batch < 2 or cfg.batch % 2:
         raise InputError(f"batch must be an even number >= 2, got {cfg.batch}")
+    if cfg.split not in ("auto", "neurons", "inputs"):
+        raise InputError(f"split must be 'auto', 'neurons' or 'inputs', got {cfg.split!r}")
     if cfg.max_domains < 1 or cfg.steps < 0 or cfg.root_steps < 0:
         raise InputError("max_domains must be >= 1 and steps, root_steps >= 0")
 

@@ -1,24 +1,36 @@
-"""Linear bounds of a `ReluChain` over ReLU-split subdomains of an input box (β-CROWN), batched.
+"""Branch and bound on the traced graph of `bounds`: β-CROWN bounds of split subdomains, batched.
 
-A subdomain of the box ``[lo, hi]`` is given by split states per hidden neuron: ``+1`` (``z >= 0``),
-``-1`` (``z <= 0``) or ``0`` (free). Its output bound is CROWN's back-substitution with
+A subdomain is the input box with constraints on *branch units*, the units of the vars whose bounds
+feed a relaxation (see `Layout`):
 
-* intermediate pre-activation bounds computed once for the box (`box_bounds`) and clamped by the
-  splits (``+1``: ``l = max(l, 0)``; ``-1``: ``u = min(u, 0)``), so split neurons are linear;
-* optimisable lower slopes ``alpha in [0, 1]`` of the unstable neurons (α-CROWN);
-* Lagrange multipliers ``beta >= 0`` of the split constraints ``s z >= 0``: for any such ``beta``,
-  ``min f >= min (f - beta s z)`` over the relaxation, which carries the splits of earlier layers
-  into the bound (β-CROWN, Wang et al. 2021).
+* kink units (inputs of ReLU / leaky-ReLU nodes, all with one kink ``k``) are split at the kink; a
+  subdomain holds a state ``s`` per unit, int8: ``+1`` (``z >= k``), ``-1`` (``z <= k``) or ``0`` (free);
+* interval units (inputs of sigmoid / tanh and max-pool nodes) are split into two intervals, at 0 when
+  the interval contains it, else at its midpoint (as GenBaB does); a subdomain holds their bounds
+  ``ilo, ihi`` (float32).
 
-Both are optimised per subdomain with projected Adam; every iterate is a sound bound, so the best
-one seen is returned. Bounds are widened by the round-off margin of `bounds.widen`
-(``MARGIN_REL`` times the magnitude of the summed terms, plus ``MARGIN_ABS``).
+Per subdomain, the bounds of every var are the root bounds of the box (CROWN intermediate bounds, see
+`root_bounds`) clamped by the splits and re-propagated by interval arithmetic through the graph (so a
+split also tightens the vars after it). The bound of a spec row ``c . out`` is CROWN's back-substitution
+(`bounds._backward_pass`) over these bounds with
 
-Shapes: ``D`` subdomains, hidden widths ``n_1..n_{L-1}``, ``n_0`` inputs, ``n_L`` outputs.
+* optimisable kink slopes ``alpha in [0, 1]`` of every ReLU-like unit (α-CROWN);
+* Lagrange multipliers ``beta >= 0`` of the split constraints (``s (z - k) >= 0``, ``z - ilo >= 0``,
+  ``ihi - z >= 0``), added as linear terms: for any ``beta`` the bound stays sound, and the constraints of
+  earlier layers reach the bound (β-CROWN, Wang et al. 2021);
+
+both optimised with projected Adam, warm-started from the parent; every iterate is sound, so the best
+bound seen is kept. Bounds are widened by ``MARGIN_REL`` times the summed magnitude of the terms plus
+``MARGIN_ABS`` (`bounds` module doc). The branching score of a unit (BaBSR-like, for every relaxation) is
+the largest gap between its relaxation line and the function on its interval, weighted by the
+coefficient reaching the node's output.
+
+Shapes: ``D`` subdomains, ``Hk`` kink units, ``Hi`` interval units, ``Ha`` ReLU-like units (slopes).
 """
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -27,195 +39,372 @@ import numpy as np
 import optax
 from jax import lax
 
-from .bounds import MARGIN_ABS, MARGIN_REL
-from .relu_chain import ReluChain
+from . import _relax
+from ._graph import Graph
+from .bounds import (
+    _EXAMPLES,
+    MARGIN_ABS,
+    MARGIN_REL,
+    _backward_pass,
+    _forward,
+    _ibp_node,
+    _identity_prefix,
+    _Iv,
+    _linear_prefix,
+    _prefix_end,
+    _program,
+    _pwl_consts,
+    _window_relaxation,
+)
+
+# Kink vars of at most this many units get α-CROWN intermediate bounds at the root.
+ALPHA_UNITS = 4096
+# Interval units narrower than this (relative to 1 + |bound|) are not split further.
+MIN_WIDTH = 1e-6
+
+
+class Layout(NamedTuple):
+    """Branch units of a graph, in flat order: ``kink`` ``((var, k const index, offset, size), ...)``,
+    ``interval`` ``((var, offset, size), ...)``; ``alpha`` ``((node index, var, offset, size), ...)``
+    for the ReLU-like nodes; totals ``Hk, Hi, Ha``."""
+    kink: tuple
+    interval: tuple
+    alpha: tuple
+    Hk: int
+    Hi: int
+    Ha: int
+
+
+def layout(g: Graph) -> Layout:
+    """The branch units of ``g``: a var feeding only ReLU-like nodes with one kink is a kink var; a var
+    feeding a sigmoid / tanh or max-pool node is an interval var."""
+    uses: dict = {}
+    for node in g.nodes:
+        if node.kind in ("pwl", "sshape", "maxpool"):
+            v = node.bounded()[0]
+            uses.setdefault(v, []).append(node)
+    kink, interval = [], []
+    ok, oi = 0, 0
+    for v, nodes in uses.items():
+        n = math.prod(g.shape(v))
+        ks = {node.extra["k"] for node in nodes if node.kind == "pwl"}
+        if len(ks) == 1 and all(node.kind == "pwl" for node in nodes):
+            kink.append((v, ks.pop(), ok, n))
+            ok += n
+        else:
+            interval.append((v, oi, n))
+            oi += n
+    alpha, oa = [], 0
+    for idx, node in enumerate(g.nodes):
+        if node.kind == "pwl":
+            v = node.bounded()[0]
+            n = math.prod(g.shape(v))
+            alpha.append((idx, v, oa, n))
+            oa += n
+    return Layout(tuple(kink), tuple(interval), tuple(alpha), ok, oi, oa)
 
 
 class DomainBounds(NamedTuple):
-    """Per subdomain: ``lower (D,)`` sound lower bound of ``c . out``; ``x_star (D, n_0)`` the box point
-    minimising the final linear bound (a counterexample candidate); ``branch (D,)`` the flat index of
-    the free unstable neuron to split next (-1: none left); ``alpha, beta (D, H)`` the optimised
-    slopes and multipliers over all ``H`` hidden neurons (a warm start for the children)."""
+    """Per subdomain: ``lower (D,)`` sound lower bound of ``c . out`` (+inf: empty subdomain); ``x_star
+    (D, n_in)`` the box point minimising the final linear bound (a counterexample candidate); ``branch
+    (D,)`` the flat unit to split next (``< Hk``: a kink unit, else interval unit ``branch - Hk``; -1:
+    none left) and ``unit_lo, unit_hi (D,)`` its bounds in the subdomain; ``alpha (D, Ha)``, ``beta
+    (D, Hk + 2 Hi)`` the optimised slopes and multipliers (a warm start for the children)."""
     lower: jax.Array
     x_star: jax.Array
     branch: jax.Array
+    unit_lo: jax.Array
+    unit_hi: jax.Array
     alpha: jax.Array
     beta: jax.Array
 
 
-def box_bounds(chain: ReluChain, lo, hi, *, steps: int = 20, lr: float = 0.1):
-    """Pre-activation bounds ``(lowers, uppers)`` of every hidden layer over the box ``lo, hi: (n_0,)``:
-    layer 1 exactly, deeper layers by α-CROWN (``steps`` Adam iterations on per-bound slopes of the
-    earlier layers; 0: adaptive slopes) intersected with interval arithmetic."""
-    return _box_bounds(chain, lo, hi, steps, lr)
+class Splits(NamedTuple):
+    """Split state of ``D`` subdomains: ``s (D, Hk)`` int8, ``ilo, ihi (D, Hi)`` float32."""
+    s: np.ndarray
+    ilo: np.ndarray
+    ihi: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnums=(3,))
-def _box_bounds(chain, lo, hi, steps, lr):
-    lowers, uppers = [], []
-    mid, rad = (lo + hi) / 2, (hi - lo) / 2
-    for k in range(1, len(chain.weights)):
-        w, b = chain.weights[k - 1], chain.biases[k - 1]
-        if k == 1:
-            c, r = w @ mid + b, jnp.abs(w) @ rad
-            l, u = c - r, c + r
-        else:
-            pl, pu = jnp.maximum(lowers[-1], 0), jnp.maximum(uppers[-1], 0)
-            c, r = w @ ((pl + pu) / 2) + b, jnp.abs(w) @ ((pu - pl) / 2)
-            n = w.shape[0]
-            eye = jnp.eye(n, dtype=w.dtype)
-            lam = jnp.concatenate([eye, -eye])[None]
-            ls_, us_ = [l_[None] for l_ in lowers], [u_[None] for u_ in uppers]
+class Brancher:
+    """Branch and bound programs of one network over one input shape (see module doc).
 
-            def run(alphas, k=k, lam=lam, ls_=ls_, us_=us_):
-                bound, mag, _, _ = _backward(chain, k, lam, lo[None], hi[None], ls_, us_, alphas, None)
-                return bound[0] - (MARGIN_REL * mag[0] + MARGIN_ABS), None
+    ``root_bounds(lo, hi)`` -> root bounds of every var; ``bound(root, lo, hi, c, splits, init, steps)``
+    -> `DomainBounds`; ``leaf(root, lo, hi, s)`` -> exact affine forms for the LP of a subdomain whose
+    kink units are all stable.
+    """
 
-            alphas = [jnp.broadcast_to(_adaptive(l_, u_), (1, 2 * n, l_.shape[-1])) for l_, u_ in zip(ls_, us_)]
-            best, _, _ = _ascend(run, alphas, steps, optax.adam(lr), lambda a: [jnp.clip(x, 0, 1) for x in a])
-            l = jnp.maximum(c - r, best[:n])
-            u = jnp.minimum(c + r, -best[n:])
-        lowers.append(l)
-        uppers.append(u)
-    return tuple(lowers), tuple(uppers)
+    def __init__(self, fn, in_shape, dtype=jnp.float32):
+        prog = _program(fn, tuple(in_shape), dtype)
+        self.graph, self.consts = prog.graph, prog.consts
+        self.layout = layout(self.graph)
+        self.pure_kink = all(n.kind in ("linear", "pwl") for n in self.graph.nodes)
+        g, lay = self.graph, self.layout
+        root = jax.jit(functools.partial(_root, g, lay), static_argnames=("steps",))
+        self.root_bounds = lambda lo, hi, steps=20: root(self.consts, prog.prefixes(), lo, hi, steps=steps)
+        self._bound = jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps",))
+        self._leaf = jax.jit(functools.partial(_leaf, g, lay))
+
+    def initial(self, root, D: int) -> Splits:
+        """Splits of ``D`` unsplit subdomains: free kink units, interval units at their root bounds."""
+        ilo = [np.asarray(root[v][0]).reshape(-1) for v, _, _ in self.layout.interval]
+        ihi = [np.asarray(root[v][1]).reshape(-1) for v, _, _ in self.layout.interval]
+        cat = lambda a: np.tile(np.concatenate(a) if a else np.zeros(0, np.float32), (D, 1))
+        return Splits(np.zeros((D, self.layout.Hk), np.int8), cat(ilo), cat(ihi))
+
+    def bound(self, root, lo, hi, c, splits: Splits, init=None, *, steps: int = 10) -> DomainBounds:
+        """β-CROWN lower bounds of ``c[d] . out`` (``c: (D, n_out)``) over the subdomains ``splits`` of the box
+        ``lo, hi: (1, *in)``; ``init``: None (adaptive slopes, zero multipliers) or ``(alpha, beta)``."""
+        return self._bound(self.consts, root, lo, hi, c, *splits, init, steps=steps)
+
+    def leaf(self, root, lo, hi, s):
+        """For one subdomain whose kink units are all stable: ``(units, out)``, ``units`` a list per kink var of
+        ``(A (n, n_in), a0 (n,))`` with the var's units ``= A x + a0`` exactly, ``out`` likewise for the
+        outputs. With every unit stable the network is affine on the subdomain."""
+        return self._leaf(self.consts, root, lo, hi, s)
 
 
-def _adaptive(l, u):
-    """CROWN's default lower slope: 1 where ``u >= -l`` (and the neuron can be active), else 0; ``(D, 1, n)``."""
-    return ((u >= -l) & (u > 0)).astype(l.dtype)[:, None]
+def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
+    """Bounds ``{var: (lo, hi)}`` (batch-1 shapes) of every var over the box ``lo, hi: (1, *in)``: CROWN
+    intermediate bounds (``pre``: `bounds._identity_prefixes`) intersected with interval ones; then, with
+    ``steps``, the kink vars of at most `ALPHA_UNITS` units, in order, by α-CROWN (``steps`` Adam
+    iterations on slopes per bound row), re-propagated forward by interval arithmetic."""
+    prefixes = {v: (acc, bias, _prefix_end(g, v)) for v, (acc, bias) in pre.items()}
 
+    def one(l, h):
+        return {v: (iv.lo, iv.hi) for v, iv in _forward(g, consts, l[None], h[None], prefixes)[0].items()}
 
-def _ascend(run, params, steps, opt, project):
-    """Projected gradient ascent on ``sum(run(params)[0])``; every iterate is sound, so the elementwise best
-    values seen are returned with the aux of the iterate that gave them (leading axes as the values)
-    and the final params: ``(best, aux, params)``."""
-    best, aux = run(params)
+    root = jax.tree_util.tree_map(lambda a: a[0], jax.vmap(one, axis_name=_EXAMPLES)(lo, hi))
     if not steps:
-        return best, aux, params
+        return root
+    for v, k, _, n in sorted(lay.kink, key=lambda e: -1 if e[0] == g.input else g.producer_index(e[0])):
+        if v == g.input or n > ALPHA_UNITS:
+            continue
+        before = g.producer_index(v)
+        ivs = {u: _Iv(lo=a, hi=b) for u, (a, b) in root.items()}
+        theta = {idx: jnp.broadcast_to(_adaptive(ivs[node.bounded()[0]], consts, node),
+                                       (2 * n,) + g.shape(node.bounded()[0]))
+                 for idx, node in enumerate(g.nodes) if node.kind == "pwl" and idx < before}
+        if not theta:
+            continue
+        state = _identity_prefix(g, consts, v, lo.dtype)
 
-    def pick(better, new, old):
-        return jnp.where(better.reshape(better.shape + (1,) * (new.ndim - better.ndim)), new, old)
+        def run(th, ivs=ivs, state=state):
+            r = _backward_pass(g, consts, ivs, state, th)
+            return r.bound - (MARGIN_REL * r.mag + MARGIN_ABS)
+
+        best, _ = _ascend(run, theta, steps, lambda t: jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), t))
+        shape = g.shape(v)
+        l, u = root[v]
+        root[v] = (jnp.maximum(l, best[:n].reshape(shape)), jnp.minimum(u, -best[n:].reshape(shape)))
+        ivs = {g.input: _Iv(lo=lo, hi=hi)}
+        for node in g.nodes:
+            for w, iv in zip(node.outs, _ibp_node(node, consts, [ivs[b] for b in node.bounded()])):
+                ivs[w] = _Iv(lo=jnp.maximum(iv.lo, root[w][0]), hi=jnp.minimum(iv.hi, root[w][1]))
+                root[w] = (ivs[w].lo, ivs[w].hi)
+    return root
+
+
+def _sub_ivs(g: Graph, lay: Layout, consts, root, lo, hi, s, ilo, ihi):
+    """Bounds ``{var: _Iv}`` of one subdomain (batch-1 shapes) and whether it is empty: the root bounds
+    clamped by the splits, re-propagated forward by interval arithmetic and intersected with the root."""
+    clamp = {}
+    for v, k, off, n in lay.kink:
+        shape = g.shape(v)
+        sv = s[off:off + n].reshape(shape)
+        kk = jnp.broadcast_to(consts[k], shape).astype(lo.dtype)
+        clamp[v] = (jnp.where(sv > 0, kk, -jnp.inf), jnp.where(sv < 0, kk, jnp.inf))
+    for v, off, n in lay.interval:
+        clamp[v] = (ilo[off:off + n].reshape(g.shape(v)), ihi[off:off + n].reshape(g.shape(v)))
+    empty = jnp.zeros((), bool)
+
+    def tighten(v, iv):
+        nonlocal empty
+        l, h = jnp.maximum(iv.lo, root[v][0]), jnp.minimum(iv.hi, root[v][1])
+        if v in clamp:
+            l, h = jnp.maximum(l, clamp[v][0]), jnp.minimum(h, clamp[v][1])
+        empty = empty | jnp.any(l > h)
+        return _Iv(lo=jnp.minimum(l, h), hi=h)
+
+    ivs = {g.input: tighten(g.input, _Iv(lo=lo, hi=hi))}
+    for node in g.nodes:
+        for v, iv in zip(node.outs, _ibp_node(node, consts, [ivs[b] for b in node.bounded()])):
+            ivs[v] = tighten(v, iv)
+    return ivs, empty
+
+
+def _split_terms(g: Graph, lay: Layout, consts, root, s, ilo, ihi, beta):
+    """Lagrangian terms ``{var: (coef (1, *shape), bias (1,))}`` of the split constraints with multipliers
+    ``beta (Hk + 2 Hi,)`` (made >= 0)."""
+    beta = jnp.maximum(beta, 0)
+    extra = {}
+    for v, k, off, n in lay.kink:
+        sv = s[off:off + n].astype(beta.dtype)
+        b = beta[off:off + n] * sv
+        kk = jnp.broadcast_to(consts[k], g.shape(v)).reshape(-1)
+        extra[v] = (-b.reshape((1,) + g.shape(v)), jnp.sum(b * kk)[None])
+    for v, off, n in lay.interval:
+        lo_v, hi_v = ilo[off:off + n], ihi[off:off + n]
+        rl, ru = root[v][0].reshape(-1), root[v][1].reshape(-1)
+        bl = beta[lay.Hk + off:lay.Hk + off + n] * (lo_v > rl)
+        bh = beta[lay.Hk + lay.Hi + off:lay.Hk + lay.Hi + off + n] * (hi_v < ru)
+        extra[v] = ((bh - bl).reshape((1,) + g.shape(v)), jnp.sum(bl * lo_v - bh * hi_v)[None])
+    return extra
+
+
+def _thetas(lay: Layout, g: Graph, alpha):
+    return {idx: alpha[off:off + n].reshape((1,) + g.shape(v)) for idx, v, off, n in lay.alpha}
+
+
+def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *, steps: int) -> DomainBounds:
+    out_shape = g.shape(g.output)
+
+    def one(c1, s1, ilo1, ihi1, a0, b0):
+        ivs, empty = _sub_ivs(g, lay, consts, root, lo, hi, s1, ilo1, ihi1)
+        state = _linear_prefix(g, consts, g.output, c1.reshape((1,) + out_shape))
+
+        def run(params, record=False):
+            alpha, beta = params
+            extra = _split_terms(g, lay, consts, root, s1, ilo1, ihi1, beta)
+            r = _backward_pass(g, consts, ivs, state, _thetas(lay, g, alpha), extra, record)
+            return r.bound[0] - (MARGIN_REL * r.mag[0] + MARGIN_ABS), r
+
+        if a0 is None:
+            a0 = jnp.concatenate([_adaptive(ivs[v], consts, g.nodes[idx]).reshape(-1)
+                                  for idx, v, _, _ in lay.alpha]) if lay.alpha else jnp.zeros((0,), lo.dtype)
+            b0 = jnp.zeros((lay.Hk + 2 * lay.Hi,), lo.dtype)
+        project = lambda p: (jnp.clip(p[0], 0.0, 1.0), jnp.maximum(p[1], 0.0))
+        best, params = _ascend(lambda p: run(p)[0], (a0, b0), steps, project)
+        _, r = run(params, record=True)
+        lam_x = r.lam_x.reshape(-1) if r.lam_x is not None else jnp.zeros(lo.size, lo.dtype)
+        x_star = jnp.where(lam_x >= 0, ivs[g.input].lo.reshape(-1), ivs[g.input].hi.reshape(-1))
+        scores = _scores(g, lay, consts, ivs, r.record, params[0])
+        branch = jnp.where(jnp.max(scores) > -jnp.inf, jnp.argmax(scores), -1) if scores.size else jnp.int32(-1)
+        units = [(ivs[v].lo.reshape(-1), ivs[v].hi.reshape(-1)) for v, *_ in lay.kink + lay.interval]
+        if units:
+            j = jnp.maximum(branch, 0)
+            u_lo, u_hi = jnp.concatenate([a for a, _ in units])[j], jnp.concatenate([b for _, b in units])[j]
+        else:
+            u_lo = u_hi = jnp.zeros((), lo.dtype)
+        return (jnp.where(empty, jnp.inf, best), x_star, branch.astype(jnp.int32), u_lo, u_hi,
+                params[0], params[1])
+
+    a0, b0 = (None, None) if init is None else init
+    axes = (0, 0, 0, 0, None if a0 is None else 0, None if b0 is None else 0)
+    return DomainBounds(*jax.vmap(one, in_axes=axes)(c, s, ilo, ihi, a0, b0))
+
+
+def _adaptive(iv, consts, node):
+    """CROWN's default kink slope choice (theta of `_relax.pwl`) on the bounds ``iv``."""
+    k = consts[node.extra["k"]]
+    return (iv.hi - k >= k - iv.lo).astype(iv.lo.dtype)
+
+
+def _ascend(run, params, steps, project, lr_alpha=0.1, lr_beta=0.05):
+    """Projected Adam ascent on ``sum(run(params))`` (sound bounds, any shape); the elementwise best values
+    seen and the final params (the children of a subdomain restart from them). ``params``: a pair
+    (slopes, multipliers) with learning rates ``lr_alpha, lr_beta``, or one tree of slopes."""
+    best = run(params)
+    if not steps:
+        return best, params
+    if isinstance(params, tuple):
+        opt = optax.multi_transform({"a": optax.adam(lr_alpha), "b": optax.adam(lr_beta)}, ("a", "b"))
+    else:
+        opt = optax.adam(lr_alpha)
 
     def step(carry, _):
-        p, state, best, aux = carry
-        (_, (val, a)), grad = jax.value_and_grad(lambda q: _sum_aux(run(q)), has_aux=True)(p)
-        better = val > best
-        aux = jax.tree_util.tree_map(functools.partial(pick, better), a, aux)
+        p, state, best = carry
+        (_, val), grad = jax.value_and_grad(lambda q: _total(run(q)), has_aux=True)(p)
         upd, state = opt.update(jax.tree_util.tree_map(jnp.negative, grad), state, p)
-        return (project(optax.apply_updates(p, upd)), state, jnp.maximum(best, val), aux), None
+        return (project(optax.apply_updates(p, upd)), state, jnp.maximum(best, val)), None
 
-    (params, _, best, aux), _ = lax.scan(step, (params, opt.init(params), best, aux), None, length=steps)
-    val, a = run(params)
-    better = val > best
-    return jnp.maximum(best, val), jax.tree_util.tree_map(functools.partial(pick, better), a, aux), params
+    (params, _, best), _ = lax.scan(step, (params, opt.init(params), best), None, length=steps)
+    return jnp.maximum(best, run(params)), params
 
 
-def clamp(lowers, uppers, splits):
-    """Intermediate bounds restricted to the subdomains: per layer ``(D, n_i)`` from ``(n_i,)`` and splits."""
-    ls = tuple(jnp.where(s > 0, jnp.maximum(l, 0), l) for l, s in zip(lowers, splits))
-    us = tuple(jnp.where(s < 0, jnp.minimum(u, 0), u) for u, s in zip(uppers, splits))
-    return ls, us
+def _total(val):
+    return jnp.sum(val), val
 
 
-def _relaxation(l, u):
-    """Upper line ``a <= us z + ui`` of ReLU on ``[l, u]`` and the unstable mask (all ``(D, n)``)."""
-    unstable = (l < 0) & (u > 0)
-    us = jnp.where(unstable, u / jnp.where(unstable, u - l, 1), (l >= 0).astype(l.dtype))
-    ui = jnp.where(unstable, -l * us, 0)
-    return us, ui, unstable
+def _gap(f, a_l, b_l, a_u, b_u, pts, lower_ends: bool = False):
+    """Distances ``(gap_l, gap_u)`` between ``f`` and its lower / upper line: the largest over the points
+    ``pts`` (a stacked array), for ``gap_l`` with ``lower_ends`` the smaller of those at the first two points
+    (the interval's ends: for a kink, BaBSR's choice, which splits far fewer subdomains on ReLU networks
+    than the largest gap). A heuristic only."""
+    vals = f(pts)
+    below = vals - (a_l * pts + b_l)
+    gap_l = jnp.minimum(below[0], below[1]) if lower_ends else jnp.max(below, axis=0)
+    return gap_l, jnp.max(a_u * pts + b_u - vals, axis=0)
 
 
-def _backward(chain: ReluChain, k, lam, lo, hi, ls, us, alphas, betas_s):
-    """Lower bounds ``(D, R)`` of ``lam[d, r] . z_k`` (``lam: (D, R, n_k)``, 1-based layer ``k``).
-
-    ``ls, us``: bounds ``(D, n_i)`` of hidden layers ``i < k``; ``alphas``: lower slopes of unstable
-    neurons, broadcastable to ``(D, R, n_i)``; ``betas_s``: ``beta * split`` per layer or None.
-    Returns ``(bound, mag, lam_x, lam_as)``: ``mag (D, R)`` the magnitude of the summed terms (for the
-    round-off margin), ``lam_x (D, R, n_0)`` and the coefficients ``lam_as`` on each ReLU output.
-    """
-    w, b = chain.weights[k - 1], chain.biases[k - 1]
-    bias = lam @ b
-    mag = jnp.abs(bias)
-    lam_as = [None] * (k - 1)
-    lam = lam @ w
-    for i in range(k - 1, 0, -1):
-        l, u = ls[i - 1][:, None], us[i - 1][:, None]
-        upper_slope, upper_icpt, unstable = _relaxation(l, u)
-        lower_slope = jnp.where(unstable, alphas[i - 1], (l >= 0).astype(l.dtype))
-        lam_as[i - 1] = lam
-        pos, neg = jnp.maximum(lam, 0), jnp.minimum(lam, 0)
-        lam = pos * lower_slope + neg * upper_slope
-        t = jnp.sum(neg * upper_icpt, axis=-1)
-        if betas_s is not None:
-            lam = lam - betas_s[i - 1]
-        bb = lam @ chain.biases[i - 1]
-        bias, mag = bias + t + bb, mag + jnp.abs(t) + jnp.abs(bb)
-        lam = lam @ chain.weights[i - 1]
-    mid, rad = ((lo + hi) / 2)[:, None], ((hi - lo) / 2)[:, None]
-    lin = jnp.sum(lam * mid, -1) - jnp.sum(jnp.abs(lam) * rad, -1)
-    return bias + lin, mag + jnp.sum(jnp.abs(lam) * (jnp.abs(mid) + rad), -1), lam, lam_as
-
-
-@functools.partial(jax.jit, static_argnames=("steps",))
-def domain_bounds(chain: ReluChain, lo, hi, lowers, uppers, splits, c, init=None, *, steps: int = 20,
-                  lr_alpha: float = 0.1, lr_beta: float = 0.05) -> DomainBounds:
-    """β-CROWN lower bounds of ``c[d] . out`` over subdomains ``d`` of the box ``lo, hi: (n_0,)``.
-
-    ``lowers, uppers``: box pre-activation bounds per hidden layer ``(n_i,)`` (`box_bounds`);
-    ``splits``: per hidden layer ``(D, n_i)`` int8 in {-1, 0, 1}; ``c: (D, n_L)``; ``init``: None
-    (adaptive slopes, zero multipliers) or ``(alpha, beta)``, each ``(D, H)``, to start from.
-    ``steps = 0`` evaluates the starting point only (plain CROWN without ``init``).
-    """
-    D = c.shape[0]
-    ls, us = clamp(lowers, uppers, splits)
-    empty = functools.reduce(jnp.logical_or, [jnp.any(l > u, axis=-1) for l, u in zip(ls, us)])
-    ls = tuple(jnp.minimum(l, u) for l, u in zip(ls, us))
-    sf = [s.astype(c.dtype)[:, None] for s in splits]
-    lam0 = c[:, None, :]
-    L = len(chain.weights)
-    lo_b, hi_b = jnp.broadcast_to(lo, (D,) + lo.shape), jnp.broadcast_to(hi, (D,) + hi.shape)
-
-    def run(params):
-        alphas, betas = params
-        bs = [jnp.maximum(bt, 0) * s for bt, s in zip(betas, sf)]
-        bound, mag, lam_x, _ = _backward(chain, L, lam0, lo_b, hi_b, ls, us, alphas, bs)
-        return bound[:, 0] - (MARGIN_REL * mag[:, 0] + MARGIN_ABS), lam_x[:, 0]
-
-    widths = [l.shape[-1] for l in ls]
-    if init is None:
-        alphas = [_adaptive(l, u) for l, u in zip(ls, us)]
-        betas = [jnp.zeros_like(a) for a in alphas]
-    else:
-        alphas, betas = ([p[:, None] for p in _split(a.astype(c.dtype), widths)] for a in init)
-    opt = optax.multi_transform({"a": optax.adam(lr_alpha), "b": optax.adam(lr_beta)}, ("a", "b"))
-    project = lambda p: ([jnp.clip(x, 0, 1) for x in p[0]], [jnp.maximum(x, 0) for x in p[1]])
-    best, lam_x, params = _ascend(run, (alphas, betas), steps, opt, project)
-    bs = [jnp.maximum(bt, 0) * s for bt, s in zip(params[1], sf)]
-    lam_as = _backward(chain, L, lam0, lo_b, hi_b, ls, us, params[0], bs)[3]
-    best = jnp.where(empty, jnp.inf, best)
-    x_star = jnp.where(lam_x >= 0, lo_b, hi_b)
-    scores = jnp.concatenate([_scores(la[:, 0], l, u, a[:, 0], s[:, 0])
-                              for la, l, u, a, s in zip(lam_as, ls, us, params[0], sf)], axis=-1)
-    branch = jnp.where(jnp.max(scores, -1) > -jnp.inf, jnp.argmax(scores, -1), -1)
-    flat = lambda ps: jnp.concatenate([p[:, 0] for p in ps], axis=-1)
-    return DomainBounds(best, x_star, branch.astype(jnp.int32), flat(params[0]), flat(params[1]))
+def _scores(g: Graph, lay: Layout, consts, ivs, record, alpha):
+    """Branching scores ``(Hk + Hi,)``: for each unit, the coefficient reaching its node times the gap of the
+    relaxation on its interval; ``-inf`` for units that cannot be split."""
+    kink = {v: jnp.zeros(g.shape(v), ivs[v].lo.dtype) for v, _, _, _ in lay.kink}
+    inter = {v: jnp.zeros(g.shape(v), ivs[v].lo.dtype) for v, _, _ in lay.interval}
+    thetas = _thetas(lay, g, alpha)
+    for idx, t in record.items():
+        node = g.nodes[idx]
+        if node.kind not in ("pwl", "sshape", "maxpool"):
+            continue
+        v = node.bounded()[0]
+        l, u = ivs[v].lo, ivs[v].hi
+        t = t[0]
+        if node.kind == "pwl":
+            k, val, an, ap = _pwl_consts(node, consts)
+            rel = _relax.pwl(k, val, an, ap, l, u, thetas[idx][0])
+            f = lambda x: val + jnp.where(x >= k, ap * (x - k), an * (x - k))
+            pts = jnp.stack([l, u, jnp.clip(k, l, u)])
+        elif node.kind == "sshape":
+            rel = _relax.sshape(node.extra["fn"], l, u)
+            f = jax.nn.sigmoid if node.extra["fn"] == "logistic" else jnp.tanh
+            pts = l + (u - l) * jnp.linspace(0.0, 1.0, 9).reshape((-1,) + (1,) * l.ndim)
+        else:
+            sel_l, sel_u, _ = _window_relaxation(node, ivs[v])
+            loose = jnp.abs(t.reshape(-1)) * (jnp.sum(sel_u, -1) == 0)
+            n_in = math.prod(g.shape(v))
+            per_in = jnp.zeros((n_in + 1,), l.dtype).at[node.extra["idx"]].max(
+                jnp.broadcast_to(loose[:, None], node.extra["idx"].shape))
+            inter[v] = inter[v] + per_in[:n_in].reshape(g.shape(v)) * (u - l)
+            continue
+        gl, gu = _gap(f, *rel, pts, lower_ends=node.kind == "pwl")
+        sc = jnp.maximum(t, 0) * gl + jnp.maximum(-t, 0) * gu
+        if v in kink:
+            kink[v] = kink[v] + sc
+        else:
+            inter[v] = inter[v] + sc
+    out = []
+    for v, k, _, _ in lay.kink:
+        kk = consts[k]
+        unstable = (ivs[v].lo < kk) & (ivs[v].hi > kk)
+        out.append(jnp.where(unstable, kink[v], -jnp.inf).reshape(-1))
+    for v, _, _ in lay.interval:
+        l, u = ivs[v].lo, ivs[v].hi
+        wide = u - l > MIN_WIDTH * (1.0 + jnp.maximum(jnp.abs(l), jnp.abs(u)))
+        out.append(jnp.where(wide, inter[v] + 1e-12 * (u - l), -jnp.inf).reshape(-1))
+    return jnp.concatenate(out) if out else jnp.zeros((0,), jnp.float32)
 
 
-def _split(a, widths):
-    """``(D, H) -> [(D, n_i)]``."""
-    return jnp.split(a, list(np.cumsum(widths)[:-1]), axis=-1)
+def split_point(lo, hi):
+    """Where an interval unit ``[lo, hi]`` is split: 0 when inside, else the midpoint."""
+    return np.where((lo < 0) & (hi > 0), 0.0, 0.5 * (lo + hi)).astype(np.float32)
 
 
-def _sum_aux(out):
-    val, aux = out
-    return jnp.sum(val), (val, aux)
+def _leaf(g: Graph, lay: Layout, consts, root, lo, hi, s):
+    ilo = jnp.concatenate([root[v][0].reshape(-1) for v, _, _ in lay.interval]) if lay.interval else \
+        jnp.zeros((0,), lo.dtype)
+    ihi = jnp.concatenate([root[v][1].reshape(-1) for v, _, _ in lay.interval]) if lay.interval else ilo
+    ivs, _ = _sub_ivs(g, lay, consts, root, lo, hi, s, ilo, ihi)
+    n_in = lo.size
 
+    def affine(v):
+        state = _identity_prefix(g, consts, v, lo.dtype)
+        r = _backward_pass(g, consts, ivs, state)
+        n = math.prod(g.shape(v))
+        A = jnp.zeros((2 * n, n_in), lo.dtype) if r.lam_x is None else r.lam_x.reshape(2 * n, -1)
+        # lower bound = A x0-part: bias = bound - lin; recover the constant from the bound at the box centre
+        mid, rad = ivs[g.input].mid.reshape(-1), ivs[g.input].rad.reshape(-1)
+        const = r.bound - (A @ mid - jnp.abs(A) @ rad)
+        return A[:n], const[:n]
 
-def _scores(lam_a, l, u, alpha, s):
-    """Branching scores ``(D, n)`` (BaBSR-like): how much the relaxation of each free unstable neuron
-    loosens the bound, ``-inf`` for neurons that cannot be split."""
-    unstable = (l < 0) & (u > 0) & (s == 0)
-    gap_u = jnp.where(unstable, u * -l / jnp.where(unstable, u - l, 1), 0)
-    gap_l = jnp.minimum((1 - alpha) * u, -alpha * l)
-    sc = jnp.maximum(-lam_a, 0) * gap_u + jnp.maximum(lam_a, 0) * jnp.where(unstable, gap_l, 0)
-    return jnp.where(unstable, sc, -jnp.inf)
+    return [affine(v) for v, _, _, _ in lay.kink], affine(g.output)

@@ -635,32 +635,60 @@ def _linear_step(g: Graph, consts, node, acc, bias, R):
     return bias
 
 
-def _backward(g: Graph, consts, ivs, state, theta=None):
-    """Lower bounds ``(R,)`` of ``lam[r] . start`` over the input box, resuming the backward pass
-    from ``state = _linear_prefix(g, consts, start, lam)`` (``lam: (R, *shape(start))``).
+class Backward(NamedTuple):
+    """A backward pass over ``R`` rows: lower bounds ``bound (R,)``; ``mag (R,)`` the summed magnitude of the
+    terms added into them (for the round-off margin); ``lam_x (R, *in)`` the input coefficients (None if the
+    rows do not depend on the input); ``record`` ``{node index: (R, *out)}`` the coefficients reaching
+    the output of every nonlinear node (only with ``record=True``)."""
+    bound: jax.Array
+    mag: jax.Array
+    lam_x: jax.Array | None
+    record: dict
 
-    ``theta``: optional ``{node index: (R, *shape)}`` kink slopes of ReLU-like nodes.
+
+def _backward(g: Graph, consts, ivs, state, theta=None):
+    """Lower bounds ``(R,)`` of ``lam[r] . start`` over the input box (see `_backward_pass`)."""
+    return _backward_pass(g, consts, ivs, state, theta).bound
+
+
+def _backward_pass(g: Graph, consts, ivs, state, theta=None, extra=None, record=False) -> Backward:
+    """Back-substitution resuming from ``state = _linear_prefix(g, consts, start, lam)`` (``lam: (R,
+    *shape(start))``) to the input box ``ivs[g.input]``, relaxing nonlinear nodes on the bounds ``ivs``.
+
+    ``theta``: optional ``{node index: (R, *shape)}`` kink slopes of ReLU-like nodes. ``extra``: optional
+    ``{var: (coef (R, *shape), bias (R,))}`` linear terms added to the bounded function (Lagrangian terms
+    of constraints that hold on the box, as branch and bound adds for its splits); each var must be
+    the input of a nonlinear node or the input itself. Returns a `Backward`.
     """
     acc, bias, last = state
     acc = dict(acc)
     R = bias.shape[0]
+    mag = jnp.abs(bias)
+    rec = {}
 
     def add(v, t):
         acc[v] = t if v not in acc else acc[v] + t
 
+    for v, (coef, b) in (extra or {}).items():
+        add(v, coef)
+        bias, mag = bias + b, mag + jnp.abs(b)
     for idx in range(last, -1, -1):
         node = g.nodes[idx]
         if not any(o in acc for o in node.outs):
             continue
+        before = bias
         kind, ins = node.kind, node.bounded()
         if kind == "linear":
             bias = _linear_step(g, consts, node, acc, bias, R)
+            mag = mag + jnp.abs(bias - before)
             continue
         lams = [acc.pop(o, None) for o in node.outs]
         t = lams[0] if len(lams) == 1 else None
         pos, neg = (jnp.maximum(t, 0), jnp.minimum(t, 0)) if t is not None else (None, None)
         if t is None:
             kind = "concretize"
+        elif record:
+            rec[idx] = t
         if kind in ("pwl", "sshape"):
             iv = ivs[ins[0]]
             if kind == "pwl":
@@ -686,10 +714,7 @@ def _backward(g: Graph, consts, ivs, state, theta=None):
             x = ins[0]
             idx_w = node.extra["idx"]
             n_in = math.prod(g.shape(x))
-            pad = jnp.full((1,), -jnp.inf, bias.dtype)
-            lw = jnp.concatenate([ivs[x].lo.reshape(-1), pad])[idx_w]
-            uw = jnp.concatenate([ivs[x].hi.reshape(-1), pad])[idx_w]
-            sel_l, sel_u, c_u = _relax.window_max(lw, uw)
+            sel_l, sel_u, c_u = _window_relaxation(node, ivs[x])
             lam_w = pos.reshape(R, -1, 1) * sel_l + neg.reshape(R, -1, 1) * sel_u
             bias = bias + (neg.reshape(R, -1) @ c_u)
             lam_x = jnp.zeros((R, n_in + 1), bias.dtype).at[:, idx_w].add(lam_w)
@@ -698,12 +723,24 @@ def _backward(g: Graph, consts, ivs, state, theta=None):
             for t, o in zip(lams, node.outs):
                 if t is not None:
                     bias = bias + _sum_rows(jnp.maximum(t, 0) * ivs[o].lo + jnp.minimum(t, 0) * ivs[o].hi)
+        mag = mag + jnp.abs(bias - before)
     lam_x = acc.get(g.input)
     if lam_x is None:
-        return bias
+        return Backward(bias, mag, None, rec)
     x = ivs[g.input]
     flat = lam_x.reshape(R, -1)
-    return bias + flat @ x.mid.reshape(-1) - jnp.abs(flat) @ x.rad.reshape(-1)
+    mid, rad = x.mid.reshape(-1), x.rad.reshape(-1)
+    lin = flat @ mid - jnp.abs(flat) @ rad
+    return Backward(bias + lin, mag + jnp.abs(flat) @ (jnp.abs(mid) + rad), lam_x, rec)
+
+
+def _window_relaxation(node: Node, iv):
+    """`_relax.window_max` of a max-pool node on its input bounds ``iv``: ``(sel_l, sel_u, c_u)`` per window."""
+    pad = jnp.full((1,), -jnp.inf, iv.lo.dtype)
+    idx_w = node.extra["idx"]
+    lw = jnp.concatenate([iv.lo.reshape(-1), pad])[idx_w]
+    uw = jnp.concatenate([iv.hi.reshape(-1), pad])[idx_w]
+    return _relax.window_max(lw, uw)
 
 
 def _transpose(g: Graph, node: Node, consts, lams):
