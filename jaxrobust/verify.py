@@ -267,7 +267,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
                 verdict, xs = (_lp_leaf(brancher, root, lo, hi, pool["s"][j], C[t], d[t])
                                if brancher.pure_kink else (UNKNOWN, None))
                 if verdict == VIOLATED:
-                    xs, bad = violating(xs[None], t[None])
+                    xs, bad = violating(xs, np.full(len(xs), t))
                     if bad.any():
                         return stop(VIOLATED, "lp", xs[np.argmax(bad)])
                 if verdict != ROBUST:    # within round-off of 0, or not piecewise linear: go on with the rest
@@ -499,13 +499,15 @@ def _box_attack(net: Network, lo, hi, C, d, key, steps: int, restarts: int):
 def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d):
     """Exact ``min c . out - d`` over a subdomain whose kink units are all stable (the network is affine on it):
     an LP (HiGHS) in the input over the box and the split constraints, loosened by the round-off margin.
-    Returns ``(ROBUST | VIOLATED | UNKNOWN, minimiser or None)``."""
+    Returns ``(ROBUST | VIOLATED | UNKNOWN, candidates (k, n_0) or None)``: for VIOLATED the minimiser and
+    that of the LP with the constraints tightened by the margin instead (a point strictly inside the
+    subdomain, for where round-off puts the first just outside)."""
     from scipy.optimize import linprog
 
     units, (A_out, a_out) = brancher.leaf(root, lo, hi, jnp.asarray(s))
     lo64, hi64 = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
     top = np.maximum(np.abs(lo64), np.abs(hi64))
-    rows, rhs = [], []
+    rows, rhs, slacks = [], [], []
     for (v, k, off, n), (A, a0) in zip(brancher.layout.kink, units):
         A, a0 = np.asarray(A, np.float64), np.asarray(a0, np.float64)
         sv = s[off:off + n]
@@ -515,6 +517,7 @@ def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d):
             m = sv == sign
             rows.append(-sign * A[m])
             rhs.append(sign * (a0[m] - kk[m]) + slack[m])
+            slacks.append(slack[m])
     obj = np.asarray(c, np.float64) @ np.asarray(A_out, np.float64)
     const = float(np.asarray(c, np.float64) @ np.asarray(a_out, np.float64)) - float(d)
     A_ub = np.concatenate(rows) if rows else None
@@ -528,7 +531,13 @@ def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d):
     scale = np.abs(obj) @ top + abs(const)
     if value > MARGIN_REL * scale + MARGIN_ABS:
         return ROBUST, None
-    return VIOLATED, np.clip(res.x, lo64, hi64).astype(np.float32)
+    pts = [res.x]
+    if rows:
+        inner = linprog(obj, A_ub=A_ub, b_ub=np.concatenate(rhs) - 2 * np.concatenate(slacks),
+                        bounds=np.stack([lo64, hi64], 1), method="highs")
+        if inner.status == 0:
+            pts.append(inner.x)
+    return VIOLATED, np.clip(np.stack(pts), lo64, hi64).astype(np.float32)
 
 
 def _check_config(cfg: VerifyConfig):
