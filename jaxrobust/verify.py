@@ -109,7 +109,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
     stage = np.full(B, "", dtype=object)
 
     t0 = time.perf_counter()
-    wrong = np.asarray(net(x)).argmax(-1) != y
+    wrong = _logits(net, x).argmax(-1) != y
     status[wrong], cex[wrong], stage[wrong] = VIOLATED, x[wrong], "forward"
     rest = np.flatnonzero(~wrong)
     if len(rest) and cfg.attack_steps > 0:
@@ -119,7 +119,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
         found = v.status == VIOLATED
         if found.any():                       # keep those still wrong once rounded into the real ball
             pts = np.clip(v.counterexample[found], inner[0][rest[found]], inner[1][rest[found]])
-            still = np.asarray(net(pts)).argmax(-1) != y[rest[found]]
+            still = _logits(net, pts).argmax(-1) != y[rest[found]]
             hit = rest[found][still]
             status[hit], cex[hit], stage[hit] = VIOLATED, pts[still], "attack"
     time_s[:] = (time.perf_counter() - t0) / B
@@ -208,7 +208,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         m = len(xs)
         pad = -m % 16 if m <= 16 else -m % batch
         xp = np.concatenate([xs, np.repeat(xs[:1], pad, 0)]) if pad else xs
-        out = np.concatenate([np.asarray(net(jnp.asarray(xp[i:i + batch]).reshape((-1,) + shape[1:])), np.float64)
+        out = np.concatenate([_logits(net, xp[i:i + batch].reshape((-1,) + shape[1:]))
                               for i in range(0, len(xp), batch)])[:m]
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
@@ -324,7 +324,7 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
         g = np.asarray(grad(jnp.asarray(mid).reshape((-1,) + shape), jnp.asarray(pad(C[rows]))))[:n].reshape(n, -1)
         cands = np.concatenate([mid[:n], np.where(g > 0, los, his)])
         cands = np.clip(cands, in_lo, in_hi)
-        out = np.asarray(net(jnp.asarray(cands).reshape((-1,) + shape)), np.float64)
+        out = _logits(net, cands.reshape((-1,) + shape))
         viol = np.any(out @ C.T.astype(np.float64) <= d, axis=1)
         width = his - los
         score = np.where(width > MIN_WIDTH * (1 + np.maximum(np.abs(los), np.abs(his))),
@@ -380,6 +380,13 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
     if undecided < np.inf:
         return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
     return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, "bab")
+
+
+def _logits(net: Network, x) -> np.ndarray:
+    """The plain forward pass that confirms counterexamples, at full float32 precision on every device;
+    float64 numpy ``(B, n_out)``."""
+    with jax.default_matmul_precision("highest"):
+        return np.asarray(net(jnp.asarray(x)), np.float64)
 
 
 @functools.partial(jax.jit, static_argnums=(5,))
@@ -463,13 +470,13 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> Prop
     d = np.concatenate([b for _, b in prop.disjuncts]).astype(np.float32)
 
     def found(xs, stage):
-        out = np.asarray(net(jnp.asarray(xs).reshape((1,) + tuple(net.input_shape))))[0]
+        out = _logits(net, xs.reshape((1,) + tuple(net.input_shape)))[0].astype(np.float32)
         return PropertyResult("sat", xs, out, time.perf_counter() - t0, 0, stage)
 
     if cfg.attack_steps > 0:
         xa = np.asarray(_box_attack(net, jnp.asarray(lo), jnp.asarray(hi), jnp.asarray(C), jnp.asarray(d),
                                     jax.random.PRNGKey(cfg.seed), cfg.attack_steps, max(cfg.attack_restarts, 4)))
-        out = np.asarray(net(jnp.asarray(xa).reshape((1,) + tuple(net.input_shape))), np.float64)[0]
+        out = _logits(net, xa.reshape((1,) + tuple(net.input_shape)))[0]
         if np.any(C.astype(np.float64) @ out <= d):
             return found(xa, "attack")
     r = decide_box(net, brancher, outer, C, d, cfg, deadline=t0 + cfg.timeout, inner=(lo, hi))

@@ -17,7 +17,8 @@ classifies the remaining (input-dependent, "bounded") equations:
   sqrt, reduce_max, clamp, ...): interval rule only, CROWN concretizes their output box.
 * ``abs``, ``pow`` (integer_pow/square), ``mul2`` (product of two bounded operands): interval rule only.
 
-Anything else raises `UnsupportedOpError` naming the primitive.
+Anything else raises `UnsupportedOpError` naming the primitive. Products (``dot_general``, convolutions)
+are re-bound at ``Precision.HIGHEST``, whatever precision the network asked for.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 from jax.extend import core as jcore
 
 from ..errors import UnsupportedOpError
@@ -205,7 +207,10 @@ class _Builder:
         if name in MULTIPLICATIVE:
             ci = next(i for i, (t, _) in enumerate(ins) if t == "c")
             extra["abs"] = {ci: self.const(jnp.abs(ins[ci][1]))}
-        return Node("linear", eqn.primitive, eqn.params, tuple(refs), (), extra)
+        params = eqn.params
+        if "precision" in params:   # products of a proof at full float32 precision (GPUs default to TF32)
+            params = dict(params, precision=(lax.Precision.HIGHEST, lax.Precision.HIGHEST))
+        return Node("linear", eqn.primitive, params, tuple(refs), (), extra)
 
     def max_const(self, name, ins, b, shape):
         """``max/min(x, c)`` with a constant ``c``: a kink at ``c`` with value ``c``."""
@@ -299,13 +304,24 @@ def _dead_code_elimination(nodes, out):
 
 def _exact_vars(nodes, x, shapes, consts):
     """Vars whose midpoint-radius interval is exact: ``x``, injective scalings/copies of it ("C"), or
-    one summing map of those followed by copies/scalings ("A")."""
+    one summing map of those followed by copies/scalings ("A"); and the elementwise ReLU-like, sigmoid or
+    tanh image of such a var, or copies of that ("E": exact per unit, as the interval rules of these units
+    are, but not through any further sum)."""
     state = {x: "C"}
     for n in nodes:
         b = n.bounded()
-        if n.kind != "linear" or len(b) != 1 or b[0] not in state or len(n.outs) != 1:
+        if len(b) != 1 or b[0] not in state or len(n.outs) != 1:
+            continue
+        if n.kind in ("pwl", "sshape"):
+            state[n.outs[0]] = "E"
+            continue
+        if n.kind != "linear":
             continue
         s, name = state[b[0]], n.prim.name
+        if s == "E":
+            if name in ("reshape", "squeeze", "expand_dims", "transpose", "convert_element_type"):
+                state[n.outs[0]] = "E"
+            continue
         same_size = int(np.prod(shapes[n.outs[0]])) == int(np.prod(shapes[b[0]]))
         if name in _MIXING and _fan_in(n, shapes, consts) == 1:
             name = "mul"

@@ -55,6 +55,7 @@ from .bounds import (
     _program,
     _pwl_consts,
     _window_relaxation,
+    full_precision,
 )
 
 # Kink vars of at most this many units get α-CROWN intermediate bounds at the root.
@@ -140,10 +141,10 @@ class Brancher:
         self.layout = layout(self.graph)
         self.pure_kink = all(n.kind in ("linear", "pwl") for n in self.graph.nodes)
         g, lay = self.graph, self.layout
-        root = jax.jit(functools.partial(_root, g, lay), static_argnames=("steps",))
+        root = full_precision(jax.jit(functools.partial(_root, g, lay), static_argnames=("steps",)))
         self.root_bounds = lambda lo, hi, steps=20: root(self.consts, prog.prefixes(), lo, hi, steps=steps)
-        self._bound = jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps",))
-        self._leaf = jax.jit(functools.partial(_leaf, g, lay))
+        self._bound = full_precision(jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps",)))
+        self._leaf = full_precision(jax.jit(functools.partial(_leaf, g, lay)))
 
     def initial(self, root, D: int) -> Splits:
         """Splits of ``D`` unsplit subdomains: free kink units, interval units at their root bounds."""

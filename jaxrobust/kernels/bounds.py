@@ -239,11 +239,26 @@ def _freeze(obj):
     return obj
 
 
+def full_precision(fn):
+    """``fn`` (a jitted program) traced and run with every matrix product and convolution at full float32
+    precision (``jax.default_matmul_precision("highest")``): GPUs and TPUs otherwise take float32
+    products in TF32 or bf16 passes, whose error the round-off margin does not cover."""
+    def within(method):
+        def call(*args, **kwargs):
+            with jax.default_matmul_precision("highest"):
+                return method(*args, **kwargs)
+        return call
+
+    run = functools.wraps(fn)(within(fn))
+    run.lower = within(fn.lower)        # for inspecting the compiled program
+    return run
+
+
 def _programs(g: Graph):
     """Jitted ``(ibp, crown, prefixes)`` of ``g`` with its constants as the first argument."""
-    return (jax.jit(functools.partial(_ibp_batch, g), static_argnums=(3,)),
-            jax.jit(functools.partial(_crown_batch, g), static_argnums=(5, 6, 7)),
-            jax.jit(functools.partial(_identity_prefixes, g), static_argnums=(1,)))
+    return (full_precision(jax.jit(functools.partial(_ibp_batch, g), static_argnums=(3,))),
+            full_precision(jax.jit(functools.partial(_crown_batch, g), static_argnums=(5, 6, 7))),
+            full_precision(jax.jit(functools.partial(_identity_prefixes, g), static_argnums=(1,))))
 
 
 @functools.lru_cache(maxsize=64)

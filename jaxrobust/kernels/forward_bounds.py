@@ -48,6 +48,7 @@ from .bounds import (
     _linear_prefix,
     _program,
     _pwl_consts,
+    full_precision,
     spec_interval,
     widen,
 )
@@ -99,7 +100,7 @@ def _jitted(prog):
 
 
 def _make(g: Graph):
-    return jax.jit(functools.partial(_batch, g), static_argnums=(4,))
+    return full_precision(jax.jit(functools.partial(_batch, g), static_argnums=(4,)))
 
 
 @functools.lru_cache(maxsize=64)
