@@ -130,6 +130,7 @@ def _critical_eps_options(p):
     p.add_argument("--targets", type=int, default=9,
                    help="wrong classes tried by the multi-targeted follow-up attack (0 = margin PGD only)")
     p.add_argument("--timeout", type=float, default=60.0, help="per-query time limit of the complete oracle (s)")
+    _bab_options(p)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--chunk", type=int, default=64, help="inputs per committed chunk")
     p.add_argument("--seed", type=int, default=0)
@@ -159,7 +160,7 @@ def critical_eps_cmd(args):
     idx = parse_indices(args.indices, len(ds.y))
     options = {"attack_steps": args.attack_steps, "targets": args.targets}
     if args.oracle == "complete":
-        options["timeout"] = args.timeout
+        options.update(timeout=args.timeout, **_bab_config(args))
     store = run(net, ds, idx, args.oracle, _search_config(args), args.out, resume=args.resume, chunk=args.chunk,
                 batch_size=args.batch_size, oracle_options=options)
     print(f"{len(store)} rows in {args.out}")
@@ -355,11 +356,36 @@ def demo_cmd(args):
 
 
 # --- verify ----------------------------------------------------------------------------------
+def _bab_options(p):
+    """Budgets of the complete verifier (`verify.VerifyConfig`)."""
+    p.add_argument("--max-domains", type=int, default=10 ** 7, help="subdomains bounded per query (default 10^7)")
+    p.add_argument("--max-memory", default="256M",
+                   help="memory of pending subdomains per query, e.g. 512M or 4G (default 256M)")
+    p.add_argument("--branch", default="auto", choices=["auto", "neurons", "inputs"],
+                   help="split subdomains on neurons, on the inputs, or auto: inputs for networks with <= 20 inputs")
+
+
+def _bab_config(args) -> dict:
+    from .errors import InputError
+    text = str(args.max_memory).strip().upper()
+    scale = {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30}.get(text[-1:], 1)
+    try:
+        size = int(float(text.rstrip("KMGB") or "x") * scale)
+    except ValueError:
+        raise InputError(f"--max-memory must be a size such as 512M or 4G, got {args.max_memory!r}") from None
+    if size < 2 ** 20:
+        raise InputError(f"--max-memory must be at least 1M, got {args.max_memory!r}")
+    if args.max_domains < 1:
+        raise InputError(f"--max-domains must be >= 1, got {args.max_domains}")
+    return {"max_domains": args.max_domains, "max_pool_bytes": size, "split": args.branch}
+
+
 def _verify_options(p):
     p.add_argument("network", help=".onnx file, bundled name or .msgpack weights")
     p.add_argument("property", help="VNN-LIB property (.vnnlib)")
     p.add_argument("--timeout", type=float, default=60.0, help="time limit in seconds (default 60)")
     p.add_argument("--seed", type=int, default=0)
+    _bab_options(p)
     p.add_argument("--out", "-o", help="also write the VNN-COMP result file (result line + counterexample)")
     p.add_argument("--json", action="store_true", help="print JSON instead")
 
@@ -370,9 +396,10 @@ def verify_cmd(args):
     from . import vnnlib
     from .verify import VerifyConfig, verify_property
     from .weights import load_network
+    cfg = VerifyConfig(timeout=args.timeout, seed=args.seed, **_bab_config(args))
     net = load_network(args.network)
     prop = vnnlib.load(args.property)
-    r = verify_property(net, prop, VerifyConfig(timeout=args.timeout, seed=args.seed))
+    r = verify_property(net, prop, cfg, progress=not args.json)
     text = r.result
     if r.result == "sat":
         pairs = [f"(X_{i} {v!r})" for i, v in enumerate(r.x.astype(float).tolist())]

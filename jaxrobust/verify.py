@@ -126,21 +126,46 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
 
     todo = np.flatnonzero(status == UNKNOWN)
     if len(todo):
-        it = todo
-        if progress:
-            from tqdm.auto import tqdm
-            it = tqdm(todo, desc="verify", unit="query")
-        for i in it:
+        bar = _progress(progress, len(todo), "query")
+        report = None if bar is None else bar.report
+        for i in todo:
             t1 = time.perf_counter()
+            if bar is not None:
+                bar.begin()
             C, d = robustness_specs(int(y[i]), net.num_classes)
             r = decide_box(net, brancher, (outer[0][i].reshape(-1), outer[1][i].reshape(-1)), C, d, cfg,
                            deadline=t1 + max(cfg.timeout - time_s[i], 0.0),
-                           inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)))
+                           inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)), report=report)
+            if bar is not None:
+                bar.update(1)
             status[i], stage[i], domains[i], evals[i], lower[i] = r.status, r.stage, r.domains, r.bound_evals, r.lower
             if r.counterexample is not None:
                 cex[i] = r.counterexample.reshape(x.shape[1:])
             time_s[i] += time.perf_counter() - t1
+        if bar is not None:
+            bar.close()
     return VerifyResult(status, cex, time_s, domains, evals, lower, stage.astype(str))
+
+
+def _progress(enabled: bool, total, unit: str):
+    """A tqdm bar on stderr (None unless ``enabled``) whose ``report(domains, lower)`` shows the search of the
+    query begun last (``begin()``): subdomains bounded, lowest pending bound, seconds spent on it."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    bar = tqdm(total=total, desc="verify", unit=unit)
+    start = [time.perf_counter()]
+
+    def begin():
+        start[0] = time.perf_counter()
+
+    def report(domains, low):
+        bar.set_postfix_str(f"subdomains {domains}, bound {low:.4g}, {time.perf_counter() - start[0]:.1f} s")
+        if total is None:
+            bar.update(1)
+
+    bar.begin, bar.report = begin, report
+    return bar
 
 
 def float32_boxes(lo, hi, domain=None):
@@ -169,17 +194,18 @@ class BoxResult(NamedTuple):
 
 
 def decide_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None) -> BoxResult:
+               inner=None, report=None) -> BoxResult:
     """`verify_box_inputs` when ``cfg.split`` asks for input splitting (``"auto"``: networks with at most
-    `INPUT_SPLIT_DIMS` inputs), else `verify_box` (neuron splitting)."""
+    `INPUT_SPLIT_DIMS` inputs), else `verify_box` (neuron splitting). ``report(domains, lower)``, if given,
+    is called after every round of the search with the subdomains bounded so far and the lowest pending bound."""
     n_in = math.prod(net.input_shape)
     if cfg.split == "inputs" or (cfg.split == "auto" and n_in <= INPUT_SPLIT_DIMS):
-        return verify_box_inputs(net, box, C, d, cfg, deadline=deadline, inner=inner)
-    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner)
+        return verify_box_inputs(net, box, C, d, cfg, deadline=deadline, inner=inner, report=report)
+    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner, report=report)
 
 
 def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None) -> BoxResult:
+               inner=None, report=None) -> BoxResult:
     """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``box = (lo, hi)``, each ``(n_0,)``, or find
     ``x`` in ``inner`` (default the box itself) violating a row.
 
@@ -252,6 +278,8 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         return BoxResult(status, xs, n_domains, n_evals, float(b.min()) if len(b) else -np.inf, why)
 
     while len(pool["t"]):
+        if report is not None:
+            report(n_domains, float(pool["b"].min()))
         if time.perf_counter() > deadline:
             return stop(UNKNOWN, "timeout")
         if n_domains >= cfg.max_domains:
@@ -302,7 +330,8 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
     return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, stage)
 
 
-def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: float, inner=None) -> BoxResult:
+def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: float, inner=None,
+                      report=None) -> BoxResult:
     """`verify_box` by input splitting: every sub-box is bounded by CROWN (α-CROWN on the whole box) with its
     own intermediate bounds; the open sub-box with the lowest bound is halved along the coordinate with the
     largest width times |gradient| of its spec row at its centre. Its centre and the vertex the gradient
@@ -346,6 +375,8 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
     undecided = np.inf
     while len(pool["t"]):
         low = float(pool["b"].min())
+        if report is not None:
+            report(n_domains, low)
         if time.perf_counter() > deadline:
             return BoxResult(UNKNOWN, None, n_domains, n_evals, low, "timeout")
         if n_domains >= cfg.max_domains:
@@ -443,7 +474,7 @@ class PropertyResult(NamedTuple):
     stage: str
 
 
-def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> PropertyResult:
+def verify_property(net: Network, prop, cfg: VerifyConfig | None = None, *, progress: bool = False) -> PropertyResult:
     """Decide a VNN-LIB `vnnlib.Property` whose unsafe region is a union of half-spaces ``a . y <= b``
     (one comparison per disjunct, as in robustness properties) over exactly its input box.
 
@@ -479,7 +510,11 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None) -> Prop
         out = _logits(net, xa.reshape((1,) + tuple(net.input_shape)))[0]
         if np.any(C.astype(np.float64) @ out <= d):
             return found(xa, "attack")
-    r = decide_box(net, brancher, outer, C, d, cfg, deadline=t0 + cfg.timeout, inner=(lo, hi))
+    bar = _progress(progress, None, "round")
+    r = decide_box(net, brancher, outer, C, d, cfg, deadline=t0 + cfg.timeout, inner=(lo, hi),
+                   report=None if bar is None else bar.report)
+    if bar is not None:
+        bar.close()
     if r.status == VIOLATED:
         return found(r.counterexample, r.stage)._replace(domains=r.domains)
     result = "unsat" if r.status == ROBUST else ("timeout" if r.stage == "timeout" else "unknown")
