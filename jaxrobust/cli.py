@@ -359,8 +359,8 @@ def demo_cmd(args):
 def _bab_options(p):
     """Budgets of the complete verifier (`verify.VerifyConfig`)."""
     p.add_argument("--max-domains", type=int, default=10 ** 7, help="subdomains bounded per query (default 10^7)")
-    p.add_argument("--max-memory", default="256M",
-                   help="memory of pending subdomains per query, e.g. 512M or 4G (default 256M)")
+    p.add_argument("--max-memory", default="1G",
+                   help="memory of pending subdomains per query, e.g. 512M or 4G (default 1G)")
     p.add_argument("--branch", default="auto", choices=["auto", "neurons", "inputs"],
                    help="split subdomains on neurons, on the inputs, or auto: inputs for networks with <= 20 inputs")
 

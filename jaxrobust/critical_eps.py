@@ -29,8 +29,10 @@ import jax
 import numpy as np
 
 from .errors import InputError, JaxRobustError
+from .falsify import padded_call
 from .network import Network
-from .oracles import ROBUST, VIOLATED, Oracle, linf_distance, padded_call
+from .oracles import Oracle, linf_distance
+from .verdict import ROBUST, VIOLATED
 
 STATUSES = ("exact", "gap", "censored", "misclassified", "error")
 

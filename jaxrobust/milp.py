@@ -34,7 +34,7 @@ from .errors import InputError
 from .kernels.perturb import check_eps
 from .kernels.relu_chain import ReluChain, forward, relu_chain
 from .network import Network
-from .oracles import ROBUST, UNKNOWN, VIOLATED
+from .verdict import ROBUST, UNKNOWN, VIOLATED
 
 
 class MilpResult(NamedTuple):

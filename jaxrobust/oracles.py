@@ -7,7 +7,7 @@ An oracle answers two kinds of query on a batch ``x: (B, *shape)``, ``y: (B,)``,
 * ``minimize`` — optional: the closest counterexample it finds within ``eps`` (VIOLATED) or UNKNOWN; the search
   then takes its distance as the upper bound instead of bisecting with ``falsify``.
 
-Both return ``Verdicts(status (B,) int8, counterexample (B, *shape))``; counterexample rows are NaN
+All return `verdict.Verdicts` ``(status (B,) int8, counterexample (B, *shape), reason)``; counterexample rows are NaN
 unless the status is VIOLATED, in which case a plain forward pass classifies them wrongly and they
 lie in the ε-ball around ``x`` inside the network's domain.
 """
@@ -21,15 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
+from .falsify import attack_falsifier, min_norm_falsifier
 from .network import Network
+from .verdict import ROBUST, UNKNOWN, VIOLATED, Verdicts  # noqa: F401  (the vocabulary, re-exported)
+from .verify import VerifyConfig, verify
 
-ROBUST, UNKNOWN, VIOLATED = 1, 0, -1
 BOUND_METHODS = ("ibp", "crown", "alpha-crown")
-
-
-class Verdicts(NamedTuple):
-    status: np.ndarray          # (B,) int8: ROBUST / UNKNOWN / VIOLATED
-    counterexample: np.ndarray  # (B, *shape) float32, NaN where not VIOLATED
 
 
 class Oracle(NamedTuple):
@@ -40,53 +37,6 @@ class Oracle(NamedTuple):
     prove: Callable | None
     falsify: Callable
     minimize: Callable | None = None
-
-
-def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, targets: int = 9) -> Callable:
-    """PGD as a falsifier: a margin-loss attack (``restarts`` random starts), then for the inputs it did not
-    break a multi-targeted attack on the ``targets`` most likely wrong classes (0 = skip). Successes are
-    confirmed by a forward pass."""
-    from .kernels.attacks import pgd
-    targets = min(targets, net.num_classes - 1)
-
-    def falsify(x, y, eps, key) -> Verdicts:
-        r = pgd(net, x, y, eps, key=key, steps=steps, restarts=restarts, loss="margin")
-        found, x_adv = np.array(r.success), np.array(r.x_adv)
-        rest = np.flatnonzero(~found)
-        if targets > 0 and len(rest):
-            t = padded_call(lambda *a: pgd(net, *a[:3], key=a[3], steps=steps, restarts=targets, loss="targeted"),
-                            x[rest], y[rest], eps[rest], jax.random.fold_in(key, 1), size=len(x))
-            found[rest], x_adv[rest] = np.asarray(t.success), np.asarray(t.x_adv)
-        cex = np.where(found.reshape((-1,) + (1,) * (x.ndim - 1)), x_adv, np.nan)
-        return Verdicts(np.where(found, VIOLATED, UNKNOWN).astype(np.int8), cex.astype(np.float32))
-
-    return falsify
-
-
-def min_norm_falsifier(net: Network, *, steps: int = 60) -> Callable:
-    """`kernels.minnorm.min_norm` (margin loss, ``steps`` steps) as a ``minimize`` oracle: the closest
-    counterexample found within ``eps`` per input, confirmed by a forward pass."""
-    from .kernels.minnorm import min_norm
-
-    def minimize(x, y, eps, key) -> Verdicts:
-        r = min_norm(net, x, y, eps, key=key, steps=steps)
-        found = np.asarray(r.success)
-        cex = np.where(found.reshape((-1,) + (1,) * (x.ndim - 1)), np.asarray(r.x_adv), np.nan)
-        return Verdicts(np.where(found, VIOLATED, UNKNOWN).astype(np.int8), cex.astype(np.float32))
-
-    return minimize
-
-
-def padded_call(fn, x, y, eps, key, size: int):
-    """``fn(x, y, eps, key)`` on a batch padded (repeating row 0) to a power of two of at most ``size`` rows, so
-    jitted shapes repeat across calls; the outputs (a NamedTuple of arrays) are cut back to ``len(x)``."""
-    m = len(x)
-    p = min(size, 1 << max(m - 1, 0).bit_length()) if m < size else m
-    if p > m:
-        pad = lambda a: np.concatenate([a, np.repeat(a[:1], p - m, axis=0)])  # noqa: E731
-        x, y, eps = pad(x), pad(y), pad(eps)
-    v = fn(x, y, np.asarray(eps, np.float32), key)
-    return type(v)(*(np.asarray(a)[:m] for a in v))
 
 
 def bound_prover(net: Network, method: str = "crown") -> Callable:
@@ -115,7 +65,6 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
     if kind in BOUND_METHODS:
         return Oracle(kind, bound_prover(net, kind), falsify)
     if kind == "complete":
-        from .verify import complete_oracle
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
                                **options)
     raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
@@ -129,3 +78,17 @@ def _linf_dist(a, b):
 def linf_distance(a, b) -> np.ndarray:
     """``max |a - b|`` per row: ``(B, *shape), (B, *shape) -> (B,)``."""
     return np.asarray(_linf_dist(jnp.asarray(a), jnp.asarray(b)))
+
+
+def complete_oracle(net: Network, **options) -> Oracle:
+    """Oracle whose ``prove`` runs the whole cascade (ROBUST, VIOLATED or UNKNOWN on budget) and whose
+    ``falsify`` is the attack alone. ``options``: fields of `VerifyConfig`."""
+    cfg = VerifyConfig(**options)
+
+    def prove(x, y, eps, key) -> Verdicts:
+        r = verify(net, x, y, eps, cfg, key=key)
+        return Verdicts(r.status, r.counterexample, r.stage)
+
+    falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
+                               targets=cfg.attack_targets)
+    return Oracle("complete", prove, falsify)

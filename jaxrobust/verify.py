@@ -29,11 +29,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError
+from .falsify import attack_falsifier
 from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits, split_point
 from .kernels.bounds import MARGIN_ABS, MARGIN_REL, crown
 from .kernels.perturb import check_eps
 from .network import Network
-from .oracles import ROBUST, UNKNOWN, VIOLATED, Oracle, Verdicts, attack_falsifier
+from .verdict import ROBUST, UNKNOWN, VIOLATED
 
 # Signed-gradient steps from every open subdomain's minimiser before it is checked as a counterexample.
 DESCENT_STEPS = 5
@@ -45,7 +46,7 @@ STAGES = ("forward", "attack", "crown", "bab", "lp", "timeout", "domains", "memo
 class VerifyConfig(NamedTuple):
     timeout: float = 60.0          # seconds per query (wall clock)
     max_domains: int = 10 ** 7     # subdomains bounded per query
-    max_pool_bytes: int = 2 ** 28  # memory of pending subdomains per query
+    max_pool_bytes: int = 2 ** 30  # memory of pending subdomains per query
     batch: int = 512               # subdomains per bounding call (a fixed, jitted shape)
     steps: int = 10                # α/β Adam iterations per subdomain batch (warm-started from the parent)
     root_steps: int = 100          # α iterations on the whole box
@@ -591,17 +592,3 @@ def _check_config(cfg: VerifyConfig):
         raise InputError(f"split must be 'auto', 'neurons' or 'inputs', got {cfg.split!r}")
     if cfg.max_domains < 1 or cfg.steps < 0 or cfg.root_steps < 0:
         raise InputError("max_domains must be >= 1 and steps, root_steps >= 0")
-
-
-def complete_oracle(net: Network, **options) -> Oracle:
-    """Oracle whose ``prove`` runs the whole cascade (ROBUST, VIOLATED or UNKNOWN on budget) and whose
-    ``falsify`` is the attack alone. ``options``: fields of `VerifyConfig`."""
-    cfg = VerifyConfig(**options)
-
-    def prove(x, y, eps, key) -> Verdicts:
-        r = verify(net, x, y, eps, cfg, key=key)
-        return Verdicts(r.status, r.counterexample)
-
-    falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
-                               targets=cfg.attack_targets)
-    return Oracle("complete", prove, falsify)

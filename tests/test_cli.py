@@ -59,3 +59,21 @@ def test_critical_eps_distribution_and_train(tmp_path, capsys):
     assert main(["train", "--arch", "mlp:16", "--dataset", f"mnist:{data}", "--epochs", "1", "--out", str(w)]) == 0
     assert "saved" in capsys.readouterr().out and w.stat().st_size > 0
     assert main(["info", str(w)]) == 0
+
+
+def test_verify_budgets_are_checked_before_any_work(tmp_path, capsys):
+    prop = tmp_path / "p.vnnlib"
+    prop.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"
+                    "(assert (>= X_0 0.0))\n(assert (<= X_0 1.0))\n(assert (>= Y_1 Y_0))\n")
+    for bad, word in ((["--max-memory", "1X"], "--max-memory"), (["--max-memory", "10K"], "at least 1M"),
+                      (["--max-domains", "0"], "--max-domains")):
+        assert main(["verify", "no-such-network.onnx", str(prop), *bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0]
+
+
+def test_verdict_vocabulary():
+    from jaxrobust.verdict import ROBUST, UNKNOWN, VIOLATED, Status, status_names
+    assert (ROBUST, UNKNOWN, VIOLATED) == (1, 0, -1)
+    assert list(status_names(np.array([1, 0, -1], np.int8))) == ["ROBUST", "UNKNOWN", "VIOLATED"]
+    assert Status(-1).name == "VIOLATED"

@@ -251,6 +251,7 @@ def full_precision(fn):
 
     run = functools.wraps(fn)(within(fn))
     run.lower = within(fn.lower)        # for inspecting the compiled program
+    run._cache_size = fn._cache_size     # compiled variants (shared by an architecture's networks)
     return run
 
 
