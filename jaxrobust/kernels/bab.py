@@ -58,8 +58,10 @@ from .bounds import (
     full_precision,
 )
 
-# Kink vars of at most this many units get α-CROWN intermediate bounds at the root.
-ALPHA_UNITS = 4096
+# Kink vars get α-CROWN intermediate bounds at the root where their bound rows times the size of the graph
+# before them stay within this many floats (256x6 MLPs: ~2e6; CIFAR ResNets: ~1e8, skipped: there the
+# optimisation cost minutes per query while their plain CROWN bounds take 0.2 s).
+ALPHA_FLOATS = 2 ** 24
 # Interval units narrower than this (relative to 1 + |bound|) are not split further.
 MIN_WIDTH = 1e-6
 
@@ -168,8 +170,8 @@ class Brancher:
 def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
     """Bounds ``{var: (lo, hi)}`` (batch-1 shapes) of every var over the box ``lo, hi: (1, *in)``: CROWN
     intermediate bounds (``pre``: `bounds._identity_prefixes`) intersected with interval ones; then, with
-    ``steps``, the kink vars of at most `ALPHA_UNITS` units, in order, by α-CROWN (``steps`` Adam
-    iterations on slopes per bound row), re-propagated forward by interval arithmetic."""
+    ``steps``, the kink vars within `ALPHA_FLOATS`, in order, by α-CROWN (``steps`` Adam iterations on
+    slopes per bound row), re-propagated forward by interval arithmetic."""
     prefixes = {v: (acc, bias, _prefix_end(g, v)) for v, (acc, bias) in pre.items()}
 
     def one(l, h):
@@ -179,9 +181,13 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
     if not steps:
         return root
     for v, k, _, n in sorted(lay.kink, key=lambda e: -1 if e[0] == g.input else g.producer_index(e[0])):
-        if v == g.input or n > ALPHA_UNITS:
+        if v == g.input:
             continue
         before = g.producer_index(v)
+        upstream = math.prod(g.shape(g.input)) + sum(math.prod(g.shape(u)) for node in g.nodes[:before]
+                                                     for u in node.outs)
+        if 2 * n * upstream > ALPHA_FLOATS:
+            continue
         ivs = {u: _Iv(lo=a, hi=b) for u, (a, b) in root.items()}
         theta = {idx: jnp.broadcast_to(_adaptive(ivs[node.bounded()[0]], consts, node),
                                        (2 * n,) + g.shape(node.bounded()[0]))

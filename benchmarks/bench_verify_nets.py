@@ -1,10 +1,14 @@
-"""Complete verdicts on the VNN-COMP 2021 verivital CNNs (average and max pooling), MNIST test images.
+"""Complete verdicts on shared networks beyond the MNIST MLPs: the VNN-COMP 2021 verivital CNNs (average and
+max pooling) on MNIST, the JAIR CIFAR ResNets on the lossless CIFAR-10 test images.
 
-For each network and ε, every image 0..N-1 is one L∞ query (the whole cascade, ``--timeout`` seconds each);
-prints the decided fraction, verdict counts and the time per query, and checks every VIOLATED verdict's
-counterexample with onnxruntime on the original ONNX file.
+For each network and ε, every image 0..N-1 that the network classifies correctly is one L∞ query (the whole
+cascade, ``--timeout`` seconds each); prints the decided fraction, verdict counts and the time per query
+(the first query of a network includes compilation), and checks every VIOLATED verdict's counterexample
+with onnxruntime on the original ONNX file.
 
-    python benchmarks/bench_verify_cnn.py [--networks Convnet_maxpool:0.004,Convnet_avgpool:0.02] [--images 50]
+    python benchmarks/bench_verify_nets.py [--networks mnist/vnncomp2021_verivital/Convnet_maxpool:0.004,...]
+        [--images 50] [--timeout 60]
+    python benchmarks/bench_verify_nets.py --networks cifar10/jair_resnet4b/resnet_4b_fgsm:0.00784 --images 20
 """
 from __future__ import annotations
 
@@ -23,19 +27,26 @@ from jaxrobust.verify import VerifyConfig, verify
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--networks", default="Convnet_maxpool:0.004,Convnet_avgpool:0.02,Convnet_avgpool:0.04")
+    ap.add_argument("--networks", default=",".join(f"mnist/vnncomp2021_verivital/{n}" for n in (
+        "Convnet_maxpool:0.004", "Convnet_maxpool:0.02", "Convnet_avgpool:0.02", "Convnet_avgpool:0.04")),
+        help="comma-separated PATH:EPS, PATH relative to shared/networks without .onnx")
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--timeout", type=float, default=60.0)
     args = ap.parse_args()
     print(f"load average {os.getloadavg()[0]:.1f}; timeout {args.timeout:.0f} s per query")
-    ds = load_dataset(f"mnist:{SHARED / 'data' / 'mnist.npz'}", "test")
+    data = {"mnist": f"mnist:{SHARED / 'data' / 'mnist.npz'}",
+            "cifar10": f"cifar10:{SHARED / 'data' / 'cifar10' / 'cifar10_test_first100_lossless.npz'}"}
     import onnxruntime as ort
     for item in args.networks.split(","):
-        name, eps = item.split(":")
-        path = SHARED / "networks" / "mnist" / "vnncomp2021_verivital" / f"{name}.onnx"
+        rel, eps = item.rsplit(":", 1)
+        path = SHARED / "networks" / f"{rel}.onnx"
+        name = path.stem
         net = load_onnx(path)
+        ds = load_dataset(data[rel.split("/")[0]], "test")
         x = to_network_input(ds.x[:args.images], net.input_shape)
         y = ds.y[:args.images]
+        ok = np.asarray(net(x)).argmax(-1) == y
+        x, y = x[ok], y[ok]
         t0 = time.perf_counter()
         r = verify(net, x, y, float(eps), VerifyConfig(timeout=args.timeout), progress=True)
         wall = time.perf_counter() - t0
@@ -45,7 +56,7 @@ def main():
         confirmed = sum(int(np.argmax(sess.run(None, {inp.name: r.counterexample[i].reshape(shape)})[0]) != y[i])
                         for i in np.flatnonzero(r.status == VIOLATED))
         stages = {str(s): int(np.sum(r.stage == s)) for s in np.unique(r.stage)}
-        print(f"\n{name} ε={eps}: {len(x)} queries, wall {wall:.0f} s, decided {np.mean(r.status != UNKNOWN):.0%}"
+        print(f"\n{name} ε={eps}: {len(x)} queries (of {len(ok)} images), wall {wall:.0f} s, decided {np.mean(r.status != UNKNOWN):.0%}"
               f" (unsat {np.sum(r.status == ROBUST)}, sat {np.sum(r.status == VIOLATED)}, unknown"
               f" {np.sum(r.status == UNKNOWN)}); time median {np.median(r.time_s):.2f} s, max {r.time_s.max():.1f} s;"
               f" sat confirmed by onnxruntime {confirmed}/{np.sum(r.status == VIOLATED)}; decided by {stages}")
