@@ -70,6 +70,8 @@ def _all_eqns(jaxpr):
 def _train_options(p):
     p.add_argument("--arch", default="mlp:256,256",
                    help="mlp:H1,H2,... | conv_small | cnn:small|medium|large (default mlp:256,256)")
+    p.add_argument("--activation", default="relu", choices=["relu", "sigmoid", "tanh"],
+                   help="hidden activation of an mlp (default relu)")
     p.add_argument("--dataset", "-d", default="mnist", help="dataset spec (default mnist)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
@@ -93,7 +95,7 @@ def train_cmd(args):
     from .weights import save_network
     family, _, opts = args.arch.partition(":")
     if family == "mlp":
-        a = zoo.arch("mlp", hidden=[int(h) for h in (opts or "256,256").split(",")])
+        a = zoo.arch("mlp", hidden=[int(h) for h in (opts or "256,256").split(",")], activation=args.activation)
     elif family == "cnn":
         a = zoo.arch("cnn", size=opts or "small")
     else:

@@ -2,7 +2,8 @@
 
 Families (inputs NHWC images in [0, 1], e.g. ``(28, 28, 1)``):
 
-* ``mlp``      — Flatten → [Dense(h) → ReLU]* → Dense(classes). Bosman et al. use 256x2/4/6, 3x100 … 9x200.
+* ``mlp``      — Flatten → [Dense(h) → act]* → Dense(classes), act ReLU (default), sigmoid or tanh. Bosman et
+  al. use ReLU 256x2/4/6, 3x100 … 9x200.
 * ``conv_small`` — ERAN's convSmall: Conv16 4x4/2 → ReLU → Conv32 4x4/2 → ReLU → Dense100 → ReLU → Dense.
 * ``cnn``     — Fijalkow & Gupta's classifiers: Conv(c1) 3x3 → ReLU → MaxPool2 → Conv(c2) 3x3 → ReLU → MaxPool2
   → Dense(d) → ReLU → Dense(classes); sizes small (32, 64, 200), medium (64, 128, 256), large (64, 128, 512).
@@ -21,16 +22,20 @@ from .network import Network
 GENERATIVE_SIZES = {"small": (32, 64, 200), "medium": (64, 128, 256), "large": (64, 128, 512)}
 
 
+ACTIVATIONS = {"relu": nn.relu, "sigmoid": nn.sigmoid, "tanh": nn.tanh}
+
+
 class MLP(nn.Module):
-    """Fully connected ReLU network: ``(B, *in) -> (B, classes)``."""
+    """Fully connected network: ``(B, *in) -> (B, classes)``, activation by name (`ACTIVATIONS`)."""
     hidden: Sequence[int]
     num_classes: int = 10
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x):
         x = x.reshape((x.shape[0], -1))
         for h in self.hidden:
-            x = nn.relu(nn.Dense(h)(x))
+            x = ACTIVATIONS[self.activation](nn.Dense(h)(x))
         return nn.Dense(self.num_classes)(x)
 
 
@@ -68,6 +73,11 @@ def arch(family: str, input_shape=(28, 28, 1), num_classes: int = 10, **kw) -> d
     a = {"family": family, "input_shape": [int(d) for d in input_shape], "num_classes": int(num_classes)}
     if family == "mlp":
         a["hidden"] = [int(h) for h in kw.pop("hidden", (256, 256))]
+        act = kw.pop("activation", "relu")
+        if act not in ACTIVATIONS:
+            raise InputError(f"unknown activation {act!r}; choose from {', '.join(ACTIVATIONS)}")
+        if act != "relu":       # ReLU networks keep the architecture (and content hash) they always had
+            a["activation"] = act
     elif family == "cnn":
         size = kw.pop("size", None)
         c1, c2, d = GENERATIVE_SIZES[size] if size else kw.pop("sizes", GENERATIVE_SIZES["small"])
@@ -83,7 +93,7 @@ def module(a: dict) -> nn.Module:
     """The Flax module of an architecture dict."""
     fam = a.get("family")
     if fam == "mlp":
-        return MLP(tuple(a["hidden"]), a["num_classes"])
+        return MLP(tuple(a["hidden"]), a["num_classes"], a.get("activation", "relu"))
     if fam == "conv_small":
         return ConvSmall(a["num_classes"])
     if fam == "cnn":
@@ -113,7 +123,8 @@ def describe(a: dict) -> str:
     """Short name, e.g. ``mlp-256x2``, ``conv_small``, ``cnn-32-64-200``."""
     if a["family"] == "mlp":
         hs = a["hidden"]
-        return f"mlp-{hs[0]}x{len(hs)}" if len(set(hs)) == 1 else "mlp-" + "-".join(map(str, hs))
+        act = "" if a.get("activation", "relu") == "relu" else f"-{a['activation']}"
+        return (f"mlp-{hs[0]}x{len(hs)}" if len(set(hs)) == 1 else "mlp-" + "-".join(map(str, hs))) + act
     if a["family"] == "cnn":
         return "cnn-" + "-".join(map(str, a["sizes"]))
     return a["family"]

@@ -160,3 +160,23 @@ def test_maxpool_network_gets_complete_verdicts():
         out = np.asarray(net(pts.reshape((-1,) + net.input_shape))).reshape(6, 4000, -1)
         wrong = (out.argmax(-1) != y[:, None]).any(1)
         assert not np.any(wrong & (r.status == ROBUST))
+
+
+def test_zoo_smooth_mlps_are_verified_by_the_graph_engine():
+    """`zoo` MLPs with sigmoid / tanh hidden units (``--activation``) trace into interval branch units; ReLU
+    MLPs keep the architecture dict (and content hash) they always had."""
+    from jaxrobust import zoo
+    from jaxrobust.errors import InputError
+    assert "activation" not in zoo.arch("mlp", hidden=(8,))
+    with pytest.raises(InputError, match="activation"):
+        zoo.arch("mlp", hidden=(8,), activation="gelu")
+    for act in ("sigmoid", "tanh"):
+        a = zoo.arch("mlp", input_shape=(4,), num_classes=3, hidden=(6, 6), activation=act)
+        net = zoo.init(a, jax.random.PRNGKey(0))
+        assert zoo.describe(a) == f"mlp-6x2-{act}"
+        lay = layout(Brancher(net, net.input_shape).graph)
+        assert (lay.Hk, lay.Hi) == (0, 12)
+        x = jnp.full((2, 4), 0.5)
+        y = np.asarray(net(x)).argmax(-1)
+        r = verify(net, x, y, 0.01, CFG._replace(split="neurons"))
+        assert np.all(r.status == ROBUST)
