@@ -249,7 +249,8 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
                            init, steps=steps)
         r = DomainBounds(*(np.asarray(a)[:n] for a in r))
-        return r._replace(lower=r.lower - d[rows], alpha=r.alpha.astype(np.float16), beta=r.beta.astype(np.float16))
+        lower = np.where(np.isnan(r.lower), -np.inf, r.lower)      # a NaN bound proves nothing
+        return r._replace(lower=lower - d[rows], alpha=r.alpha.astype(np.float16), beta=r.beta.astype(np.float16))
 
     T = len(C)
     n_domains, n_evals = T, T * (cfg.root_steps + 1)
@@ -359,7 +360,8 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
         width = his - los
         score = np.where(width > MIN_WIDTH * (1 + np.maximum(np.abs(los), np.abs(his))),
                          width * (np.abs(g) + 1e-6), -np.inf)
-        return np.asarray(b)[:n, 0] - d[rows], cands[np.argmax(viol)] if viol.any() else None, score
+        b = np.where(np.isnan(np.asarray(b)[:n, 0]), -np.inf, np.asarray(b)[:n, 0])   # NaN proves nothing
+        return b - d[rows], cands[np.argmax(viol)] if viol.any() else None, score
 
     T = len(C)
     rows = np.arange(T)

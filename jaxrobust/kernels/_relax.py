@@ -46,24 +46,29 @@ _S_FUNCS = {
 }
 
 
-def sshape(name, l, u):
+def sshape(name, l, u, theta=None):
     """Relaxation of ``logistic`` or ``tanh`` (convex for x < 0, concave for x > 0).
 
-    Slopes: chord on the convex side of a one-signed interval and on both sides of a mixed one,
-    tangent at the midpoint on the other side. For a slope ``k`` the intercept is the exact extremum
-    of ``f(z) - k z`` over ``[l, u]``: its only critical points are ``+-z_k`` (``f'(z_k) = k``), so the
-    extremum is attained at ``l``, ``u`` or ``clip(+-z_k, l, u)``.
+    Slopes: by default the chord on the convex side of a one-signed interval and on both sides of a mixed
+    one, the tangent at the midpoint on the other side; with ``theta = (t_l, t_u)`` (each in [0, 1],
+    broadcastable to ``l``, extra leading dims allowed) the lower / upper slope ``k_min + t (k_max - k_min)``
+    between the smallest and largest derivative on ``[l, u]`` (α-CROWN for S-shaped units; `sshape_theta`
+    gives the default slopes' ``t``). For any slope ``k`` the intercept is the exact extremum of
+    ``f(z) - k z`` over ``[l, u]``: its only critical points are ``+-z_k`` (``f'(z_k) = k``), so the
+    extremum is attained at ``l``, ``u`` or ``clip(+-z_k, l, u)``; every slope gives a sound line.
     """
     f, df, d0, zk = _S_FUNCS[name]
-    m = 0.5 * (l + u)
-    d = u - l
-    chord = jnp.where(d > 1e-6, (f(u) - f(l)) / jnp.where(d > 1e-6, d, 1.0), df(m))
-    a_u = jnp.clip(jnp.where(l >= 0, df(m), chord), 0.0, d0)
-    a_l = jnp.clip(jnp.where(u <= 0, df(m), chord), 0.0, d0)
+    if theta is None:
+        a_l, a_u = _sshape_slopes(name, l, u)
+    else:
+        k_min, k_max = _slope_range(name, l, u)
+        a_l, a_u = (k_min + t * (k_max - k_min) for t in theta)
 
     def extremes(k):
-        z = zk(k)
-        pts = jnp.stack([l, u, jnp.clip(z, l, u), jnp.clip(-z, l, u)])
+        # the extremum's derivative in k is -(its point) (envelope theorem): no gradient through the points,
+        # whose own derivative is infinite at k = 0 and k = f'(0)
+        z = lax.stop_gradient(zk(k))
+        pts = lax.stop_gradient(jnp.stack(jnp.broadcast_arrays(l, u, jnp.clip(z, l, u), jnp.clip(-z, l, u))))
         vals = f(pts) - k * pts
         return vals.min(0), vals.max(0)
 
@@ -71,6 +76,30 @@ def sshape(name, l, u):
     b_u = extremes(a_u)[1]
     slack = S_SLACK * (1.0 + jnp.maximum(jnp.abs(l), jnp.abs(u)) * jnp.maximum(a_l, a_u))
     return a_l, b_l - slack, a_u, b_u + slack
+
+
+def _sshape_slopes(name, l, u):
+    """The default lower and upper slopes of `sshape`."""
+    f, df, d0, _ = _S_FUNCS[name]
+    m = 0.5 * (l + u)
+    d = u - l
+    chord = jnp.where(d > 1e-6, (f(u) - f(l)) / jnp.where(d > 1e-6, d, 1.0), df(m))
+    a_u = jnp.clip(jnp.where(l >= 0, df(m), chord), 0.0, d0)
+    a_l = jnp.clip(jnp.where(u <= 0, df(m), chord), 0.0, d0)
+    return a_l, a_u
+
+
+def _slope_range(name, l, u):
+    """Smallest and largest derivative of the S-shaped function on ``[l, u]`` (its derivative peaks at 0)."""
+    df = _S_FUNCS[name][1]
+    return jnp.minimum(df(l), df(u)), df(jnp.clip(0.0, l, u))
+
+
+def sshape_theta(name, l, u):
+    """``(t_l, t_u)`` that make `sshape` use its default slopes on ``[l, u]``."""
+    k_min, k_max = _slope_range(name, l, u)
+    width = jnp.where(k_max > k_min, k_max - k_min, 1.0)
+    return tuple(jnp.clip((a - k_min) / width, 0.0, 1.0) for a in _sshape_slopes(name, l, u))
 
 
 def max2(lx, ux, ly, uy):

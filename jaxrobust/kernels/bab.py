@@ -56,6 +56,7 @@ from .bounds import (
     _pwl_consts,
     _window_relaxation,
     full_precision,
+    initial_slopes,
 )
 
 # Kink vars get α-CROWN intermediate bounds at the root where their bound rows times the size of the graph
@@ -68,8 +69,9 @@ MIN_WIDTH = 1e-6
 
 class Layout(NamedTuple):
     """Branch units of a graph, in flat order: ``kink`` ``((var, k const index, offset, size), ...)``,
-    ``interval`` ``((var, offset, size), ...)``; ``alpha`` ``((node index, var, offset, size), ...)``
-    for the ReLU-like nodes; totals ``Hk, Hi, Ha``."""
+    ``interval`` ``((var, offset, size), ...)``; ``alpha`` ``((node index, var, offset, size), ...)`` the
+    optimisable slopes of the ReLU-like nodes (one per unit) and sigmoid / tanh nodes (two per unit:
+    lower, upper); totals ``Hk, Hi, Ha``."""
     kink: tuple
     interval: tuple
     alpha: tuple
@@ -99,9 +101,9 @@ def layout(g: Graph) -> Layout:
             oi += n
     alpha, oa = [], 0
     for idx, node in enumerate(g.nodes):
-        if node.kind == "pwl":
+        if node.kind in ("pwl", "sshape"):     # sigmoid / tanh: a lower and an upper slope per unit
             v = node.bounded()[0]
-            n = math.prod(g.shape(v))
+            n = math.prod(g.shape(v)) * (1 if node.kind == "pwl" else 2)
             alpha.append((idx, v, oa, n))
             oa += n
     return Layout(tuple(kink), tuple(interval), tuple(alpha), ok, oi, oa)
@@ -170,8 +172,9 @@ class Brancher:
 def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
     """Bounds ``{var: (lo, hi)}`` (batch-1 shapes) of every var over the box ``lo, hi: (1, *in)``: CROWN
     intermediate bounds (``pre``: `bounds._identity_prefixes`) intersected with interval ones; then, with
-    ``steps``, the kink vars within `ALPHA_FLOATS`, in order, by α-CROWN (``steps`` Adam iterations on
-    slopes per bound row), re-propagated forward by interval arithmetic."""
+    ``steps``, the branch vars (inputs of ReLU-like, sigmoid / tanh and max-pool nodes) within `ALPHA_FLOATS`,
+    in order, by α-CROWN (``steps`` Adam iterations on slopes per bound row), re-propagated forward by
+    interval arithmetic."""
     prefixes = {v: (acc, bias, _prefix_end(g, v)) for v, (acc, bias) in pre.items()}
 
     def one(l, h):
@@ -180,7 +183,8 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
     root = jax.tree_util.tree_map(lambda a: a[0], jax.vmap(one, axis_name=_EXAMPLES)(lo, hi))
     if not steps:
         return root
-    for v, k, _, n in sorted(lay.kink, key=lambda e: -1 if e[0] == g.input else g.producer_index(e[0])):
+    branch_vars = [(v, n) for v, _, _, n in lay.kink] + [(v, n) for v, _, n in lay.interval]
+    for v, n in sorted(branch_vars, key=lambda e: -1 if e[0] == g.input else g.producer_index(e[0])):
         if v == g.input:
             continue
         before = g.producer_index(v)
@@ -189,9 +193,7 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
         if 2 * n * upstream > ALPHA_FLOATS:
             continue
         ivs = {u: _Iv(lo=a, hi=b) for u, (a, b) in root.items()}
-        theta = {idx: jnp.broadcast_to(_adaptive(ivs[node.bounded()[0]], consts, node),
-                                       (2 * n,) + g.shape(node.bounded()[0]))
-                 for idx, node in enumerate(g.nodes) if node.kind == "pwl" and idx < before}
+        theta = initial_slopes(g, consts, ivs, 2 * n, before)
         if not theta:
             continue
         state = _identity_prefix(g, consts, v, lo.dtype)
@@ -259,8 +261,25 @@ def _split_terms(g: Graph, lay: Layout, consts, root, s, ilo, ihi, beta):
     return extra
 
 
-def _thetas(lay: Layout, g: Graph, alpha):
-    return {idx: alpha[off:off + n].reshape((1,) + g.shape(v)) for idx, v, off, n in lay.alpha}
+def _thetas(lay: Layout, g: Graph, alpha, rows: int = 1):
+    """Flat slopes ``alpha (rows, Ha)`` (or ``(Ha,)`` for one row) as the ``theta`` of `bounds._backward_pass`."""
+    alpha = alpha.reshape(rows, -1)
+    out = {}
+    for idx, v, off, n in lay.alpha:
+        shape = (rows,) + g.shape(v)
+        a = alpha[:, off:off + n]
+        out[idx] = a.reshape(shape) if g.nodes[idx].kind == "pwl" else tuple(
+            t.reshape(shape) for t in jnp.split(a, 2, axis=1))
+    return out
+
+
+def _flat_slopes(lay: Layout, theta: dict, rows: int):
+    """Inverse of `_thetas`: ``(rows, Ha)``."""
+    parts = []
+    for idx, *_ in lay.alpha:
+        t = theta[idx]
+        parts += [a.reshape(rows, -1) for a in (t if isinstance(t, tuple) else (t,))]
+    return jnp.concatenate(parts, axis=1) if parts else jnp.zeros((rows, 0))
 
 
 def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *, steps: int) -> DomainBounds:
@@ -277,8 +296,7 @@ def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *,
             return r.bound[0] - (MARGIN_REL * r.mag[0] + MARGIN_ABS), r
 
         if a0 is None:
-            a0 = jnp.concatenate([_adaptive(ivs[v], consts, g.nodes[idx]).reshape(-1)
-                                  for idx, v, _, _ in lay.alpha]) if lay.alpha else jnp.zeros((0,), lo.dtype)
+            a0 = _flat_slopes(lay, initial_slopes(g, consts, ivs, 1), 1)[0].astype(lo.dtype)
             b0 = jnp.zeros((lay.Hk + 2 * lay.Hi,), lo.dtype)
         project = lambda p: (jnp.clip(p[0], 0.0, 1.0), jnp.maximum(p[1], 0.0))
         best, params = _ascend(lambda p: run(p)[0], (a0, b0), steps, project)
@@ -301,12 +319,6 @@ def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *,
     return DomainBounds(*jax.vmap(one, in_axes=axes)(c, s, ilo, ihi, a0, b0))
 
 
-def _adaptive(iv, consts, node):
-    """CROWN's default kink slope choice (theta of `_relax.pwl`) on the bounds ``iv``."""
-    k = consts[node.extra["k"]]
-    return (iv.hi - k >= k - iv.lo).astype(iv.lo.dtype)
-
-
 def _ascend(run, params, steps, project, lr_alpha=0.1, lr_beta=0.05):
     """Projected Adam ascent on ``sum(run(params))`` (sound bounds, any shape); the elementwise best values
     seen and the final params (the children of a subdomain restart from them). ``params``: a pair
@@ -323,10 +335,10 @@ def _ascend(run, params, steps, project, lr_alpha=0.1, lr_beta=0.05):
         p, state, best = carry
         (_, val), grad = jax.value_and_grad(lambda q: _total(run(q)), has_aux=True)(p)
         upd, state = opt.update(jax.tree_util.tree_map(jnp.negative, grad), state, p)
-        return (project(optax.apply_updates(p, upd)), state, jnp.maximum(best, val)), None
+        return (project(optax.apply_updates(p, upd)), state, jnp.fmax(best, val)), None
 
     (params, _, best), _ = lax.scan(step, (params, opt.init(params), best), None, length=steps)
-    return jnp.maximum(best, run(params)), params
+    return jnp.fmax(best, run(params)), params
 
 
 def _total(val):
@@ -363,7 +375,7 @@ def _scores(g: Graph, lay: Layout, consts, ivs, record, alpha):
             f = lambda x: val + jnp.where(x >= k, ap * (x - k), an * (x - k))
             pts = jnp.stack([l, u, jnp.clip(k, l, u)])
         elif node.kind == "sshape":
-            rel = _relax.sshape(node.extra["fn"], l, u)
+            rel = _relax.sshape(node.extra["fn"], l, u, tuple(a[0] for a in thetas[idx]))
             f = jax.nn.sigmoid if node.extra["fn"] == "logistic" else jnp.tanh
             pts = l + (u - l) * jnp.linspace(0.0, 1.0, 9).reshape((-1,) + (1,) * l.ndim)
         else:

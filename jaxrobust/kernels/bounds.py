@@ -671,7 +671,8 @@ def _backward_pass(g: Graph, consts, ivs, state, theta=None, extra=None, record=
     """Back-substitution resuming from ``state = _linear_prefix(g, consts, start, lam)`` (``lam: (R,
     *shape(start))``) to the input box ``ivs[g.input]``, relaxing nonlinear nodes on the bounds ``ivs``.
 
-    ``theta``: optional ``{node index: (R, *shape)}`` kink slopes of ReLU-like nodes. ``extra``: optional
+    ``theta``: optional ``{node index: slopes}``: ``(R, *shape)`` kink slopes of ReLU-like nodes, ``(t_l, t_u)``
+    each ``(R, *shape)`` slope fractions of sigmoid / tanh nodes (`_relax.sshape`). ``extra``: optional
     ``{var: (coef (R, *shape), bias (R,))}`` linear terms added to the bounded function (Lagrangian terms
     of constraints that hold on the box, as branch and bound adds for its splits); each var must be
     the input of a nonlinear node or the input itself. Returns a `Backward`.
@@ -711,7 +712,8 @@ def _backward_pass(g: Graph, consts, ivs, state, theta=None, extra=None, record=
                 th = None if theta is None else theta.get(idx)
                 a_l, b_l, a_u, b_u = _relax.pwl(*_pwl_consts(node, consts), iv.lo, iv.hi, th)
             else:
-                a_l, b_l, a_u, b_u = _relax.sshape(node.extra["fn"], iv.lo, iv.hi)
+                th = None if theta is None else theta.get(idx)
+                a_l, b_l, a_u, b_u = _relax.sshape(node.extra["fn"], iv.lo, iv.hi, th)
             add(ins[0], pos * a_l + neg * a_u)
             bias = bias + _sum_rows(pos * b_l + neg * b_u)
         elif kind == "max2":
@@ -786,14 +788,8 @@ def _crown_one(g: Graph, consts, lo, hi, spec, prefixes, steps, lr):
 
 
 def _optimize_alpha(g: Graph, consts, ivs, bound, R, steps, lr):
-    """Adam over the kink slopes (``theta in [0, 1]`` per row and neuron); best bounds ``(R,)`` seen."""
-    theta = {}
-    for idx, node in enumerate(g.nodes):
-        if node.kind == "pwl":
-            iv = ivs[node.bounded()[0]]
-            k = consts[node.extra["k"]]
-            t0 = (iv.hi - k >= k - iv.lo).astype(iv.lo.dtype)
-            theta[idx] = jnp.broadcast_to(t0, (R,) + t0.shape)
+    """Adam over the relaxation slopes (`initial_slopes`, in [0, 1]); the best bounds ``(R,)`` seen."""
+    theta = initial_slopes(g, consts, ivs, R)
     opt = optax.adam(lr)
 
     def loss(t):
@@ -805,8 +801,27 @@ def _optimize_alpha(g: Graph, consts, ivs, bound, R, steps, lr):
         (_, r), grad = jax.value_and_grad(loss, has_aux=True)(t)
         updates, state = opt.update(grad, state, t)
         t = jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), optax.apply_updates(t, updates))
-        return (t, state, jnp.maximum(best, r)), None
+        return (t, state, jnp.fmax(best, r)), None
 
     best = jnp.full((R,), -jnp.inf, ivs[g.input].lo.dtype)
     (t, _, best), _ = lax.scan(step, (theta, opt.init(theta), best), None, length=steps)
-    return jnp.maximum(best, bound(t))
+    return jnp.fmax(best, bound(t))
+
+
+def initial_slopes(g: Graph, consts, ivs, R, before: int | None = None) -> dict:
+    """The default relaxation slopes as optimisable parameters for ``R`` rows: ``{node index: theta}`` for the
+    ReLU-like (CROWN's adaptive choice) and sigmoid / tanh nodes (`_relax.sshape_theta`) before node index
+    ``before`` (all: None), on the bounds ``ivs``."""
+    theta = {}
+    for idx, node in enumerate(g.nodes[:before]):
+        if node.kind not in ("pwl", "sshape"):
+            continue
+        iv = ivs[node.bounded()[0]]
+        if node.kind == "pwl":
+            k = consts[node.extra["k"]]
+            t0 = (iv.hi - k >= k - iv.lo).astype(iv.lo.dtype)
+            theta[idx] = jnp.broadcast_to(t0, (R,) + t0.shape)
+        else:
+            theta[idx] = tuple(jnp.broadcast_to(t, (R,) + t.shape)
+                               for t in _relax.sshape_theta(node.extra["fn"], iv.lo, iv.hi))
+    return theta
