@@ -305,10 +305,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             stage = "lp"
             pool = {k: v[~exhausted] for k, v in pool.items()}
             continue
-        order = np.argsort(pool["b"], kind="stable")
-        take, left = order[:batch // 2], order[batch // 2:]
-        par = {k: v[take] for k, v in pool.items()}
-        pool = {k: v[left] for k, v in pool.items()}
+        par, pool = _take_lowest(pool, batch // 2)
         children = _children(lay, par)
         n_ch = len(children["t"])
         r = bound(Splits(children["s"], children["ilo"], children["ihi"]), children["t"],
@@ -389,11 +386,8 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
             undecided = min(undecided, float(pool["b"][leaf].min()))
             pool = {k: v[~leaf] for k, v in pool.items()}
             continue
-        order = np.argsort(pool["b"], kind="stable")
-        take, left = order[:batch // 2], order[batch // 2:]
-        par = {k: v[take] for k, v in pool.items()}
-        pool = {k: v[left] for k, v in pool.items()}
-        P = len(take)
+        par, pool = _take_lowest(pool, batch // 2)
+        P = len(par["t"])
         dim = np.argmax(par["sc"], axis=1)
         mid = (par["lo"][np.arange(P), dim] + par["hi"][np.arange(P), dim]) / 2
         clo, chi = np.concatenate([par["lo"], par["lo"]]), np.concatenate([par["hi"], par["hi"]])
@@ -441,6 +435,13 @@ def _descend(net: Network, xs, c, lo, hi, steps: int):
 def _row_gradient(net: Network):
     """Jitted ``(x (D, *in), c (D, n_out)) -> d(c . net(x))/dx`` per row."""
     return jax.jit(jax.vmap(jax.grad(lambda x, c: c @ net(x[None])[0])))
+
+
+def _take_lowest(pool: dict, k: int):
+    """The ``k`` pending subdomains of ``pool`` (dict of arrays) with the lowest bounds ``pool["b"]``, and the rest."""
+    order = np.argsort(pool["b"], kind="stable")
+    take, left = order[:k], order[k:]
+    return {n: v[take] for n, v in pool.items()}, {n: v[left] for n, v in pool.items()}
 
 
 def _children(lay, par: dict) -> dict:
