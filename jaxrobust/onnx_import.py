@@ -694,7 +694,8 @@ def _run(g: _Graph, params: dict, x: jax.Array, batched: bool) -> jax.Array:
     for node in g.nodes:
         ins = [env[n] if n else None for n in node.inputs]
         bat = [n in in_batch for n in node.inputs]
-        outs = _eval_node(node, ins, bat, g.opset)
+        with jax.named_scope(f"ONNX {node.op} {node.label}"):
+            outs = _eval_node(node, ins, bat, g.opset)
         for name, value in zip(node.outputs, outs):
             if name:
                 env[name] = value

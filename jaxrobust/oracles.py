@@ -24,7 +24,7 @@ from .errors import InputError
 from .falsify import attack_falsifier, min_norm_falsifier
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED, Verdicts  # noqa: F401  (the vocabulary, re-exported)
-from .verify import VerifyConfig, verify
+from .verify import VerifyConfig, network_brancher, verify
 
 BOUND_METHODS = ("ibp", "crown", "alpha-crown")
 
@@ -84,6 +84,7 @@ def complete_oracle(net: Network, **options) -> Oracle:
     """Oracle whose ``prove`` runs the whole cascade (ROBUST, VIOLATED or UNKNOWN on budget) and whose
     ``falsify`` is the attack alone. ``options``: fields of `VerifyConfig`."""
     cfg = VerifyConfig(**options)
+    network_brancher(net)       # an unsupported operation is reported now, before any attack or bisection
 
     def prove(x, y, eps, key) -> Verdicts:
         r = verify(net, x, y, eps, cfg, key=key)

@@ -180,3 +180,25 @@ def test_zoo_smooth_mlps_are_verified_by_the_graph_engine():
         y = np.asarray(net(x)).argmax(-1)
         r = verify(net, x, y, 0.01, CFG._replace(split="neurons"))
         assert np.all(r.status == ROBUST)
+
+
+def test_unsupported_onnx_node_is_named_before_any_work(tmp_path):
+    """A softmax output layer (division by an input-dependent sum) is refused naming the ONNX node, when the
+    complete oracle is made, before any attack runs."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jaxrobust.errors import UnsupportedOpError
+    from jaxrobust.onnx_import import load_onnx
+    from jaxrobust.oracles import make_oracle
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(size=(4, 3)).astype(np.float32), "W")
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["h"], name="fc"),
+             helper.make_node("Relu", ["h"], ["r"], name="act"),
+             helper.make_node("Softmax", ["r"], ["y"], name="probs", axis=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [w])
+    path = tmp_path / "softmax.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    net = load_onnx(path)
+    with pytest.raises(UnsupportedOpError, match="ONNX Softmax node 'probs'"):
+        make_oracle(net, "complete")

@@ -17,7 +17,8 @@ classifies the remaining (input-dependent, "bounded") equations:
   sqrt, reduce_max, clamp, ...): interval rule only, CROWN concretizes their output box.
 * ``abs``, ``pow`` (integer_pow/square), ``mul2`` (product of two bounded operands): interval rule only.
 
-Anything else raises `UnsupportedOpError` naming the primitive. Products (``dot_general``, convolutions)
+Anything else raises `UnsupportedOpError` naming the primitive, after the ``jax.named_scope`` it was traced
+in (the ONNX importer names each node's scope by op type and node name). Products (``dot_general``, convolutions)
 are re-bound at ``Precision.HIGHEST``, whatever precision the network asked for.
 """
 from __future__ import annotations
@@ -111,7 +112,8 @@ class _Builder:
         return v
 
     # ------------------------------------------------------------------ tracing
-    def run(self, jaxpr, consts, args):
+    def run(self, jaxpr, consts, args, scope=""):
+        """Interpret ``jaxpr``; ``scope``: the name stack of the call it is inlined from (for messages)."""
         env = {}
 
         def read(a):
@@ -128,12 +130,18 @@ class _Builder:
             name = eqn.primitive.name
             if name in CALLS:
                 sub, sub_consts = _sub_jaxpr(eqn)
-                outs = self.run(sub, sub_consts, ins)
+                outs = self.run(sub, sub_consts, ins, _scope(scope, eqn))
             elif all(t == "c" for t, _ in ins):
                 vals = eqn.primitive.bind(*[v for _, v in ins], **eqn.params)
                 outs = [("c", v) for v in (vals if eqn.primitive.multiple_results else [vals])]
             else:
-                outs = self.bounded_eqn(eqn, ins)
+                try:
+                    outs = self.bounded_eqn(eqn, ins)
+                except UnsupportedOpError as e:
+                    where = _scope(scope, eqn)
+                    if not where:
+                        raise
+                    raise UnsupportedOpError(f"{where}: {e}") from None
             for var, o in zip(eqn.outvars, outs):
                 if not isinstance(var, jcore.DropVar):
                     env[var] = o
@@ -366,6 +374,12 @@ def _window_index(in_shape, out_shape, params):
         valid &= (pos >= 0) & (pos % bdil[d] == 0) & (pos // bdil[d] < in_shape[d])
         flat = flat * in_shape[d] + np.clip(pos // bdil[d], 0, in_shape[d] - 1)
     return np.where(valid, flat, size).astype(np.int32)
+
+
+def _scope(outer: str, eqn) -> str:
+    """The name stack of ``eqn`` below ``outer`` (``jax.named_scope`` names: ONNX nodes, Flax modules)."""
+    inner = str(getattr(eqn.source_info, "name_stack", "") or "")
+    return "/".join(p for p in (outer, inner) if p)
 
 
 def _sub_jaxpr(eqn):
