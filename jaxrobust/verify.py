@@ -239,22 +239,31 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
                               for i in range(0, len(xp), batch)])[:m]
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
+    cmp = _compact(brancher, root)
+
     def bound(sp: Splits, rows, init, steps):
-        """Bounds of ``len(rows) <= batch`` subdomains (`DomainBounds` as numpy, lower shifted by ``d``).
-        Batches are padded to 16, batch / 4 or batch rows, so only three shapes are compiled."""
+        """Bounds of ``len(rows) <= batch`` subdomains stored compactly (`_Compact`): `DomainBounds` as numpy,
+        compact, lower shifted by ``d``. Batches are padded to 16, batch / 4 or batch rows, so only three
+        shapes are compiled."""
         n = len(rows)
         size = next(s for s in (16, batch // 4, batch) if s >= n)
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
-        init = None if init is None else tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
+        sp = sp._replace(s=cmp.expand(sp.s, cmp.free, lay.Hk))
+        if init is not None:
+            init = (cmp.expand(init[0], cmp.alpha_keep, lay.Ha), cmp.expand(init[1], cmp.beta_keep, lay.Hk + 2 * lay.Hi))
+            init = tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
         r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
                            init, steps=steps)
         r = DomainBounds(*(np.asarray(a)[:n] for a in r))
         lower = np.where(np.isnan(r.lower), -np.inf, r.lower)      # a NaN bound proves nothing
-        return r._replace(lower=lower - d[rows], alpha=r.alpha.astype(np.float16), beta=r.beta.astype(np.float16))
+        return r._replace(lower=lower - d[rows], branch=cmp.branch(r.branch),
+                          alpha=r.alpha[:, cmp.alpha_keep].astype(np.float16),
+                          beta=r.beta[:, cmp.beta_keep].astype(np.float16))
 
     T = len(C)
     n_domains, n_evals = T, T * (cfg.root_steps + 1)
     root_sp = brancher.initial(root, T)
+    root_sp = root_sp._replace(s=root_sp.s[:, cmp.free])
     r = bound(root_sp, np.arange(T), None, cfg.root_steps)
     xs, bad = violating(r.x_star, np.arange(T))
     if bad.any():
@@ -270,7 +279,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             "a": keep(r.alpha), "be": keep(r.beta)}
     proved_min = float(r.lower[~open_rows].min()) if (~open_rows).any() else np.inf
     undecided = np.inf          # lowest bound of leaves that could not be decided
-    per_domain = lay.Hk + 8 * lay.Hi + 2 * lay.Ha + 2 * (lay.Hk + 2 * lay.Hi) + 32
+    per_domain = cmp.Hk + 8 * cmp.Hi + 2 * len(cmp.alpha_keep) + 2 * len(cmp.beta_keep) + 32
     max_pool = max(1, cfg.max_pool_bytes // per_domain)
     stage = "bab"
 
@@ -294,7 +303,8 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
                 if time.perf_counter() > deadline:
                     return stop(UNKNOWN, "timeout")
                 t = pool["t"][j]
-                verdict, xs = (_lp_leaf(brancher, root, lo, hi, pool["s"][j], C[t], d[t])
+                s_full = cmp.expand(pool["s"][j][None], cmp.free, lay.Hk)[0]
+                verdict, xs = (_lp_leaf(brancher, root, lo, hi, s_full, C[t], d[t])
                                if brancher.pure_kink else (UNKNOWN, None))
                 if verdict == VIOLATED:
                     xs, bad = violating(xs, np.full(len(xs), t))
@@ -306,7 +316,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             pool = {k: v[~exhausted] for k, v in pool.items()}
             continue
         par, pool = _take_lowest(pool, batch // 2)
-        children = _children(lay, par)
+        children = _children(cmp, par)
         n_ch = len(children["t"])
         r = bound(Splits(children["s"], children["ilo"], children["ihi"]), children["t"],
                   (children["a"], children["be"]), cfg.steps)
@@ -435,6 +445,48 @@ def _descend(net: Network, xs, c, lo, hi, steps: int):
 def _row_gradient(net: Network):
     """Jitted ``(x (D, *in), c (D, n_out)) -> d(c . net(x))/dx`` per row."""
     return jax.jit(jax.vmap(jax.grad(lambda x, c: c @ net(x[None])[0])))
+
+
+class _Compact(NamedTuple):
+    """How a pending subdomain is stored: by the ``Hk`` kink units unstable at the root only (``free``: their
+    full index; the others are never split, and their slopes and multipliers do not enter any bound), the
+    ``Hi`` interval units, the slopes at ``alpha_keep`` and the multipliers at ``beta_keep``; ``full_hk`` the
+    number of kink units."""
+    Hk: int
+    Hi: int
+    full_hk: int
+    free: np.ndarray
+    alpha_keep: np.ndarray
+    beta_keep: np.ndarray
+
+    @staticmethod
+    def expand(a, keep, width):
+        """Compact ``a: (D, len(keep))`` as ``(D, width)``, zeros elsewhere."""
+        out = np.zeros((len(a), width), a.dtype)
+        out[:, keep] = a
+        return out
+
+    def branch(self, br):
+        """Full branch indices (`DomainBounds.branch`) as compact ones (-1 stays -1)."""
+        kink = (br >= 0) & (br < self.full_hk)
+        return np.where(br < 0, -1, np.where(kink, np.searchsorted(self.free, br), br - self.full_hk + self.Hk))
+
+
+def _compact(brancher: Brancher, root) -> _Compact:
+    """The `_Compact` storage of ``brancher``'s subdomains of a box with root bounds ``root``."""
+    lay, g = brancher.layout, brancher.graph
+    free, local = [], {}
+    for v, k, off, n in lay.kink:
+        kk = np.broadcast_to(np.asarray(brancher.consts[k]), g.shape(v)).reshape(-1)
+        l, u = (np.asarray(b).reshape(-1) for b in root[v])
+        local[v] = np.flatnonzero((l < kk) & (u > kk))
+        free.append(off + local[v])
+    free = np.concatenate(free) if free else np.zeros(0, np.int64)
+    alpha = [off + local[v] if g.nodes[idx].kind == "pwl" and v in local else off + np.arange(n)
+             for idx, v, off, n in lay.alpha]
+    alpha = np.concatenate(alpha) if alpha else np.zeros(0, np.int64)
+    beta = np.concatenate([free, lay.Hk + np.arange(2 * lay.Hi)])
+    return _Compact(len(free), lay.Hi, lay.Hk, free, alpha, beta)
 
 
 def _take_lowest(pool: dict, k: int):
