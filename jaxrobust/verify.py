@@ -225,18 +225,12 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         those rows take them to (`_descend`), rounded into the inner box; returns ``(points, bad)``, ``bad``
         marking those a plain forward pass maps into the unsafe region (any spec row)."""
         n = len(xs)
-        pad = -n % 16 if n <= 16 else -n % batch
-        padded = lambda a: np.concatenate([a, np.repeat(a[:1], pad, 0)]) if pad else a
-        moved = np.concatenate([np.asarray(_descend(net, jnp.asarray(padded(xs)[i:i + batch]).reshape((-1,) + shape[1:]),
-                                                    jnp.asarray(padded(C[rows])[i:i + batch]), jnp.asarray(in_lo),
-                                                    jnp.asarray(in_hi), DESCENT_STEPS)).reshape(-1, xs.shape[1])
-                                for i in range(0, n + pad, batch)])[:n]
+        step = lambda x, c: np.asarray(_descend(net, jnp.asarray(x).reshape((-1,) + shape[1:]), jnp.asarray(c),
+                                                jnp.asarray(in_lo), jnp.asarray(in_hi), DESCENT_STEPS))
+        moved = np.concatenate([step(x, c).reshape(len(x), -1)
+                                for x, c in zip(_batches(xs, batch), _batches(C[rows], batch))])[:n]
         xs = np.clip(np.concatenate([xs, moved]), in_lo, in_hi)
-        m = len(xs)
-        pad = -m % 16 if m <= 16 else -m % batch
-        xp = np.concatenate([xs, np.repeat(xs[:1], pad, 0)]) if pad else xs
-        out = np.concatenate([_logits(net, xp[i:i + batch].reshape((-1,) + shape[1:]))
-                              for i in range(0, len(xp), batch)])[:m]
+        out = np.concatenate([_logits(net, x.reshape((-1,) + shape[1:])) for x in _batches(xs, batch)])[:len(xs)]
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
     cmp = _compact(brancher, root)
@@ -487,6 +481,16 @@ def _compact(brancher: Brancher, root) -> _Compact:
     alpha = np.concatenate(alpha) if alpha else np.zeros(0, np.int64)
     beta = np.concatenate([free, lay.Hk + np.arange(2 * lay.Hi)])
     return _Compact(len(free), lay.Hi, lay.Hk, free, alpha, beta)
+
+
+def _batches(a, batch: int) -> list:
+    """``a`` in consecutive pieces of ``batch`` rows, padded (repeating row 0) to a multiple of 16 rows when
+    shorter than 16, else of ``batch`` rows, so that jitted shapes repeat."""
+    n = len(a)
+    pad = -n % 16 if n <= 16 else -n % batch
+    if pad:
+        a = np.concatenate([a, np.repeat(a[:1], pad, 0)])
+    return [a[i:i + batch] for i in range(0, len(a), batch)]
 
 
 def _take_lowest(pool: dict, k: int):

@@ -14,7 +14,8 @@ Per subdomain, the bounds of every var are the root bounds of the box (CROWN int
 split also tightens the vars after it). The bound of a spec row ``c . out`` is CROWN's back-substitution
 (`bounds._backward_pass`) over these bounds with
 
-* optimisable kink slopes ``alpha in [0, 1]`` of every ReLU-like unit (α-CROWN);
+* optimisable slopes ``alpha in [0, 1]`` of every ReLU-like unit and both lines of every sigmoid / tanh unit
+  (α-CROWN);
 * Lagrange multipliers ``beta >= 0`` of the split constraints (``s (z - k) >= 0``, ``z - ilo >= 0``,
   ``ihi - z >= 0``), added as linear terms: for any ``beta`` the bound stays sound, and the constraints of
   earlier layers reach the bound (β-CROWN, Wang et al. 2021);
@@ -25,7 +26,7 @@ bound seen is kept. Bounds are widened by ``MARGIN_REL`` times the summed magnit
 the largest gap between its relaxation line and the function on its interval, weighted by the
 coefficient reaching the node's output.
 
-Shapes: ``D`` subdomains, ``Hk`` kink units, ``Hi`` interval units, ``Ha`` ReLU-like units (slopes).
+Shapes: ``D`` subdomains, ``Hk`` kink units, ``Hi`` interval units, ``Ha`` slopes (see `Layout`).
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ from .bounds import (
     initial_slopes,
 )
 
-# Kink vars get α-CROWN intermediate bounds at the root where their bound rows times the size of the graph
+# Branch vars get α-CROWN intermediate bounds at the root where their bound rows times the size of the graph
 # before them stay within this many floats (256x6 MLPs: ~2e6; CIFAR ResNets: ~1e8, skipped: there the
 # optimisation cost minutes per query while their plain CROWN bounds take 0.2 s).
 ALPHA_FLOATS = 2 ** 24
@@ -152,10 +153,8 @@ class Brancher:
 
     def initial(self, root, D: int) -> Splits:
         """Splits of ``D`` unsplit subdomains: free kink units, interval units at their root bounds."""
-        ilo = [np.asarray(root[v][0]).reshape(-1) for v, _, _ in self.layout.interval]
-        ihi = [np.asarray(root[v][1]).reshape(-1) for v, _, _ in self.layout.interval]
-        cat = lambda a: np.tile(np.concatenate(a) if a else np.zeros(0, np.float32), (D, 1))
-        return Splits(np.zeros((D, self.layout.Hk), np.int8), cat(ilo), cat(ihi))
+        ilo, ihi = (np.tile(np.asarray(a), (D, 1)) for a in _root_intervals(self.layout, root, jnp.float32))
+        return Splits(np.zeros((D, self.layout.Hk), np.int8), ilo, ihi)
 
     def bound(self, root, lo, hi, c, splits: Splits, init=None, *, steps: int = 10) -> DomainBounds:
         """β-CROWN lower bounds of ``c[d] . out`` (``c: (D, n_out)``) over the subdomains ``splits`` of the box
@@ -206,12 +205,17 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
         shape = g.shape(v)
         l, u = root[v]
         root[v] = (jnp.maximum(l, best[:n].reshape(shape)), jnp.minimum(u, -best[n:].reshape(shape)))
-        ivs = {g.input: _Iv(lo=lo, hi=hi)}
-        for node in g.nodes:
-            for w, iv in zip(node.outs, _ibp_node(node, consts, [ivs[b] for b in node.bounded()])):
-                ivs[w] = _Iv(lo=jnp.maximum(iv.lo, root[w][0]), hi=jnp.minimum(iv.hi, root[w][1]))
-                root[w] = (ivs[w].lo, ivs[w].hi)
+        free = jnp.zeros((lay.Hk,), jnp.int8)
+        ivs, _ = _sub_ivs(g, lay, consts, root, lo, hi, free, *_root_intervals(lay, root, lo.dtype))
+        root = {w: (iv.lo, iv.hi) for w, iv in ivs.items()}
     return root
+
+
+def _root_intervals(lay: Layout, root, dtype):
+    """The interval units' root bounds as flat ``(ilo, ihi)``, each ``(Hi,)`` (the bounds of an unsplit subdomain)."""
+    if not lay.interval:
+        return jnp.zeros((0,), dtype), jnp.zeros((0,), dtype)
+    return tuple(jnp.concatenate([root[v][i].reshape(-1) for v, _, _ in lay.interval]) for i in (0, 1))
 
 
 def _sub_ivs(g: Graph, lay: Layout, consts, root, lo, hi, s, ilo, ihi):
@@ -410,10 +414,7 @@ def split_point(lo, hi):
 
 
 def _leaf(g: Graph, lay: Layout, consts, root, lo, hi, s):
-    ilo = jnp.concatenate([root[v][0].reshape(-1) for v, _, _ in lay.interval]) if lay.interval else \
-        jnp.zeros((0,), lo.dtype)
-    ihi = jnp.concatenate([root[v][1].reshape(-1) for v, _, _ in lay.interval]) if lay.interval else ilo
-    ivs, _ = _sub_ivs(g, lay, consts, root, lo, hi, s, ilo, ihi)
+    ivs, _ = _sub_ivs(g, lay, consts, root, lo, hi, s, *_root_intervals(lay, root, lo.dtype))
     n_in = lo.size
 
     def affine(v):
