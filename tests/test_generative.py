@@ -4,7 +4,6 @@ Most tests use a *brightness* pair with known answers: the generator of class 1 
 brightness tanh(3 (z0 + s)) in [-1, 1] (class 0: tanh(-3 (z0 + s))), the classifier compares the mean pixel
 with 0.5. So C(G_1(z)) = 1 exactly when z0 > -s; with s = 6 (beyond the latent box) always.
 """
-import argparse
 import json
 
 import jax
@@ -202,26 +201,25 @@ def test_run_global_store_resume_and_images(tmp_path):
     adv = ResultStore(out, "global_adversarial", G._tables(3, (28, 28, 1))["global_adversarial"]).read()
     assert len(adv["index"]) == sum(r["falsified"] for r in s["robustness"])
     assert np.all(np.abs(adv["latent_adv"] - adv["latent"]).max(1) <= 0.1 + 1e-6)
-    assert "global correctness" in G.format_summary(s)
+    from jaxrobust.cli import format_global_summary
+    assert "global correctness" in format_global_summary(s)
 
 
 def test_cli_functions(tmp_path, capsys, mlp_pair):
+    from jaxrobust.cli import main
     from jaxrobust.weights import save_network
     clf, g = mlp_pair
     clf = zoo.init(zoo.arch("mlp", hidden=(8,)), jax.random.PRNGKey(3))
     save_network(clf, tmp_path / "c.msgpack")
     gan.save_generators({3: g, 5: g}, tmp_path / "g.msgpack")
-    p = argparse.ArgumentParser()
-    G.global_options(p)
-    args = p.parse_args(["--classifier", str(tmp_path / "c.msgpack"), "--generator", str(tmp_path / "g.msgpack"),
-                         "--class", "5", "--samples", "300", "--out", str(tmp_path / "o.h5"), "--json"])
-    G.global_cmd(args)
+    argv = ["global", "--classifier", str(tmp_path / "c.msgpack"), "--generator", str(tmp_path / "g.msgpack"),
+            "--samples", "300", "--out", str(tmp_path / "o.h5"), "--json"]
+    assert main(argv + ["--class", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["class"] for r in out["correctness"]] == [5] and out["correctness"][0]["samples"] == 300
     assert out["robustness"] == [] and 0 <= out["correctness"][0]["ci_low"] <= out["correctness"][0]["estimate"]
-    args.cls = 7
-    with pytest.raises(InputError, match="no class 7"):
-        G.global_cmd(args)
+    assert main(argv + ["--class", "7"]) == 2
+    assert "no class 7" in capsys.readouterr().err
 
 
 def test_keras_dcgan_composition(shared):
