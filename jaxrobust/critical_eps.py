@@ -20,7 +20,6 @@ Status per input: ``exact`` (upper − lower <= tol, or adjacent grid values), `
 """
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -69,6 +68,20 @@ def _next_query(a: np.ndarray, b: np.ndarray, cfg: SearchConfig) -> np.ndarray:
     return np.where(i <= j, g[np.clip((i + j) // 2, 0, len(g) - 1)], np.nan)
 
 
+def check_config(cfg: SearchConfig) -> SearchConfig:
+    """``cfg`` validated (`InputError`), with ``eps_max`` set to the last grid value on a grid."""
+    if not cfg.eps_max > 0 or (cfg.grid is None and not cfg.tol > 0):
+        raise InputError(f"eps_max and tol must be > 0 (got {cfg.eps_max}, {cfg.tol})")
+    if cfg.max_steps < 1:
+        raise InputError(f"max_steps must be >= 1, got {cfg.max_steps}")
+    if cfg.grid is not None:
+        g = np.asarray(cfg.grid, float)
+        if g.ndim != 1 or g.size < 1 or np.any(np.diff(g) <= 0) or g[0] <= 0:
+            raise InputError("grid must be a strictly increasing sequence of positive ε values")
+        cfg = cfg._replace(eps_max=float(g[-1]))
+    return cfg
+
+
 def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(), *,  # noqa: B008  (immutable)
            batch_size: int = 256, indices: Sequence[int] | None = None) -> CriticalEps:
     """Critical ε of every input in ``x: (N, *input_shape)`` with labels ``y: (N,)``.
@@ -79,13 +92,7 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
     x = net.check_inputs(x)
     n = len(x)
     y = net.check_labels(y, n)
-    if not cfg.eps_max > 0 or (cfg.grid is None and not cfg.tol > 0):
-        raise InputError(f"eps_max and tol must be > 0 (got {cfg.eps_max}, {cfg.tol})")
-    if cfg.grid is not None:
-        g = np.asarray(cfg.grid, float)
-        if g.ndim != 1 or g.size < 1 or np.any(np.diff(g) <= 0) or g[0] <= 0:
-            raise InputError("grid must be a strictly increasing sequence of positive ε values")
-        cfg = cfg._replace(eps_max=float(g[-1]))
+    cfg = check_config(cfg)
     indices = np.arange(n) if indices is None else np.asarray(indices)
 
     pred = _predict(net, x, batch_size)
@@ -163,6 +170,9 @@ def _predict(net: Network, x, batch_size):
 TABLE = "critical_eps"
 CSV_COLUMNS = ("network", "dataset", "split", "index", "label", "eps_lower", "eps_upper", "status", "oracle",
                "time_s", "network_name", "predicted", "queries", "config")
+# the attack options of every oracle (`oracles.make_oracle`), stated here so that the rows' key names each one
+ATTACK_OPTIONS = {"attack_steps": 40, "restarts": 1, "targets": 9, "min_norm_steps": 60}
+ORACLES = ("attack", "ibp", "crown", "alpha-crown", "complete")
 
 
 def columns(image_shape) -> dict:
@@ -173,48 +183,94 @@ def columns(image_shape) -> dict:
             "network_name": ("str", ()), "error": ("str", ()), "counterexample": ("f4", tuple(image_shape))}
 
 
+def full_options(kind: str, options: dict | None = None) -> dict:
+    """Every option of oracle ``kind`` with its value: `ATTACK_OPTIONS`, and for ``complete`` the budgets of
+    `verify.VerifyConfig`, overridden by ``options``; an unknown name is an `InputError`."""
+    from .verify import VerifyConfig
+    if kind not in ORACLES:
+        raise InputError(f"unknown oracle {kind!r}; choose one of {', '.join(ORACLES)}")
+    budgets = {k: v for k, v in VerifyConfig()._asdict().items() if not k.startswith("attack_")} \
+        if kind == "complete" else {}
+    full = {**ATTACK_OPTIONS, **budgets}
+    unknown = sorted(set(options or {}) - set(full))
+    if unknown:
+        raise InputError(f"unknown option {unknown[0]!r} of the {kind} oracle; known: {', '.join(sorted(full))}")
+    return {**full, **(options or {})}
+
+
+class _Task:
+    """``compute(chunk) -> {TABLE: rows}`` of `run`; the oracle is built once per process, its attack and bound
+    batches sharded over the process's first ``devices`` devices (branch and bound runs per query)."""
+
+    def __init__(self, net: Network, kind: str, options: dict, cfg: SearchConfig, batch_size: int, devices,
+                 dataset: tuple):
+        self.net, self.kind, self.options, self.cfg, self.batch_size = net, kind, options, cfg, batch_size
+        self.devices, self.dataset, self._oracle = devices, dataset, None  # dataset: (name, split, image_shape)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_oracle": None}
+
+    @property
+    def oracle(self) -> Oracle:
+        if self._oracle is None:
+            from .kernels.sharding import batch_mesh, shard_args
+            from .oracles import make_oracle
+            from .runner import local_devices
+            o = make_oracle(self.net, self.kind, **self.options)
+            mesh = batch_mesh(local_devices(self.devices))
+            shard = lambda f: None if f is None else shard_args(f, mesh, batched=3)  # noqa: E731
+            self._oracle = o._replace(prove=o.prove if self.kind == "complete" else shard(o.prove),
+                                      falsify=shard(o.falsify), minimize=shard(o.minimize))
+        return self._oracle
+
+    def __call__(self, chunk) -> dict:
+        from .data import from_network_input
+        name, split, image_shape = self.dataset
+        r = search(self.net, self.oracle, chunk.x, chunk.y, self.cfg, batch_size=self.batch_size, indices=chunk.ids)
+        m = len(chunk)
+        return {TABLE: {"network": [self.net.hash] * m, "dataset": [name] * m, "split": [split] * m,
+                        "index": chunk.ids, "label": chunk.y, "predicted": r.predicted, "eps_lower": r.eps_lower,
+                        "eps_upper": r.eps_upper, "status": r.status, "oracle": [self.kind] * m, "time_s": r.time_s,
+                        "queries": r.queries, "network_name": [self.net.name] * m,
+                        "error": [r.errors.get(int(i), "") for i in chunk.ids],
+                        "counterexample": from_network_input(r.counterexample, image_shape)}}
+
+
 def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out, *, resume: bool = False,
-        chunk: int = 64, batch_size: int = 256, progress: bool = True, oracle_options: dict | None = None):
+        chunk: int = 64, batch_size: int = 256, progress: bool = True, oracle_options: dict | None = None,
+        devices: int | None = None, workers: int | None = None, ray_address: str | None = None):
     """Search critical ε for ``dataset`` rows ``indices`` (positions) and append one row per input to ``out``.
 
-    Rows are keyed by the image ids ``dataset.indices[indices]`` (positions in the original split).
+    Rows are keyed by the image ids ``dataset.indices[indices]`` (positions in the original split) and by the
+    configuration: the search, the oracle and every oracle option (`oracle_options`).
 
-    Inputs are processed in chunks of ``chunk``; each finished chunk is committed, so a killed run resumed
-    with ``resume=True`` skips what is stored and adds exactly the missing rows. Returns the `ResultStore`.
+    Inputs are processed in chunks of ``chunk`` by `runner.ResumableRun`: each finished chunk is committed,
+    so a killed run resumed with ``resume=True`` skips what is stored and adds exactly the missing rows.
+    ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray workers (see
+    `runner`). Returns the `ResultStore`.
     """
-    from tqdm.auto import tqdm
+    from .runner import ResumableRun
 
-    from .data import from_network_input, to_network_input
-    from .oracles import make_oracle
-    from .store import ResultStore
+    cfg, options = check_config(cfg), full_options(oracle_kind, oracle_options)
+    if chunk < 1 or batch_size < 1:
+        raise InputError(f"chunk and batch_size must be >= 1, got {chunk}, {batch_size}")
+    task = _Task(net, oracle_kind, options, cfg, batch_size, devices, (dataset.name, dataset.split,
+                                                                         tuple(dataset.image_shape)))
+    config = {"oracle": oracle_kind, **cfg._asdict(), "options": options}
+    if workers is None and ray_address is None:
+        task.oracle  # noqa: B018  an unsupported network or option fails here, before the file is touched
+    else:
+        from .oracles import make_oracle
+        make_oracle(net, oracle_kind, **options)
+    run = ResumableRun(out, {TABLE: columns(dataset.image_shape)}, config, resume=resume, progress=progress,
+                       desc=f"critical ε ({oracle_kind})", devices=devices, workers=workers, ray_address=ray_address)
+    chunks, done = run.input_chunks(net, dataset, indices, chunk)
+    found = []
 
-    store = ResultStore(out, TABLE, columns(dataset.image_shape))
-    # the effective oracle options (defaults included) key the rows, so a change of method is a new config
-    defaults = {k: p.default for k, p in inspect.signature(make_oracle).parameters.items() if p.kind == p.KEYWORD_ONLY}
-    config = {"oracle": oracle_kind, **cfg._asdict(), "options": {**defaults, **(oracle_options or {})}}
-    chash = store.save_config(config)
-    positions = np.asarray(indices, dtype=int)
-    todo = store.pending(net.hash, dataset, positions, chash, resume)
-    oracle = make_oracle(net, oracle_kind, **(oracle_options or {}))
-    finished = store.read(("network", "config", "eps_upper", "status"))
-    mine = (finished["network"] == net.hash) & (finished["config"] == chash) & (finished["status"] != "error")
-    medians = [e for e in finished["eps_upper"][mine] if e > 0]
-    bar = tqdm(total=len(positions), initial=len(positions) - len(todo), unit="input", disable=not progress,
-               desc=f"critical ε ({oracle_kind})")
-    for s in range(0, len(todo), chunk):
-        pos = todo[s:s + chunk]
-        ids = dataset.indices[pos]
-        x = to_network_input(dataset.x[pos], net.input_shape)
-        r = search(net, oracle, x, dataset.y[pos], cfg, batch_size=batch_size, indices=ids)
-        m = len(ids)
-        store.append({"network": [net.hash] * m, "dataset": [dataset.name] * m, "split": [dataset.split] * m,
-                      "index": ids, "config": [chash] * m, "label": dataset.y[pos], "predicted": r.predicted,
-                      "eps_lower": r.eps_lower, "eps_upper": r.eps_upper, "status": r.status,
-                      "oracle": [oracle_kind] * m, "time_s": r.time_s, "queries": r.queries,
-                      "network_name": [net.name] * m, "error": [r.errors.get(int(i), "") for i in ids],
-                      "counterexample": from_network_input(r.counterexample, dataset.image_shape)})
-        medians.extend(r.eps_upper[(r.eps_upper > 0)])
-        bar.update(m)
-        bar.set_postfix(median_eps=f"{np.median(medians):.4f}" if medians else "-")
-    bar.close()
-    return store
+    def postfix(rows):
+        e = rows[TABLE]["eps_upper"]
+        found.extend(e[e > 0])
+        return {"median_eps": f"{np.median(found):.4f}" if found else "-"}
+
+    run.map(chunks, task, done=done, postfix=postfix)
+    return run.stores[TABLE]

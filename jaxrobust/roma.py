@@ -5,6 +5,11 @@ forward pass, and per sample the highest softmax confidence among the labels oth
 device, vmapped over inputs: Anderson–Darling normality test, Box-Cox with the MLE λ (Yeo-Johnson as
 fallback), re-test, and ``plr = 1 − P(c > δ)`` from the fitted normal (`kernels.stats.roma_statistics`).
 
+Honest outputs: an input the network misclassifies gets status ``misclassified`` and NaN plr (it is no
+evidence of robustness either way and stays out of plr aggregates); a fitted tail below what ``n`` samples
+can resolve (``1/n``) is reported as that bound, ``tail_bound`` True (``log10_tail = log10(1/n)``,
+``plr = 1 − 1/n``), not as an extrapolation to 10^-9000; ε = 0 and a ball as wide as the domain warn.
+
 Beside the paper's parametric estimate, the sound direct Monte Carlo estimate of
 ``P(confident misclassification) = P(c > δ)`` with its exact Clopper–Pearson upper bound.
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -37,6 +43,7 @@ from .network import Network
 STEP_FLOATS = 1 << 22
 STATUS_NAMES = {RomaStatus.NORMAL: "normal", RomaStatus.BOXCOX: "normal after Box-Cox",
                 RomaStatus.YEOJOHNSON: "normal after Yeo-Johnson", RomaStatus.FAIL: "FAIL"}
+MISCLASSIFIED = "misclassified"
 
 
 class RomaConfig(NamedTuple):
@@ -52,13 +59,14 @@ class RomaConfig(NamedTuple):
 
 class RomaResult(NamedTuple):
     """Per-input arrays ``(N,)``."""
-    plr: np.ndarray            # 1 − P(c > δ) from the fitted normal; NaN when status is FAIL
-    log10_tail: np.ndarray     # log10 P(c > δ), finite where plr rounds to 1
+    plr: np.ndarray            # 1 − P(c > δ) from the fitted normal; NaN when status is FAIL or misclassified
+    log10_tail: np.ndarray     # log10 P(c > δ), finite where plr rounds to 1; at least log10(1/n) (see tail_bound)
+    tail_bound: np.ndarray     # bool: the fitted tail is below 1/n, so plr and log10_tail are that bound
     lmbda: np.ndarray          # Box-Cox λ (NaN if not applicable)
     lmbda_yj: np.ndarray       # Yeo-Johnson λ where that fallback ran
     ad_before: np.ndarray      # Anderson–Darling A² of the raw confidences
     ad_after: np.ndarray       # A² after Box-Cox
-    status: np.ndarray         # str: normal / normal after Box-Cox / normal after Yeo-Johnson / FAIL
+    status: np.ndarray         # str: normal / normal after Box-Cox / normal after Yeo-Johnson / FAIL / misclassified
     n_adversarial: np.ndarray  # samples with wrong-label confidence > δ
     mc_estimate: np.ndarray    # n_adversarial / n
     mc_upper: np.ndarray       # one-sided Clopper–Pearson upper bound on P(c > δ) at `confidence`
@@ -99,36 +107,58 @@ def samples_per_step(cfg: RomaConfig, batch: int, input_size: int) -> int:
     return max(1, min(cfg.chunk, STEP_FLOATS // (batch * input_size)))
 
 
+def check_config(net: Network, cfg: RomaConfig) -> None:
+    """`InputError` for a bad configuration; a warning for ε = 0 or a ball as wide as the network's domain."""
+    if not cfg.eps >= 0 or not 0 < cfg.delta <= 1 or cfg.samples < 3 or cfg.chunk < 1:
+        raise InputError(f"need eps >= 0, 0 < delta <= 1, samples >= 3 and chunk >= 1 (got {cfg.eps}, {cfg.delta}, "
+                         f"{cfg.samples}, {cfg.chunk})")
+    lo, hi = net.domain
+    if cfg.eps == 0:
+        warnings.warn("RoMA with eps = 0: every sample is the input itself, the statistics say nothing about "
+                      "robustness", stacklevel=3)
+    elif 2 * cfg.eps >= hi - lo:
+        warnings.warn(f"RoMA with eps = {cfg.eps:g}: the ball is at least as wide as the domain [{lo:g}, {hi:g}], "
+                      "so samples are clipped to the domain's boundary", stacklevel=3)
+
+
 def roma(net: Network, x, y, cfg: RomaConfig | None = None, *, indices: Sequence[int] | None = None,
-         batch: int | None = None) -> RomaResult:
+         batch: int | None = None, devices=None) -> RomaResult:
     """RoMA statistics of every input ``x: (N, *input_shape)`` with labels ``y: (N,)``.
 
     ``cfg`` defaults to ``RomaConfig()``; ``indices`` are the inputs' global ids (they seed the
     samples); ``batch`` inputs are processed at a time (default: as many as keep ``batch · samples``
-    under 2^25 confidences).
+    under 2^25 confidences), sharded over ``devices`` (a list of local devices; default one).
     """
+    from .kernels.sharding import batch_mesh, shard_args
     cfg = RomaConfig() if cfg is None else cfg
     x = net.check_inputs(x)
     n = len(x)
     y = net.check_labels(y, n)
-    if not cfg.eps >= 0 or not 0 < cfg.delta <= 1 or cfg.samples < 3:
-        raise InputError(f"need eps >= 0, 0 < delta <= 1 and samples >= 3 (got {cfg.eps}, {cfg.delta}, {cfg.samples})")
+    check_config(net, cfg)
     indices = np.arange(n) if indices is None else np.asarray(indices)
     batch = batch or max(1, min(256, (1 << 25) // cfg.samples))
+    sample = shard_args(lambda xs, ys, ids: confidences(net, xs, ys, cfg, indices=ids),
+                        batch_mesh(devices or jax.local_devices()[:1]), batched=3)
+    floor = -math.log10(cfg.samples)  # the smallest tail that n samples resolve: 1/n
     parts = []
     for s in range(0, n, batch):
         t0 = time.perf_counter()
         m = min(batch, n - s)
         p = min(batch, 1 << (m - 1).bit_length())  # pad to a power of two: few compiled shapes
         rows = np.concatenate([np.arange(s, s + m), np.full(p - m, s)])
-        conf = confidences(net, x[rows], y[rows], cfg, indices=indices[rows])
+        conf = sample(x[rows], y[rows], indices[rows])
         st = roma_statistics(conf, cfg.delta, cfg.significance)
         st = st._replace(**{f: np.asarray(v)[:m] for f, v in st._asdict().items()})
+        wrong = np.asarray(net(x[s:s + m])).argmax(-1) != y[s:s + m]
+        bound = (st.log10_tail < floor) & ~wrong
+        nan = lambda a: np.where(wrong, np.nan, a)  # noqa: E731
         k = st.n_adversarial
         _, upper = clopper_pearson(k, cfg.samples, cfg.confidence, side="upper")
-        parts.append({"plr": st.plr, "log10_tail": st.log10_tail, "lmbda": st.lmbda, "lmbda_yj": st.lmbda_yj,
-                      "ad_before": st.ad_before, "ad_after": st.ad_after,
-                      "status": np.array([STATUS_NAMES[RomaStatus(int(c))] for c in st.status], object),
+        status = np.array([STATUS_NAMES[RomaStatus(int(c))] for c in st.status], object)
+        parts.append({"plr": nan(np.where(bound, 1 - 10.0 ** floor, st.plr)),
+                      "log10_tail": nan(np.where(bound, floor, st.log10_tail)), "tail_bound": bound,
+                      "lmbda": st.lmbda, "lmbda_yj": st.lmbda_yj, "ad_before": st.ad_before, "ad_after": st.ad_after,
+                      "status": np.where(wrong, MISCLASSIFIED, status).astype(object),
                       "n_adversarial": k, "mc_estimate": k / cfg.samples, "mc_upper": upper, "mean": st.mean,
                       "std": st.std, "time_s": np.full(m, (time.perf_counter() - t0) / m)})
     if not parts:
@@ -138,73 +168,90 @@ def roma(net: Network, x, y, cfg: RomaConfig | None = None, *, indices: Sequence
 
 TABLE = "roma"
 CSV_COLUMNS = ("index", "label", "plr", "log10_tail", "lambda", "status", "n_adversarial", "mc_upper",
-               "network_name", "eps", "delta", "samples", "mc_estimate", "ad_before", "ad_after", "time_s")
+               "network_name", "eps", "delta", "samples", "tail_bound", "mc_estimate", "ad_before", "ad_after",
+               "time_s")
 COLUMNS = {"label": ("i8", ()), "eps": ("f8", ()), "delta": ("f8", ()), "samples": ("i8", ()),
-           "plr": ("f8", ()), "log10_tail": ("f8", ()), "lambda": ("f8", ()), "lambda_yj": ("f8", ()),
-           "ad_before": ("f8", ()), "ad_after": ("f8", ()), "status": ("str", ()), "n_adversarial": ("i8", ()),
-           "mc_estimate": ("f8", ()), "mc_upper": ("f8", ()), "mean": ("f8", ()), "std": ("f8", ()),
-           "time_s": ("f8", ()), "network_name": ("str", ())}
+           "plr": ("f8", ()), "log10_tail": ("f8", ()), "tail_bound": ("bool", ()), "lambda": ("f8", ()),
+           "lambda_yj": ("f8", ()), "ad_before": ("f8", ()), "ad_after": ("f8", ()), "status": ("str", ()),
+           "n_adversarial": ("i8", ()), "mc_estimate": ("f8", ()), "mc_upper": ("f8", ()), "mean": ("f8", ()),
+           "std": ("f8", ()), "time_s": ("f8", ()), "network_name": ("str", ())}
+
+
+class _Task:
+    """``compute(chunk) -> {TABLE: rows}`` of `run` (a `runner.Chunk`), sharded over ``devices``."""
+
+    def __init__(self, net: Network, cfg: RomaConfig, devices, dataset: tuple):
+        self.net, self.cfg, self.devices, self.dataset = net, cfg, devices, dataset  # dataset: (name, split)
+
+    def __call__(self, chunk) -> dict:
+        from .runner import local_devices
+        with warnings.catch_warnings():  # `run` has given the configuration's warnings once
+            warnings.simplefilter("ignore", UserWarning)
+            r = roma(self.net, chunk.x, chunk.y, self.cfg, indices=chunk.ids, devices=local_devices(self.devices))
+        m, cfg = len(chunk), self.cfg
+        return {TABLE: {"network": [self.net.hash] * m, "dataset": [self.dataset[0]] * m,
+                        "split": [self.dataset[1]] * m, "index": chunk.ids, "label": chunk.y, "eps": [cfg.eps] * m,
+                        "delta": [cfg.delta] * m, "samples": [cfg.samples] * m, "plr": r.plr,
+                        "log10_tail": r.log10_tail, "tail_bound": r.tail_bound, "lambda": r.lmbda,
+                        "lambda_yj": r.lmbda_yj, "ad_before": r.ad_before, "ad_after": r.ad_after, "status": r.status,
+                        "n_adversarial": r.n_adversarial, "mc_estimate": r.mc_estimate, "mc_upper": r.mc_upper,
+                        "mean": r.mean, "std": r.std, "time_s": r.time_s, "network_name": [self.net.name] * m}}
 
 
 def run(net: Network, dataset, indices, cfg: RomaConfig, out, *, resume: bool = False, chunk: int = 64,
-        progress: bool = True):
+        progress: bool = True, devices: int | None = None, workers: int | None = None,
+        ray_address: str | None = None):
     """RoMA for ``dataset`` rows ``indices`` (positions), one row per input appended to the HDF5 ``out``
-    (table ``roma``), committed every ``chunk`` inputs; ``resume`` skips stored rows. Returns the store."""
-    from tqdm.auto import tqdm
+    (table ``roma``) by `runner.ResumableRun`, committed every ``chunk`` inputs; ``resume`` skips stored rows.
+    ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray workers.
+    Returns the store."""
+    from .runner import ResumableRun
 
-    from .data import to_network_input
-    from .store import ResultStore
-
-    store = ResultStore(out, TABLE, COLUMNS)
-    chash = store.save_config({"method": "roma", **cfg._asdict()})
-    positions = np.asarray(indices, dtype=int)
-    todo = store.pending(net.hash, dataset, positions, chash, resume)
-    bar = tqdm(total=len(positions), initial=len(positions) - len(todo), unit="input", disable=not progress,
-               desc=f"RoMA ε={cfg.eps:g}")
-    for s in range(0, len(todo), chunk):
-        pos = todo[s:s + chunk]
-        ids = dataset.indices[pos]
-        r = roma(net, to_network_input(dataset.x[pos], net.input_shape), dataset.y[pos], cfg, indices=ids)
-        m = len(ids)
-        store.append({"network": [net.hash] * m, "dataset": [dataset.name] * m, "split": [dataset.split] * m,
-                      "index": ids, "config": [chash] * m, "label": dataset.y[pos], "eps": [cfg.eps] * m,
-                      "delta": [cfg.delta] * m, "samples": [cfg.samples] * m, "plr": r.plr,
-                      "log10_tail": r.log10_tail, "lambda": r.lmbda, "lambda_yj": r.lmbda_yj,
-                      "ad_before": r.ad_before, "ad_after": r.ad_after, "status": r.status,
-                      "n_adversarial": r.n_adversarial, "mc_estimate": r.mc_estimate, "mc_upper": r.mc_upper,
-                      "mean": r.mean, "std": r.std, "time_s": r.time_s, "network_name": [net.name] * m})
-        bar.update(m)
-    bar.close()
-    return store
+    check_config(net, cfg)
+    if chunk < 1:
+        raise InputError(f"chunk must be >= 1, got {chunk}")
+    run = ResumableRun(out, {TABLE: COLUMNS}, {"method": "roma", **cfg._asdict()}, resume=resume, progress=progress,
+                       desc=f"RoMA ε={cfg.eps:g}", devices=devices, workers=workers, ray_address=ray_address)
+    chunks, done = run.input_chunks(net, dataset, indices, chunk)
+    run.map(chunks, _Task(net, cfg, devices, (dataset.name, dataset.split)), done=done)
+    return run.stores[TABLE]
 
 
 class ClassSummary(NamedTuple):
     label: int
-    n: int
-    complete: float        # fraction of inputs whose confidences were normal (after a transform)
+    n: int                 # inputs of this class, misclassified ones included
+    complete: float        # fraction of the correctly classified inputs whose confidences were normal (after a transform)
     plr_mean: float
     plr_var: float
     mc_upper_mean: float
     t_p: float             # Welch t-test of this class's plr against all other classes
     binom_p: float         # binomial test: this class's completeness against the overall rate
+    misclassified: int     # inputs of this class the network misclassifies (outside every plr aggregate)
 
 
 def categorical(labels, plr, status, mc_upper) -> list[ClassSummary]:
     """Per-class ("categorical") robustness: mean and variance of plr over the inputs of each class whose
     fit succeeded, completeness, and the between-class tests (Welch t-test of the class against the rest;
-    exact binomial test of the class's completeness against the overall completeness)."""
-    labels, plr = np.asarray(labels), np.asarray(plr, float)
-    ok = np.asarray(status) != STATUS_NAMES[RomaStatus.FAIL]
-    overall = ok.mean() if ok.size else np.nan
+    exact binomial test of the class's completeness against the overall completeness). Misclassified
+    inputs are counted, and left out of every other figure."""
+    labels, plr, status = np.asarray(labels), np.asarray(plr, float), np.asarray(status)
+    seen = status != MISCLASSIFIED
+    ok = seen & (status != STATUS_NAMES[RomaStatus.FAIL])
+    overall = ok.sum() / seen.sum() if seen.any() else np.nan
     out = []
-    for c in np.unique(labels):
-        m = labels == c
-        a, b = plr[m & ok], plr[~m & ok]
-        t_p = float(sps.ttest_ind(a, b, equal_var=False).pvalue) if a.size >= 2 and b.size >= 2 else np.nan
-        bp = float(sps.binomtest(int(ok[m].sum()), int(m.sum()), overall).pvalue) if 0 < overall < 1 else 1.0
-        out.append(ClassSummary(int(c), int(m.sum()), float(ok[m].mean()),
-                                float(a.mean()) if a.size else np.nan, float(a.var(ddof=1)) if a.size > 1 else np.nan,
-                                float(np.mean(np.asarray(mc_upper)[m])), t_p, bp))
+    with warnings.catch_warnings():  # scipy's notes on degenerate samples (all plr equal): the p-value says it
+        warnings.simplefilter("ignore", RuntimeWarning)
+        for c in np.unique(labels):
+            m = labels == c
+            a, b = plr[m & ok], plr[~m & ok]
+            t_p = float(sps.ttest_ind(a, b, equal_var=False).pvalue) if a.size >= 2 and b.size >= 2 else np.nan
+            n_seen = int((m & seen).sum())
+            bp = float(sps.binomtest(int(ok[m].sum()), n_seen, overall).pvalue) if 0 < overall < 1 and n_seen else 1.0
+            out.append(ClassSummary(int(c), int(m.sum()), float(ok[m].sum() / n_seen) if n_seen else np.nan,
+                                    float(a.mean()) if a.size else np.nan,
+                                    float(a.var(ddof=1)) if a.size > 1 else np.nan,
+                                    float(np.mean(np.asarray(mc_upper)[m & seen])) if n_seen else np.nan, t_p, bp,
+                                    int((m & ~seen).sum())))
     return out
 
 
@@ -214,6 +261,8 @@ def compare_models(plr_a, plr_b) -> dict:
     a, b = np.asarray(plr_a, float), np.asarray(plr_b, float)
     ok = np.isfinite(a) & np.isfinite(b)
     d = a[ok] - b[ok]
-    p = float(sps.wilcoxon(a[ok], b[ok]).pvalue) if ok.sum() >= 2 and np.any(d != 0) else 1.0
+    with warnings.catch_warnings():  # ties and small samples: scipy notes them, the p-value accounts for them
+        warnings.simplefilter("ignore", (RuntimeWarning, UserWarning))
+        p = float(sps.wilcoxon(a[ok], b[ok]).pvalue) if ok.sum() >= 2 and np.any(d != 0) else 1.0
     return {"n": int(ok.sum()), "mean_a": float(a[ok].mean()) if ok.any() else np.nan,
             "mean_b": float(b[ok].mean()) if ok.any() else np.nan, "wilcoxon_p": p}

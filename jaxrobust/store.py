@@ -124,6 +124,9 @@ class ResultStore:
 
     def append(self, rows: Mapping[str, Iterable]) -> None:
         """Append a batch of rows (every column, equal lengths) and commit it."""
+        commit([(self, rows)])
+
+    def _checked(self, rows: Mapping[str, Iterable]) -> tuple[dict[str, np.ndarray], int]:
         missing = set(self.columns) - set(rows)
         if missing:
             raise InputError(f"rows for table {self.table!r} lack columns {sorted(missing)}")
@@ -131,16 +134,27 @@ class ResultStore:
         m = {len(a) for a in arrays.values()}
         if len(m) != 1:
             raise InputError(f"rows for table {self.table!r} have unequal lengths {sorted(m)}")
-        m = m.pop()
-        if m == 0:
-            return
+        return arrays, m.pop()
+
+    def _write(self, f: h5py.File, arrays: Mapping[str, np.ndarray], m: int) -> None:
+        g = f[self.table]
+        n = len(g["index"])
+        for name, a in arrays.items():
+            dtype, _ = self.columns[name]
+            g[name].resize(n + m, axis=0)
+            g[name][n:] = a.astype(object) if dtype == "str" else a
+
+    def log_run(self, record: Mapping) -> None:
+        """Keep a JSON ``record`` of a run (its configuration hash, devices, workers) in the file's ``runs`` group."""
         with self._transaction() as f:
-            g = f[self.table]
-            n = len(g["index"])
-            for name, a in arrays.items():
-                dtype, _ = self.columns[name]
-                g[name].resize(n + m, axis=0)
-                g[name][n:] = a.astype(object) if dtype == "str" else a
+            g = f.require_group("runs")
+            g.attrs[f"{len(g.attrs):06d}"] = json.dumps(record, sort_keys=True, default=str)
+
+    def runs(self) -> list[dict]:
+        """The records of `log_run`, oldest first."""
+        with self._open("r") as f:
+            g = f.get("runs")
+            return [] if g is None else [json.loads(g.attrs[k]) for k in sorted(g.attrs)]
 
     def read(self, columns: Iterable[str] | None = None) -> dict[str, np.ndarray]:
         """Committed rows as numpy arrays (strings decoded)."""
@@ -164,6 +178,19 @@ class ResultStore:
             for i in range(n):
                 w.writerow([_csv_value(d[c][i]) for c in cols])
         return n
+
+
+def commit(batches: Iterable[tuple[ResultStore, Mapping[str, Iterable]]]) -> None:
+    """Append rows to one or more tables of one file in a single transaction: all of them are stored, or none."""
+    checked = [(store, *store._checked(rows)) for store, rows in batches]
+    checked = [(store, arrays, m) for store, arrays, m in checked if m]
+    if not checked:
+        return
+    if len({store.path for store, _, _ in checked}) != 1:
+        raise InputError("commit appends to the tables of one file only")
+    with checked[0][0]._transaction() as f:
+        for store, arrays, m in checked:
+            store._write(f, arrays, m)
 
 
 def _fill(dtype: str):

@@ -82,6 +82,19 @@ def unpad(tree: Any, n: int) -> Any:
     return jax.tree_util.tree_map(lambda a: a[:n], tree)
 
 
+def shard_args(fn: Callable[..., Any], mesh: Mesh, batched: int = 1) -> Callable[..., Any]:
+    """``fn`` with its first ``batched`` positional arguments (common leading batch ``B``) sharded over ``mesh``
+    and every output leaf cut back to ``B`` rows; the other arguments pass unchanged. ``fn`` itself on one device."""
+    if mesh.size == 1:
+        return fn
+
+    def sharded(*args, **kwargs):
+        placed, n = shard_batch(tuple(args[:batched]), mesh)
+        return unpad(fn(*placed, *args[batched:], **kwargs), n)
+
+    return sharded
+
+
 def map_sharded(fn: Callable[..., Any], *batched: Any, mesh: Mesh | None = None) -> Any:
     """Run ``fn(*batched)`` with every batched argument sharded over ``mesh``; return unpadded outputs.
 

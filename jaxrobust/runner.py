@@ -1,0 +1,268 @@
+"""One resumable runner for every experiment: `ResumableRun(path, tables, config).map(chunks, compute)`.
+
+A driver (critical ε, RoMA, global robustness, batch verification) describes its work as rows keyed by
+(network, dataset, split, index) and supplies ``compute(chunk) -> {table: rows}``; the runner owns the rest:
+
+* the store: the HDF5 tables, the configuration (its hash is the ``config`` column of every row), which keys
+  are stored already (`pending`: a resumed run skips them, a fresh run refuses to mix with them);
+* chunks: each chunk's rows are committed in one transaction by this process, the only writer, so a run
+  stopped at any moment (Ctrl-C, a killed job) resumes without losing or duplicating a row;
+* where chunks run: here, on the local devices the driver shards its batches over (`local_devices`), or in
+  Ray worker processes (``workers=N`` starts a local cluster, ``ray_address`` joins a running one). Ray
+  workers take chunks from a dynamic queue (a slow chunk holds up one worker, not the run); each worker
+  unpickles ``compute`` once and keeps its compiled programs warm across chunks; a worker that dies loses
+  only its chunk in flight, which is queued again;
+* progress (tqdm), a line naming the devices and workers, and a record of them in the file (`store.runs`).
+
+``compute`` must be a picklable callable whose result depends only on the chunk (randomness keyed by data
+indices), so rows do not depend on the worker, the device count or the order in which chunks finish.
+"""
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from .errors import InputError, JaxRobustError
+from .store import ResultStore, commit
+
+Key = tuple  # (network, dataset, split, index)
+
+
+class Chunk(NamedTuple):
+    """Inputs of one work unit: data ids ``(m,)``, network inputs ``(m, *input_shape)``, labels ``(m,)``."""
+    ids: np.ndarray
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+MAX_TRIES = 3  # attempts per chunk when workers die
+
+
+def check_scale(devices=None, workers=None, ray_address=None) -> None:
+    """Validate the scale-out options (before anything is written): ``devices`` and ``workers`` are None or
+    integers >= 1; ``workers`` / ``ray_address`` need Ray (``pip install 'jaxrobust[ray]'``)."""
+    for name, v in (("devices", devices), ("workers", workers)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+    if ray_address is not None and not (isinstance(ray_address, str) and ray_address.strip()):
+        raise InputError(f"ray_address must be an address such as 10.0.0.1:6379 or 'auto', got {ray_address!r}")
+    if workers is not None or ray_address is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise InputError("workers / ray_address need Ray: pip install 'jaxrobust[ray]'") from None
+
+
+def local_devices(devices: int | None = None) -> list:
+    """The first ``devices`` of `jax.local_devices()` (all of them when None)."""
+    import jax
+    devs = jax.local_devices()
+    if devices is None:
+        return devs
+    if devices > len(devs):
+        raise InputError(f"devices={devices} but this process has {len(devs)} ({devs[0].platform})")
+    return devs[:devices]
+
+
+def describe(devices: int | None = None) -> dict:
+    """Host, process and devices of this process, as stored in a run's record."""
+    devs = local_devices(devices)
+    return {"host": socket.gethostname(), "pid": os.getpid(), "devices": [str(d) for d in devs],
+            "kind": devs[0].device_kind}
+
+
+class ResumableRun:
+    """Tables ``{name: columns}`` of the HDF5 file ``path`` (see `store.ResultStore`), keyed by ``config``.
+
+    The scale-out options are checked before the file is created: ``devices`` limits the local devices of
+    each process, ``workers`` runs chunks in that many Ray workers (a local cluster unless ``ray_address``
+    names a running one; with an address and no count, one worker per GPU of the cluster, else per node).
+    """
+
+    def __init__(self, path, tables: Mapping[str, Mapping], config: Mapping, *, resume: bool = False,
+                 progress: bool = True, desc: str = "", unit: str = "input", devices: int | None = None,
+                 workers: int | None = None, ray_address: str | None = None):
+        check_scale(devices, workers, ray_address)
+        if workers is None and ray_address is None:
+            local_devices(devices)  # a count beyond this host's devices is an error now, not after the file exists
+        self.path, self.resume, self.progress, self.desc, self.unit = path, resume, progress, desc, unit
+        self.devices, self.workers, self.ray_address = devices, workers, ray_address
+        self.stores = {name: ResultStore(path, name, cols) for name, cols in tables.items()}
+        self.config = dict(config)
+        self.config_hash = next(iter(self.stores.values())).save_config(self.config)
+
+    def pending(self, keys: Sequence[Key], table: str | None = None) -> np.ndarray:
+        """``(len(keys),)`` bool: which keys have no row of this configuration in ``table`` (default: the
+        first table). Raises `InputError` when some have one and the run does not resume."""
+        store = self.stores[table or next(iter(self.stores))]
+        d = store.read(("network", "dataset", "split", "index", "config"))
+        mine = d["config"] == self.config_hash
+        done = set(zip(d["network"][mine], d["dataset"][mine], d["split"][mine], d["index"][mine].tolist()))
+        todo = np.array([(str(a), str(b), str(c), int(i)) not in done for a, b, c, i in keys], bool)
+        if not self.resume and not todo.all():
+            raise InputError(f"{self.path} already holds {int((~todo).sum())} of these rows (same network, data and "
+                             "configuration); pass --resume to continue or choose another --out")
+        return todo
+
+    def input_chunks(self, net, dataset, indices, size: int) -> tuple[list[Chunk], int]:
+        """Chunks of at most ``size`` inputs of ``dataset`` rows ``indices`` (positions) that have no row for
+        ``net`` yet (see `pending`), and how many of ``indices`` have one."""
+        from .data import to_network_input
+        positions = np.asarray(indices, dtype=int)
+        keys = [(net.hash, dataset.name, dataset.split, int(i)) for i in dataset.indices[positions]]
+        todo = positions[self.pending(keys)]
+        chunks = [Chunk(dataset.indices[p], to_network_input(dataset.x[p], net.input_shape), dataset.y[p])
+                  for p in (todo[s:s + size] for s in range(0, len(todo), size))]
+        return chunks, len(positions) - len(todo)
+
+    def read(self, table: str | None = None) -> dict[str, np.ndarray]:
+        """Stored rows of this configuration in ``table`` (default: the first)."""
+        d = self.stores[table or next(iter(self.stores))].read()
+        mine = d["config"] == self.config_hash
+        return {k: v[mine] for k, v in d.items()}
+
+    def map(self, chunks: Sequence, compute: Callable[[Any], Mapping[str, Mapping]], *,
+            size: Callable[[Any], int] = len, done: int = 0,
+            postfix: Callable[[Mapping[str, Mapping]], dict] | None = None) -> int:
+        """Run ``compute`` on every chunk and commit its rows (``{table: columns}``, the ``config`` column
+        added here) as each finishes. ``size(chunk)`` counts progress units, ``done`` the units stored before;
+        ``postfix(rows)`` gives the progress bar's postfix. Returns the number of chunks committed."""
+        from tqdm.auto import tqdm
+
+        pool = _RayPool(compute, self.devices, self.workers, self.ray_address) if self._remote else None
+        try:
+            hosts = pool.hosts if pool else [describe(self.devices)]
+            record = {"config": self.config_hash, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                      "chunks": len(chunks), "workers": len(hosts), "ray_address": self.ray_address, "hosts": hosts}
+            next(iter(self.stores.values())).log_run(record)
+            if self.progress:
+                print(f"{self.desc}: {_where(hosts)}", file=sys.stderr)
+            bar = tqdm(total=done + sum(size(c) for c in chunks), initial=done, unit=self.unit,
+                       disable=not self.progress, desc=self.desc)
+            results = pool.imap(chunks) if pool else ((c, compute(c)) for c in chunks)
+            n = 0
+            for chunk, rows in results:
+                self._commit(rows)
+                n += 1
+                bar.update(size(chunk))
+                if postfix:
+                    bar.set_postfix(postfix(rows))
+            bar.close()
+            return n
+        finally:
+            if pool:
+                pool.close()
+
+    @property
+    def _remote(self) -> bool:
+        return self.workers is not None or self.ray_address is not None
+
+    def _commit(self, rows: Mapping[str, Mapping]) -> None:
+        batches = []
+        for table, cols in rows.items():
+            m = len(cols["index"])
+            batches.append((self.stores[table], {**cols, "config": [self.config_hash] * m}))
+        commit(batches)
+
+
+def _where(hosts: list[dict]) -> str:
+    kinds = collections.Counter(f"{len(h['devices'])} x {h['kind']}" for h in hosts)
+    names = sorted({h["host"] for h in hosts})
+    per = ", ".join(f"{n} worker{'s' * (n > 1)} with {k}" for k, n in kinds.items())
+    return f"{per} on {', '.join(names)}" if len(hosts) > 1 else f"{per.split(' with ', 1)[1]} on {names[0]}"
+
+
+# --- Ray -----------------------------------------------------------------------------------------------
+class _Worker:
+    """One Ray actor: ``compute`` is unpickled once, so its compiled programs stay warm across chunks."""
+
+    def __init__(self, compute, devices):
+        self.compute, self.devices = compute, devices
+
+    def describe(self) -> dict:
+        return describe(self.devices)
+
+    def run(self, chunk):
+        return self.compute(chunk)
+
+
+class _RayPool:
+    """Ray workers fed from a dynamic queue of chunks; a dead worker is replaced and its chunk retried."""
+
+    def __init__(self, compute, devices, workers, address):
+        import warnings
+
+        import ray
+        self.ray, self.started = ray, False
+        if not ray.is_initialized():
+            with warnings.catch_warnings():  # fork() of the raylet from a process with JAX's threads
+                warnings.simplefilter("ignore", DeprecationWarning)
+                if address is None:
+                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+                else:
+                    ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+            self.started = True
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        if workers is None:
+            workers = gpus or len([n for n in ray.nodes() if n["Alive"]])
+        opts = {"num_gpus": min(1.0, gpus / workers)} if gpus else {"num_cpus": min(1.0, res.get("CPU", 1) / workers)}
+        self.actor_class, self.compute, self.devices = ray.remote(**opts)(_Worker), ray.put(compute), devices
+        self.actors = [self._start() for _ in range(workers)]
+        self.hosts = self._get([a.describe.remote() for a in self.actors])
+
+    def _start(self):
+        return self.actor_class.remote(self.compute, self.devices)
+
+    def _get(self, refs):
+        """``ray.get`` that raises a failed task's own jaxrobust error (one line in the CLI)."""
+        try:
+            return self.ray.get(refs)
+        except self.ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, JaxRobustError):
+                raise e.cause from None
+            raise e.as_instanceof_cause() from None
+
+    def imap(self, chunks: Sequence) -> Iterable[tuple[Any, Any]]:
+        """``(chunk, compute(chunk))`` in order of completion."""
+        ray = self.ray
+        queue = collections.deque(range(len(chunks)))
+        tries = collections.Counter()
+        running = {}  # ObjectRef -> (actor, chunk number)
+
+        def submit(actor):
+            if queue:
+                i = queue.popleft()
+                tries[i] += 1
+                running[actor.run.remote(chunks[i])] = (actor, i)
+
+        for a in self.actors:
+            submit(a)
+        while running:
+            [ref], _ = ray.wait(list(running), num_returns=1)
+            actor, i = running.pop(ref)
+            try:
+                rows = self._get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if tries[i] >= MAX_TRIES:
+                    raise RuntimeError(f"chunk {i} was lost with {MAX_TRIES} workers in a row") from None
+                queue.appendleft(i)  # the worker died: a fresh one takes its chunk first
+                self.actors[self.actors.index(actor)] = actor = self._start()
+                submit(actor)
+                continue
+            submit(actor)
+            yield chunks[i], rows
+
+    def close(self) -> None:
+        for a in self.actors:
+            self.ray.kill(a)
+        if self.started:
+            self.ray.shutdown()
