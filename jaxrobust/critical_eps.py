@@ -272,5 +272,5 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
         found.extend(e[e > 0])
         return {"median_eps": f"{np.median(found):.4f}" if found else "-"}
 
-    run.map(chunks, task, done=done, postfix=postfix)
+    run.map(chunks, task, done=done, after=postfix)
     return run.stores[TABLE]

@@ -17,17 +17,18 @@ on what the generator draws:
   interval; misclassified samples (latent, image, predicted class) are kept. For an unconditional
   generator, the agreement P(C(G(z)) = R(G(z))) with a reference classifier ``R``.
 * **global robustness** — for sampled latents, local robustness of ``C ∘ G_c`` on the latent
-  ε-box around ``z`` (w.r.t. the class predicted at ``z``): *verified* (sound margin bounds on the
-  composed network are positive), *falsified* (a latent PGD attack found ``z'`` classified
-  differently, confirmed by a forward pass) or *unknown*; each fraction with a Clopper–Pearson interval.
+  ε-box around ``z`` (w.r.t. the class predicted at ``z``) in the verdicts of `verdict.Status`: ROBUST
+  (sound margin bounds on the composed network are positive), VIOLATED (a latent PGD attack found ``z'``
+  classified differently, confirmed by a forward pass) or UNKNOWN; each fraction with a Clopper–Pearson
+  interval.
 * **realistic adversarial examples** — `adversarial_pairs`: white-box latent PGD (projected onto
   the ε-ball ∩ latent box at every step, random start, never modifying the start point) or black-box
   random search; returns pairs ``(G(z), G(z'))`` with ``‖z − z'‖∞ ≤ ε`` whose classes differ by a
   fresh forward pass of the classifier on images mapped to its domain (softmax is never applied:
   decisions are argmax of logits).
 
-`run_global` is the driver (HDF5 results via `store.ResultStore`, resumable per class) behind
-``jaxrobust global``.
+`run_global` is the driver behind ``jaxrobust global``: one work unit per (stage, class) through
+`runner.ResumableRun` (HDF5 results, resumable, local devices or Ray workers).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from .data import to_network_input
 from .errors import InputError, JaxRobustError
 from .generator import Generator
 from .network import Network
+from .verdict import ROBUST, UNKNOWN, VIOLATED, Status
 
 LATENT_BOX = 5.0
 BOUND_METHODS = ("ibp", "crown", "none")
@@ -125,10 +127,10 @@ def latents(key, indices: jax.Array, dim: int, box: float = LATENT_BOX) -> jax.A
     return jax.vmap(lambda i: jax.random.truncated_normal(jax.random.fold_in(key, i), -box, box, (dim,)))(indices)
 
 
-@partial(jax.jit, static_argnames=("n", "box"))
-def _sample_predictions(generator, classifiers, key, start, n, box):
-    """Predicted classes ``(len(classifiers), n)`` of the samples ``start .. start + n - 1``."""
-    z = latents(key, start + jnp.arange(n), generator.latent_dim, box)
+@partial(jax.jit, static_argnames=("box",))
+def _sample_predictions(generator, classifiers, key, indices, box):
+    """Predicted classes ``(len(classifiers), n)`` of the samples ``indices: (n,)``."""
+    z = latents(key, indices, generator.latent_dim, box)
     images = generator(z)
     return jnp.stack([jnp.argmax(c(to_classifier_input(images, generator.output_range, c.domain, c.input_shape)),
                                  axis=-1) for c in classifiers])
@@ -187,12 +189,13 @@ def interval(k, n, confidence: float = 0.95) -> tuple[float, float]:
 def global_correctness(classifier: Network, generator: Generator, label: int | None, *, samples: int = 10_000,
                        key=None, reference: Network | None = None, confidence: float = 0.95,
                        latent_box: float = LATENT_BOX, chunk: int = 2000, max_saved: int = 100,
-                       on_chunk=None) -> Correctness:
+                       on_chunk=None, devices=None) -> Correctness:
     """Monte Carlo estimate of P(C(G(z)) = label), or, with ``reference``, of P(C(G(z)) = R(G(z))).
 
     ``on_chunk(m)`` is called after each chunk of ``m`` samples (progress bars). Sample ``i`` is latent
-    ``i`` of ``key`` (see `latents`).
+    ``i`` of ``key`` (see `latents`). Each chunk is sharded over ``devices`` (local devices; default one).
     """
+    from .kernels.sharding import batch_mesh, shard_batch
     if (label is None) == (reference is None):
         raise InputError("give exactly one of a class label (class generator) or a reference classifier "
                          "(unconditional generator)")
@@ -210,7 +213,9 @@ def global_correctness(classifier: Network, generator: Generator, label: int | N
     chunk = min(chunk, samples)
     starts = range(0, samples, chunk)
     # every chunk is dispatched before the first result is read, so the device never waits on Python
-    pending = [_sample_predictions(gen, nets, key, start, chunk, float(latent_box)) for start in starts]
+    mesh = batch_mesh(devices or jax.local_devices()[:1])
+    pending = [_sample_predictions(gen, nets, key, shard_batch(jnp.arange(start, start + chunk), mesh)[0],
+                                   float(latent_box)) for start in starts]
     preds, expected = [], []
     for start, p in zip(starts, pending):
         p = np.asarray(p)
@@ -322,7 +327,7 @@ def time_to_first(classifier: Network, generator: Generator, label: int | None, 
 
 
 # --- global robustness ------------------------------------------------------------------------------
-VERIFIED, UNKNOWN, FALSIFIED = 1, 0, -1
+VERDICTS = (ROBUST, VIOLATED, UNKNOWN)  # the order of `Robustness.counts` and of the stored columns
 
 
 class Robustness(NamedTuple):
@@ -330,9 +335,10 @@ class Robustness(NamedTuple):
 
     Attributes:
       label: the generator's class (-1: unconditional).  samples: latents drawn.  eps: latent L∞ radius.
-      counts: ``(3,)`` verified, falsified, unknown.  fractions: ``(3,)`` counts / samples.
+      counts: ``(3,)`` ROBUST, VIOLATED, UNKNOWN (`VERDICTS`).  fractions: ``(3,)`` counts / samples.
       ci_low, ci_high: ``(3,)`` Clopper–Pearson intervals of the fractions.
-      status: ``(samples,)`` int8 ``VERIFIED`` / ``FALSIFIED`` / ``UNKNOWN`` per latent.
+      status: ``(samples,)`` int8 `verdict.Status` per latent.
+      reason: ``(samples,)`` str: the bound method that proved it, ``"attack"``, or ``""`` (undecided).
       pairs: the confirmed adversarial pairs (`AdversarialPairs`, ``found`` all True).
     """
 
@@ -344,6 +350,7 @@ class Robustness(NamedTuple):
     ci_low: np.ndarray
     ci_high: np.ndarray
     status: np.ndarray
+    reason: np.ndarray
     pairs: AdversarialPairs
 
 
@@ -363,14 +370,16 @@ def _bound_margins(net: Network, z, labels, eps, method: str) -> np.ndarray:
 def global_robustness(classifier: Network, generator: Generator, label: int | None, eps: float, *,
                       samples: int = 1000, key=None, bounds: str = "ibp", attack_steps: int = 40,
                       restarts: int = 1, confidence: float = 0.95, latent_box: float = LATENT_BOX,
-                      chunk: int = 250, on_chunk=None) -> Robustness:
-    """Classify the latent ε-box around each of ``samples`` latents as verified / falsified / unknown.
+                      chunk: int = 250, on_chunk=None, devices=None) -> Robustness:
+    """Classify the latent ε-box around each of ``samples`` latents as ROBUST / VIOLATED / UNKNOWN.
 
     The reference class of a latent is the classifier's prediction at it. Latents come from stream
     ``key`` (see `latents`); the attack uses ``fold_in(key, 1)``. ``bounds``: ``"ibp"``, ``"crown"``
-    (see `_bound_margins`) or ``"none"`` (falsification only). A latent is never both verified and
-    falsified; if it were, the bounds would be unsound and a `JaxRobustError` is raised.
+    (see `_bound_margins`) or ``"none"`` (falsification only). A latent is never both proved and
+    falsified; if it were, the bounds would be unsound and a `JaxRobustError` is raised. Each chunk of
+    latents is sharded over ``devices`` (local devices; default one).
     """
+    from .kernels.sharding import batch_mesh, shard_batch
     if bounds not in BOUND_METHODS:
         raise InputError(f"unknown bound method {bounds!r}; choose one of {BOUND_METHODS}")
     if not eps >= 0:
@@ -381,32 +390,38 @@ def global_robustness(classifier: Network, generator: Generator, label: int | No
     key = jax.random.PRNGKey(0) if key is None else key
     net = compose(classifier, generator, latent_box=latent_box)
     chunk = min(chunk, samples)
+    mesh = batch_mesh(devices or jax.local_devices()[:1])
     status, pairs = [], []
     for start in range(0, samples, chunk):
-        idx = jnp.arange(start, start + chunk)  # fixed shape; rows past `samples` are dropped
+        idx, _ = shard_batch(jnp.arange(start, start + chunk), mesh)  # fixed shape; rows past `samples` dropped
         z = latents(key, idx, generator.latent_dim, float(latent_box))
         r = latent_attack(classifier, generator, z, eps, key=jax.random.fold_in(jax.random.fold_in(key, 1), start),
                           steps=attack_steps, restarts=restarts, latent_box=latent_box)
-        st = np.where(r.found, FALSIFIED, UNKNOWN).astype(np.int8)
+        st = np.where(r.found, VIOLATED, UNKNOWN).astype(np.int8)
         if bounds != "none":
             ok = np.all(_bound_margins(net, z, jnp.asarray(r.label), eps, bounds) > 0, axis=1)
             if np.any(ok & r.found):
-                raise JaxRobustError("unsound bounds: a latent box was verified and falsified")
-            st = np.where(ok, VERIFIED, st).astype(np.int8)
+                raise JaxRobustError("unsound bounds: a latent box was proved robust and falsified")
+            st = np.where(ok, ROBUST, st).astype(np.int8)
         m = min(chunk, samples - start)
         status.append(st[:m])
         pairs.append(AdversarialPairs(*(a[:m][r.found[:m]] for a in r)))
         if on_chunk:
             on_chunk(m)
     status = np.concatenate(status)
-    counts = np.array([(status == s).sum() for s in (VERIFIED, FALSIFIED, UNKNOWN)])
+    reason = np.select([status == ROBUST, status == VIOLATED], [bounds, "attack"], "").astype(object)
+    counts = np.array([(status == s).sum() for s in VERDICTS])
     cis = np.array([interval(int(c), samples, confidence) for c in counts])
     pairs = AdversarialPairs(*(np.concatenate(p) for p in zip(*pairs)))
     return Robustness(-1 if label is None else int(label), samples, float(eps), counts, counts / samples,
-                      cis[:, 0], cis[:, 1], status, pairs)
+                      cis[:, 0], cis[:, 1], status, reason, pairs)
 
 
 # --- driver -----------------------------------------------------------------------------------------
+STAGES = {"correctness": "global_correctness", "robustness": "global_robustness"}  # stage -> its main table
+COUNTS = tuple(f"{Status(v).name.lower()}{suffix}" for v in VERDICTS for suffix in ("", "_low", "_high"))
+
+
 def _tables(latent_dim: int, image_shape) -> dict:
     image = ("f4", tuple(image_shape))
     return {
@@ -416,37 +431,85 @@ def _tables(latent_dim: int, image_shape) -> dict:
         "global_misclassified": {"label": ("i8", ()), "predicted": ("i8", ()), "expected": ("i8", ()),
                                  "latent": ("f4", (latent_dim,)), "image": image},
         "global_robustness": {"samples": ("i8", ()), "eps": ("f8", ()),
-                              **{f"{s}{suffix}": ("i8" if suffix == "" else "f8", ())
-                                 for s in ("verified", "falsified", "unknown") for suffix in ("", "_low", "_high")}},
+                              **{c: ("i8" if c.isalpha() else "f8", ()) for c in COUNTS}},
         "global_adversarial": {"label": ("i8", ()), "label_adv": ("i8", ()), "latent": ("f4", (latent_dim,)),
                                "latent_adv": ("f4", (latent_dim,)), "image": image, "image_adv": image},
     }
 
 
-def _rows(n, network, dataset, split, index, config):
-    return {"network": [network] * n, "dataset": [dataset] * n, "split": [split] * n, "index": index,
-            "config": [config] * n}
+class _Unit(NamedTuple):
+    """One work unit of `run_global`: a stage (`STAGES`) of one class (None: unconditional generator)."""
+    stage: str
+    cls: int | None
+
+    @property
+    def index(self) -> int:
+        return -1 if self.cls is None else int(self.cls)
+
+
+class _Task:
+    """``compute(unit) -> {table: rows}`` of `run_global` (rows without the ``config`` column)."""
+
+    def __init__(self, classifier: Network, generators: Mapping, reference: Network | None, options: dict,
+                 devices):
+        self.classifier, self.generators, self.reference = classifier, dict(generators), reference
+        self.options, self.devices = options, devices
+
+    def __call__(self, unit: _Unit) -> dict:
+        from .runner import local_devices
+        o, clf, g = self.options, self.classifier, self.generators[unit.cls]
+        i = unit.index
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(o["seed"]), i + 1), int(unit.stage == "robustness"))
+        keys = lambda n, split: {"network": [clf.hash] * n, "dataset": [g.hash] * n, "split": [split] * n}  # noqa: E731
+        devices = local_devices(self.devices)
+        if unit.stage == "correctness":
+            r = global_correctness(clf, g, unit.cls, samples=o["samples"], key=key,
+                                   reference=self.reference if unit.cls is None else None,
+                                   confidence=o["confidence"], latent_box=o["latent_box"], max_saved=o["max_saved"],
+                                   devices=devices)
+            m = len(r.wrong_index)
+            return {"global_misclassified": {**keys(m, f"class{i}"), "index": r.wrong_index, "label": [i] * m,
+                                             "predicted": r.wrong_predicted, "expected": r.wrong_expected,
+                                             "latent": r.wrong_latent, "image": r.wrong_image},
+                    "global_correctness": {**keys(1, "global"), "index": [i], "samples": [r.samples],
+                                           "correct": [r.correct], "estimate": [r.estimate], "ci_low": [r.ci_low],
+                                           "ci_high": [r.ci_high], "classifier_name": [clf.name],
+                                           "generator_name": [g.name],
+                                           "reference": ["" if self.reference is None else self.reference.name]}}
+        r = global_robustness(clf, g, unit.cls, o["eps"], samples=o["robust_samples"], key=key, bounds=o["bounds"],
+                              attack_steps=o["attack_steps"], confidence=o["confidence"], latent_box=o["latent_box"],
+                              devices=devices)
+        p = AdversarialPairs(*(a[:o["max_saved"]] for a in r.pairs))
+        m = len(p.z)
+        counts = {f"{name}{suffix}": [v[k]] for k, name in enumerate(COUNTS[::3])
+                  for suffix, v in (("", r.counts), ("_low", r.ci_low), ("_high", r.ci_high))}
+        return {"global_adversarial": {**keys(m, f"class{i}"), "index": np.flatnonzero(r.status == VIOLATED)[:m],
+                                       "label": p.label, "label_adv": p.label_adv, "latent": p.z, "latent_adv": p.z_adv,
+                                       "image": p.image, "image_adv": p.image_adv},
+                "global_robustness": {**keys(1, "global"), "index": [i], "samples": [r.samples], "eps": [r.eps],
+                                      **counts}}
 
 
 def run_global(classifier: Network, generators: Mapping, out, *, classes=None, samples: int = 10_000,
                eps: float | None = 0.1, robust_samples: int = 1000, reference: Network | None = None,
                confidence: float = 0.95, bounds: str = "ibp", attack_steps: int = 40, seed: int = 0,
                latent_box: float = LATENT_BOX, max_saved: int = 100, image_dir=None, resume: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, devices: int | None = None, workers: int | None = None,
+               ray_address: str | None = None) -> dict:
     """Global correctness (and, with ``eps``, robustness) of ``classifier`` on each generator of the set.
 
     ``generators``: ``{class: Generator}`` (class generators) or ``{None: Generator}`` (unconditional:
     correctness needs ``reference`` and is skipped without it). Results go to the HDF5 file ``out``
     (tables ``global_correctness``, ``global_misclassified``, ``global_robustness``,
-    ``global_adversarial``), keyed by (classifier hash, generator hash, class, configuration); each class
-    is committed when done, so ``resume=True`` continues a stopped run. With ``image_dir``, PNG grids of
-    misclassified samples and of adversarial pairs (top row original, bottom row adversarial) are written.
-    Returns a JSON-able summary ``{"correctness": [...], "robustness": [...]}``.
+    ``global_adversarial``), keyed by (classifier hash, generator hash, class, configuration); each stage of
+    each class is one unit of `runner.ResumableRun`, committed when done, so ``resume=True`` continues a
+    stopped run. ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray
+    workers. With ``image_dir``, PNG grids of misclassified samples and of adversarial pairs (top row
+    original, bottom row adversarial) are written.
+    Returns a JSON-able summary ``{"correctness": [...], "robustness": [...]}``; a robustness entry counts
+    the latents per verdict (``robust``, ``violated``, ``unknown``, each with ``_low`` / ``_high``).
     """
-    from tqdm.auto import tqdm
-
-    from .gan import save_png
-    from .store import ResultStore
+    from .runner import ResumableRun
 
     if not generators:
         raise InputError("no generators given")
@@ -454,87 +517,54 @@ def run_global(classifier: Network, generators: Mapping, out, *, classes=None, s
     missing = [c for c in classes if c not in generators]
     if missing:
         raise InputError(f"the generator set has no class {missing[0]} (classes: {list(generators)})")
-    do_correct = reference is not None or None not in classes
-    do_robust = eps is not None
-    some = generators[classes[0]]
-    config = {"samples": samples, "eps": eps, "robust_samples": robust_samples, "confidence": confidence,
-              "bounds": bounds, "attack_steps": attack_steps, "seed": seed, "latent_box": latent_box,
-              "reference": None if reference is None else reference.hash}
-    tables = {name: ResultStore(out, name, cols) for name, cols in _tables(some.latent_dim, some.output_shape).items()}
-    chash = tables["global_correctness"].save_config(config)
-    for t in tables.values():
-        t.save_config(config)
-    stored = [c for c in classes for name in ("global_correctness", "global_robustness")
-              if (-1 if c is None else int(c))
-              in tables[name].done(classifier.hash, generators[c].hash, "global", chash)]
-    if stored and not resume:
-        raise InputError(f"{out} already holds results of class {stored[0]} with the same networks and configuration; "
-                         "resume (--resume) or choose another output file")
-    total = len(classes) * ((samples if do_correct else 0) + (robust_samples if do_robust else 0))
-    bar = tqdm(total=total, unit="sample", disable=not progress, desc="global")
-    summary = {"classifier": classifier.name, "classifier_hash": classifier.hash, "config": config,
-               "correctness": [], "robustness": []}
-    key = jax.random.PRNGKey(seed)
+    if bounds not in BOUND_METHODS:
+        raise InputError(f"unknown bound method {bounds!r}; choose one of {BOUND_METHODS}")
+    if eps is not None and not eps >= 0:
+        raise InputError(f"eps must be >= 0, got {eps}")
+    if min(samples, robust_samples) < 1 or max_saved < 0 or not 0 < confidence < 1:
+        raise InputError(f"need samples, robust_samples >= 1, max_saved >= 0 and 0 < confidence < 1 (got {samples}, "
+                         f"{robust_samples}, {max_saved}, {confidence})")
     for c in classes:
-        g = generators[c]
-        ghash, index = g.hash, -1 if c is None else int(c)
-        kc = jax.random.fold_in(key, index + 1)
-        split = f"class{index}"
-        if do_correct:
-            store = tables["global_correctness"]
-            if index in store.done(classifier.hash, ghash, "global", chash):
-                bar.update(samples)
-            else:
-                bar.set_postfix(cls=index, stage="correctness")
-                r = global_correctness(classifier, g, None if c is None else c, samples=samples,
-                                       key=jax.random.fold_in(kc, 0), reference=reference if c is None else None,
-                                       confidence=confidence, latent_box=latent_box, max_saved=max_saved,
-                                       on_chunk=bar.update)
-                m = len(r.wrong_index)
-                tables["global_misclassified"].append({
-                    **_rows(m, classifier.hash, ghash, split, r.wrong_index, chash), "label": [index] * m,
-                    "predicted": r.wrong_predicted, "expected": r.wrong_expected, "latent": r.wrong_latent,
-                    "image": r.wrong_image})
-                store.append({**_rows(1, classifier.hash, ghash, "global", [index], chash),
-                              "samples": [r.samples], "correct": [r.correct], "estimate": [r.estimate],
-                              "ci_low": [r.ci_low], "ci_high": [r.ci_high], "classifier_name": [classifier.name],
-                              "generator_name": [g.name], "reference": ["" if reference is None else reference.name]})
-                if image_dir is not None and m:
-                    save_png(r.wrong_image[:50], Path(image_dir) / f"misclassified_{split}.png")
-            summary["correctness"].append(_read_row(store, classifier.hash, ghash, index, chash,
-                                                    ("samples", "correct", "estimate", "ci_low", "ci_high")))
-        if do_robust:
-            store = tables["global_robustness"]
-            if index in store.done(classifier.hash, ghash, "global", chash):
-                bar.update(robust_samples)
-            else:
-                bar.set_postfix(cls=index, stage="robustness")
-                r = global_robustness(classifier, g, None if c is None else c, eps, samples=robust_samples,
-                                      key=jax.random.fold_in(kc, 1), bounds=bounds, attack_steps=attack_steps,
-                                      confidence=confidence, latent_box=latent_box, on_chunk=bar.update)
-                p = AdversarialPairs(*(a[:max_saved] for a in r.pairs))
-                m = len(p.z)
-                tables["global_adversarial"].append({
-                    **_rows(m, classifier.hash, ghash, split, np.flatnonzero(r.status == FALSIFIED)[:m], chash),
-                    "label": p.label, "label_adv": p.label_adv, "latent": p.z, "latent_adv": p.z_adv,
-                    "image": p.image, "image_adv": p.image_adv})
-                row = {f"{s}{suffix}": [v[i]] for i, s in enumerate(("verified", "falsified", "unknown"))
-                       for suffix, v in (("", r.counts), ("_low", r.ci_low), ("_high", r.ci_high))}
-                store.append({**_rows(1, classifier.hash, ghash, "global", [index], chash),
-                              "samples": [r.samples], "eps": [r.eps], **row})
-                if image_dir is not None and m:
-                    k = min(m, 10)
-                    save_png(np.concatenate([p.image[:k], p.image_adv[:k]]),
-                             Path(image_dir) / f"adversarial_{split}.png", ncols=k)
-            summary["robustness"].append(_read_row(store, classifier.hash, ghash, index, chash, (
-                "samples", "eps", "verified", "verified_low", "verified_high", "falsified", "falsified_low",
-                "falsified_high", "unknown", "unknown_low", "unknown_high")))
-    bar.close()
+        compose(classifier, generators[c], latent_box=latent_box)  # shapes and the latent box, before any file
+    stages = [s for s, on in (("correctness", reference is not None or None not in classes),
+                              ("robustness", eps is not None)) if on]
+    options = {"samples": samples, "eps": eps, "robust_samples": robust_samples, "confidence": confidence,
+               "bounds": bounds, "attack_steps": attack_steps, "seed": seed, "latent_box": latent_box,
+               "reference": None if reference is None else reference.hash}
+    some = generators[classes[0]]
+    run = ResumableRun(out, _tables(some.latent_dim, some.output_shape), options, resume=resume, progress=progress,
+                       desc="global", unit="sample", devices=devices, workers=workers, ray_address=ray_address)
+    units = [_Unit(s, c) for s in stages for c in classes]
+    todo = np.ones(len(units), bool)
+    for s in stages:
+        mine = np.flatnonzero([u.stage == s for u in units])
+        todo[mine] = run.pending([(classifier.hash, generators[units[k].cls].hash, "global", units[k].index)
+                                  for k in mine], STAGES[s])
+    size = lambda u: samples if u.stage == "correctness" else robust_samples  # noqa: E731
+
+    def save_images(rows):
+        from .gan import save_png
+        for table, name in (("global_misclassified", "misclassified"), ("global_adversarial", "adversarial")):
+            r = rows.get(table)
+            if r is not None and len(r["index"]):
+                split, k = r["split"][0], min(len(r["index"]), 10)
+                images = r["image"][:50] if name == "misclassified" else np.concatenate([r["image"][:k],
+                                                                                        r["image_adv"][:k]])
+                save_png(images, Path(image_dir) / f"{name}_{split}.png", ncols=10 if name == "misclassified" else k)
+
+    run.map([u for u, t in zip(units, todo) if t], _Task(classifier, generators, reference,
+                                                          {**options, "max_saved": max_saved}, devices),
+            size=size, done=sum(size(u) for u, t in zip(units, todo) if not t),
+            after=None if image_dir is None else save_images)
+    summary = {"classifier": classifier.name, "classifier_hash": classifier.hash, "config": options,
+               "correctness": [], "robustness": []}
+    columns = {"correctness": ("samples", "correct", "estimate", "ci_low", "ci_high"),
+               "robustness": ("samples", "eps") + COUNTS}
+    for s in stages:
+        d = run.read(STAGES[s])
+        for c in classes:
+            u = _Unit(s, c)
+            i = np.flatnonzero((d["network"] == classifier.hash) & (d["dataset"] == generators[c].hash)
+                               & (d["index"] == u.index))[0]
+            summary[s].append({"class": u.index, **{k: d[k][i].item() for k in columns[s]}})
     return summary
-
-
-def _read_row(store, network, dataset, index, config, columns) -> dict:
-    d = store.read(("network", "dataset", "index", "config") + tuple(columns))
-    i = np.flatnonzero((d["network"] == network) & (d["dataset"] == dataset) & (d["index"] == index)
-                       & (d["config"] == config))[-1]
-    return {"class": int(index), **{c: d[c][i].item() for c in columns}}

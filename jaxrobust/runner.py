@@ -131,10 +131,11 @@ class ResumableRun:
 
     def map(self, chunks: Sequence, compute: Callable[[Any], Mapping[str, Mapping]], *,
             size: Callable[[Any], int] = len, done: int = 0,
-            postfix: Callable[[Mapping[str, Mapping]], dict] | None = None) -> int:
+            after: Callable[[Mapping[str, Mapping]], dict | None] | None = None) -> int:
         """Run ``compute`` on every chunk and commit its rows (``{table: columns}``, the ``config`` column
         added here) as each finishes. ``size(chunk)`` counts progress units, ``done`` the units stored before;
-        ``postfix(rows)`` gives the progress bar's postfix. Returns the number of chunks committed."""
+        ``after(rows)`` runs once a chunk's rows are committed (a dict it returns becomes the progress bar's
+        postfix). Returns the number of chunks committed."""
         from tqdm.auto import tqdm
 
         pool = _RayPool(compute, self.devices, self.workers, self.ray_address) if self._remote else None
@@ -153,8 +154,9 @@ class ResumableRun:
                 self._commit(rows)
                 n += 1
                 bar.update(size(chunk))
-                if postfix:
-                    bar.set_postfix(postfix(rows))
+                shown = after(rows) if after else None
+                if shown:
+                    bar.set_postfix(shown)
             bar.close()
             return n
         finally:
