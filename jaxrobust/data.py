@@ -496,10 +496,12 @@ def _extract_tar(archive: Path, folder: Path) -> None:
 # --- selection and layouts -------------------------------------------------------------------
 
 def parse_indices(spec, n: int) -> np.ndarray:
-    """Parse ``"0:100"``, ``"3,5,9"``, ``"0:1000:10"``, ``":50"``, ``"all"`` (or ints) into ``(K,)`` int64 indices.
+    """Parse ``"0:100"``, ``":100"``, ``"-10:"``, ``"3,5,-1"``, ``"0:1000:10"``, ``"all"`` (or ints) into ``(K,)``
+    int64 positions.
 
-    Ranges are ``start:stop[:step]`` with stop exclusive. Raises `InputError` for malformed specs,
-    indices outside ``[0, n)``, empty selections and duplicates.
+    Ranges are ``start:stop[:step]`` as Python slices: stop exclusive, either end open, negative values count
+    from the end (``-10:`` is the last ten); single indices may be negative too. Raises `InputError` for
+    malformed specs, indices outside ``[-n, n)``, empty selections and duplicates.
     """
     if isinstance(spec, str):
         text = spec.strip()
@@ -510,7 +512,8 @@ def parse_indices(spec, n: int) -> np.ndarray:
             part = part.strip()
             fields = part.split(":")
             if len(fields) == 1:
-                parts.append(np.array([_parse_int(fields[0], spec)], dtype=np.int64))
+                i = _parse_int(fields[0], spec)
+                parts.append(np.array([i + n if i < 0 else i], dtype=np.int64))
                 continue
             if len(fields) > 3:
                 raise InputError(f"bad index spec {spec!r}: {part!r} is not an integer or start:stop[:step]")
@@ -519,6 +522,7 @@ def parse_indices(spec, n: int) -> np.ndarray:
             step = _parse_int(fields[2], spec, 1) if len(fields) == 3 else 1
             if step <= 0:
                 raise InputError(f"index range {part!r}: step must be positive")
+            start, stop = (v + n if v < 0 else v for v in (start, stop))
             if start < 0 or stop > n or start >= stop:
                 raise InputError(f"index range {part!r} is empty or outside [0, {n}) for a dataset of {n} images")
             parts.append(np.arange(start, stop, step, dtype=np.int64))

@@ -10,6 +10,8 @@ Conventions
   (normalisation) happens inside ``apply``.
 * ``net(x)`` is ``net.apply(net.params, x)``.
 * ``domain`` is the box ``(lo, hi)`` every valid input lies in; perturbations are clipped to it.
+* `with_preprocessing` puts a per-channel normalisation ``(x - mean) / std`` in front of ``apply``:
+  inputs, radii and bounds stay in the domain's (pixel) space.
 """
 from __future__ import annotations
 
@@ -176,6 +178,80 @@ def from_flax(module, params: Any, input_shape, num_classes: int | None = None, 
         num_classes = int(out.shape[-1])
     return Network(apply, params, input_shape, int(num_classes), (float(domain[0]), float(domain[1])),
                    name or type(module).__name__, arch if arch is not None else default_arch)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Normalized:
+    """``apply(params, (x - mean) / std)``; ``mean``, ``std`` are tuples broadcast along ``axis`` of one
+    example (None: scalars). Hashable and equal for equal parts, so jitted callers share compilations."""
+    apply: Any
+    mean: tuple
+    std: tuple
+    axis: int | None
+    ndim: int
+
+    def __call__(self, params, x):
+        shape = [1] * (self.ndim + 1)
+        if self.axis is not None:
+            shape[self.axis + 1] = -1
+        mean = jnp.asarray(self.mean, jnp.float32).reshape(shape)
+        inv_std = (1.0 / jnp.asarray(self.std, jnp.float32)).reshape(shape)
+        return self.apply(params, (jnp.asarray(x, jnp.float32) - mean) * inv_std)
+
+
+def with_preprocessing(net: Network, *, mean=None, std=None, domain=None) -> Network:
+    """``net`` fed with ``(x - mean) / std`` of raw inputs ``x`` in ``domain`` (default: ``net.domain``).
+
+    ``mean`` and ``std`` are scalars or one value per channel: the channel axis of one example is the
+    first axis of ``input_shape`` with that many entries (``(3, 32, 32)``), else the last (``(32, 32, 3)``).
+    The normalisation becomes part of the network function (and of its content hash), so attacks, bounds
+    and radii all work on raw inputs. Raises `InputError` for values that do not fit the input shape,
+    non-positive ``std`` or an empty domain.
+    """
+    domain = net.domain if domain is None else check_domain(domain)
+    if mean is None and std is None:
+        return net.replace(domain=domain)
+    m = _channel_values(0.0 if mean is None else mean, "mean")
+    s = _channel_values(1.0 if std is None else std, "std")
+    if min(s) <= 0:
+        raise InputError(f"std must be positive, got {list(s)}")
+    k = max(len(m), len(s))
+    if len(m) not in (1, k) or len(s) not in (1, k):
+        raise InputError(f"mean has {len(m)} values and std {len(s)}; give one value or one per channel")
+    axis = None
+    if k > 1:
+        shape = net.input_shape
+        axis = 0 if shape and shape[0] == k else len(shape) - 1 if shape and shape[-1] == k else None
+        if axis is None:
+            raise InputError(f"{k} channel values (mean/std) do not fit the input shape {shape}: neither its first "
+                             f"nor its last axis has {k} entries")
+        m, s = m * (k // len(m)), s * (k // len(s))
+    apply = _Normalized(net.apply, m, s, axis, len(net.input_shape))
+    arch = {"network": net.arch, "mean": list(m), "std": list(s), "domain": list(domain)}
+    return net.replace(apply=apply, domain=domain, arch=arch)
+
+
+def preprocessing_of(net: Network) -> dict | None:
+    """``{"mean": [...], "std": [...]}`` of a network made by `with_preprocessing`, else None."""
+    return {"mean": list(net.apply.mean), "std": list(net.apply.std)} if isinstance(net.apply, _Normalized) else None
+
+
+def _channel_values(v, what: str) -> tuple:
+    a = np.asarray(v, dtype=np.float64).reshape(-1)
+    if a.size == 0 or not np.all(np.isfinite(a)):
+        raise InputError(f"{what} must be finite numbers, got {v!r}")
+    return tuple(float(x) for x in a)
+
+
+def check_domain(domain) -> tuple[float, float]:
+    """``(lo, hi)`` as floats with ``lo < hi``, both finite; `InputError` otherwise."""
+    try:
+        lo, hi = (float(v) for v in domain)
+    except (TypeError, ValueError):
+        raise InputError(f"the domain must be two numbers LO,HI, got {domain!r}") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise InputError(f"the domain must be finite with LO < HI, got [{lo}, {hi}]")
+    return lo, hi
 
 
 def _freeze(obj):

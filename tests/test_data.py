@@ -250,13 +250,15 @@ def test_from_arrays():
 @pytest.mark.parametrize("spec, expected", [
     ("0:5", [0, 1, 2, 3, 4]), ("3,5,9", [3, 5, 9]), ("0:20:5", [0, 5, 10, 15]), (":3", [0, 1, 2]),
     ("18:", [18, 19]), ("1:3, 7", [1, 2, 7]), ("all", list(range(20))), ([4, 2], [4, 2]), (7, [7]),
+    ("-3:", [17, 18, 19]), ("-1", [19]), ("-5:-3", [15, 16]), (":-18", [0, 1]), ("0,-1", [0, 19]),
 ])
 def test_parse_indices(spec, expected):
     np.testing.assert_array_equal(parse_indices(spec, 20), expected)
 
 
 @pytest.mark.parametrize("spec, match", [
-    ("0:21", "outside"), ("20", "out of range"), ("-1", "out of range"), ("5:5", "empty"),
+    ("0:21", "outside"), ("20", "out of range"), ("-21", "out of range"), ("-21:", "outside"),
+    ("-1,19", "duplicates"), ([-1], "out of range"), ("5:5", "empty"),
     ("0:10:0", "step must be positive"), ("a:b", "not an integer"), ("1,x", "not an integer"),
     ("1:2:3:4", "start:stop"), ("1,1", "duplicates"), ([], "empty"), ([0.5], "integers"),
 ])

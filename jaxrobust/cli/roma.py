@@ -1,0 +1,165 @@
+"""``jaxrobust roma``: RoMA probabilistic robustness per input, per class and across ε and networks."""
+from __future__ import annotations
+
+import json
+
+from .common import (
+    check_output,
+    check_results_file,
+    command,
+    data_options,
+    fmt,
+    load_data,
+    load_net,
+    nonneg_list,
+    open_unit,
+    positive_int,
+    preprocessing_options,
+    selection,
+    unit,
+    warn_if_inaccurate,
+)
+
+FAIL = "FAIL"
+SET_ASIDE = (FAIL, "misclassified")  # statuses without a fitted plr
+
+
+def _options(p):
+    p.add_argument("--network", "-n", action="append",
+                   help="network (repeat to compare models on the same inputs and seeds; default mnist-mlp)")
+    preprocessing_options(p)
+    data_options(p)
+    p.add_argument("--eps", type=nonneg_list, default=(0.04,), help="L∞ radius; a comma list runs an ε sweep")
+    p.add_argument("--delta", type=unit, default=0.6, help="confidence threshold δ of a confident misclassification")
+    p.add_argument("--samples", type=positive_int, default=10_000, help="perturbations per input")
+    p.add_argument("--sampler", default="linf", choices=["linf", "l2", "gaussian"])
+    p.add_argument("--significance", type=float, default=0.05, choices=[0.15, 0.10, 0.05, 0.025, 0.01],
+                   help="Anderson–Darling level (0.15, 0.10, 0.05, 0.025, 0.01)")
+    p.add_argument("--confidence", type=open_unit, default=0.95, help="Clopper–Pearson level of the Monte Carlo bound")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--csv", help="also export all rows to this CSV")
+    p.add_argument("--plot", metavar="DIR", help="write per-class bars and plr-vs-ε figures (PNG and PDF) here")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+@command("roma", "RoMA probabilistic robustness: sampling, Anderson–Darling, Box-Cox, categorical robustness",
+         _options)
+def roma_cmd(args):
+    import numpy as np
+
+    from ..data import parse_indices
+    from ..errors import InputError
+    from ..roma import CSV_COLUMNS, RomaConfig, categorical, compare_models, run
+    check_results_file(args.out, "--out")
+    check_output(args.csv, "--csv")
+    check_output(args.plot, "--plot", folder=True)
+    if args.samples < 3:
+        raise InputError(f"--samples must be at least 3, got {args.samples}")
+    ds = load_data(args)
+    idx = parse_indices(args.indices, len(ds.y))
+    nets = [load_net(n, args) for n in (args.network or ["mnist-mlp"])]
+    if len({n.name for n in nets}) < len(nets):  # keep labels apart when files share a name
+        nets = [n.replace(name=f"{n.name}@{n.hash[:6]}") for n in nets]
+    for net in nets:
+        warn_if_inaccurate(net, selection(net, ds, idx), ds.y[idx], f"{ds.id} images {args.indices}")
+    summary = {"networks": [], "comparisons": []}
+    tails = {}
+    for net in nets:
+        for eps in args.eps:
+            cfg = RomaConfig(eps=eps, delta=args.delta, samples=args.samples, sampler=args.sampler,
+                             significance=args.significance, confidence=args.confidence, seed=args.seed)
+            store = run(net, ds, idx, cfg, args.out, resume=args.resume)
+            rows = store.read()
+            m = ((rows["network"] == net.hash) & (rows["config"] == store.save_config({"method": "roma", **cfg._asdict()}))
+                 & np.isin(rows["index"], ds.indices[idx]))
+            r = {k: v[m] for k, v in rows.items()}
+            summary["networks"].append(_summary(net.name, eps, r, categorical))
+            tails[(net.name, eps)] = dict(zip(r["index"].tolist(), r["log10_tail"].tolist()))
+    for eps in args.eps:
+        for a in range(len(nets)):
+            for b in range(a + 1, len(nets)):
+                ta, tb = tails[(nets[a].name, eps)], tails[(nets[b].name, eps)]
+                keys = sorted(set(ta) & set(tb))
+                summary["comparisons"].append({"a": nets[a].name, "b": nets[b].name, "eps": eps,
+                                               **compare_models([ta[k] for k in keys], [tb[k] for k in keys])})
+    if args.csv:
+        from ..roma import COLUMNS, TABLE
+        from ..store import ResultStore
+        ResultStore(args.out, TABLE, COLUMNS).to_csv(args.csv, CSV_COLUMNS)
+    if args.plot:
+        summary["plots"] = _plots(summary, nets, args)
+    if args.json:
+        print(json.dumps(summary, indent=2, default=float))
+        return
+    print(format_roma(summary))
+
+
+def _summary(name, eps, r, categorical) -> dict:
+    """One network at one ε: status counts by name, plr aggregates over the fitted inputs only, per class."""
+    import numpy as np
+    st = r["status"].astype(str)
+    fitted = ~np.isin(st, SET_ASIDE)
+    classes = []
+    for c in categorical(r["label"], r["plr"], st, r["mc_upper"]):
+        m = r["label"] == c.label
+        k = int((fitted & m).sum())
+        half = _half_width(c.plr_var, k)
+        classes.append({**c._asdict(), "fitted": k, "fail": int((st[m] == FAIL).sum()),
+                        "plr_low": c.plr_mean - half, "plr_high": c.plr_mean + half})
+    return {"network": name, "eps": eps, "inputs": int(len(st)),
+            "status": {s: int((st == s).sum()) for s in sorted(set(st))},
+            "complete": float(fitted.mean()) if len(st) else None,
+            "plr_mean": float(np.mean(r["plr"][fitted])) if fitted.any() else None,
+            "median_log10_tail": float(np.median(r["log10_tail"][fitted])) if fitted.any() else None,
+            "mc_upper_mean": float(r["mc_upper"].mean()) if len(st) else None,
+            "n_adversarial_total": int(r["n_adversarial"].sum()),
+            "median_time_s": float(np.median(r["time_s"])) if len(st) else None, "per_class": classes}
+
+
+def _half_width(var, k, level=0.95) -> float:
+    """Half-width of the t interval of a mean of ``k`` values with sample variance ``var`` (NaN if k < 2)."""
+    from scipy import stats
+    return float(stats.t.ppf(0.5 + level / 2, k - 1) * (var / k) ** 0.5) if k >= 2 and var == var else float("nan")
+
+
+def _plots(summary, nets, args) -> list[str]:
+    from .. import plots
+    paths = []
+    for e in summary["networks"]:
+        cls = e["per_class"]
+        paths += plots.bars({str(c["label"]): c["plr_mean"] for c in cls},
+                            f"{args.plot}/plr_by_class_{e['network']}_eps{e['eps']:g}.png",
+                            intervals={str(c["label"]): (c["plr_low"], c["plr_high"]) for c in cls},
+                            counts={str(c["label"]): c["n"] for c in cls}, failed={str(c["label"]): c["fail"] for c in cls},
+                            ylabel="mean plr (fitted inputs, 95% t interval)",
+                            title=f"RoMA {e['network']}, ε={e['eps']:g}, δ={args.delta:g}: plr per class")
+    if len(args.eps) > 1:
+        tail = {n.name: [1 - e["plr_mean"] if e["plr_mean"] is not None else float("nan")
+                         for e in summary["networks"] if e["network"] == n.name] for n in nets}
+        paths += plots.curves(args.eps, tail, f"{args.plot}/plr_vs_eps.png", floor=1e-16, logy=True, xlabel="ε (L∞)",
+                              ylabel=f"1 − mean plr = mean P(confidence > δ={args.delta:g})",
+                              title="RoMA ε sweep (fitted inputs; FAIL and misclassified set aside)")
+    return [str(p) for p in paths]
+
+
+def format_roma(summary) -> str:
+    lines = []
+    for e in summary["networks"]:
+        status = ", ".join(f"{k} {v}" for k, v in e["status"].items())
+        lines.append(f"{e['network']}  ε={e['eps']:g}: {e['inputs']} inputs ({status}); mean plr "
+                     f"{fmt(e['plr_mean'], '.6f')}, median log10 P(c>δ) {fmt(e['median_log10_tail'], '.1f')} "
+                     f"over fitted inputs; mean Monte Carlo upper bound {fmt(e['mc_upper_mean'], '.2e')}, "
+                     f"{fmt(e['median_time_s'] and e['median_time_s'] * 1e3, '.1f')} ms/input")
+        lines.append("   class     n  FAIL  complete  mean plr   95% interval           var plr   t-test p  binom p")
+        for c in e["per_class"]:
+            lines.append(f"   {c['label']:>5} {c['n']:>5} {c['fail']:>5}  {c['complete']:8.3f}  "
+                         f"{fmt(c['plr_mean'], '.6f'):>8}   [{fmt(c['plr_low'], '.6f')}, {fmt(c['plr_high'], '.6f')}]  "
+                         f"{fmt(c['plr_var'], '.2e'):>8}  {fmt(c['t_p'], '.3g'):>8}  {fmt(c['binom_p'], '.3g'):>7}")
+    for c in summary["comparisons"]:
+        lines.append(f"{c['a']} vs {c['b']} at ε={c['eps']:g}: mean log10 P(c>δ) {fmt(c['mean_a'], '.1f')} vs "
+                     f"{fmt(c['mean_b'], '.1f')} on {c['n']} inputs, Wilcoxon p={c['wilcoxon_p']:.3g}")
+    for p in summary.get("plots", []):
+        lines.append(f"plot: {p}")
+    return "\n".join(lines)
