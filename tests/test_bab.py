@@ -59,6 +59,7 @@ def var_values(net, x):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES) + ["maxpool"])
+@pytest.mark.slow
 def test_subdomain_bounds_are_sound_under_random_splits(family):
     net = pool_net() if family == "maxpool" else FAMILIES[family](5)
     shape = (1,) + net.input_shape
@@ -117,6 +118,7 @@ def grid_min_margin(net, x, y, eps, n=301):
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("split", ["neurons", "inputs"])
+@pytest.mark.slow
 def test_verdicts_agree_with_a_dense_grid(family, split):
     net = FAMILIES[family](2)
     net = net.replace(domain=(-10.0, 10.0))
@@ -146,6 +148,7 @@ def test_verdicts_agree_with_a_dense_grid(family, split):
         assert decided >= total - 1
 
 
+@pytest.mark.slow
 def test_maxpool_network_gets_complete_verdicts():
     net = pool_net()
     x = np.asarray(jax.random.uniform(jax.random.PRNGKey(5), (6,) + net.input_shape, minval=0.2, maxval=0.8))
@@ -162,6 +165,7 @@ def test_maxpool_network_gets_complete_verdicts():
         assert not np.any(wrong & (r.status == ROBUST))
 
 
+@pytest.mark.slow
 def test_zoo_smooth_mlps_are_verified_by_the_graph_engine():
     """`zoo` MLPs with sigmoid / tanh hidden units (``--activation``) trace into interval branch units; ReLU
     MLPs keep the architecture dict (and content hash) they always had."""

@@ -119,6 +119,7 @@ def build(arch):
 
 @settings(max_examples=2, deadline=None)
 @given(arch=NETS)
+@pytest.mark.slow
 def test_bounds_contain_sampled_and_attacked_outputs(arch):
     fn, in_shape = build(arch)
     lo, hi = boxes(arch[1], in_shape)
@@ -133,6 +134,7 @@ def test_bounds_contain_sampled_and_attacked_outputs(arch):
 
 @settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 10_000), kind=st.sampled_from(["mlp", "cnn"]))
+@pytest.mark.slow
 def test_crown_never_looser_than_ibp_and_alpha_never_looser_than_crown(seed, kind):
     fn, in_shape = build((kind, seed, "relu", "max"))
     lo, hi = boxes(seed, in_shape, eps=0.1)
@@ -170,6 +172,7 @@ def make_stacking(seed, act):
 
 @settings(max_examples=2, deadline=None)
 @given(seed=st.integers(0, 10_000), act=st.sampled_from(sorted(ACTS)))
+@pytest.mark.slow
 def test_bounds_through_stack_concatenate_split_contain_samples(seed, act):
     fn, in_shape = make_stacking(seed, act)
     lo, hi = boxes(seed, in_shape)
@@ -246,6 +249,7 @@ def test_shared_network_bounds_contain_samples(shared):
     assert bool(jnp.all(m[None] <= jnp.einsum("bkc,pbc->pbk", spec, y)))
 
 
+@pytest.mark.slow
 def test_same_architecture_shares_one_compiled_program():
     a = zoo.arch("mlp", input_shape=(5,), num_classes=3, hidden=(7, 6))
     nets = [zoo.init(a, jax.random.PRNGKey(s)) for s in (0, 1)]
@@ -267,6 +271,7 @@ def test_same_architecture_shares_one_compiled_program():
     np.testing.assert_array_equal(b1.upper, fresh.upper)
 
 
+@pytest.mark.slow
 def test_unit_blocks_and_chunks_do_not_change_crown_bounds(monkeypatch):
     """Refining unstable units in coarse and fine blocks, over sorted chunks of examples, gives the
     bounds of refining every unit at once in one chunk."""

@@ -14,6 +14,7 @@ from .test_bounds import NETS, assert_inside, boxes, build, extreme_points, rand
 
 @settings(max_examples=2, deadline=None)
 @given(arch=NETS)
+@pytest.mark.slow
 def test_forward_bounds_contain_sampled_and_attacked_outputs_and_beat_ibp(arch):
     fn, in_shape = build(arch)
     lo, hi = boxes(arch[1], in_shape)

@@ -197,6 +197,7 @@ def test_input_errors():
         milp_verify_batch(net, x, [0, 3], 0.1)
 
 
+@pytest.mark.slow
 def test_sound_against_jair(shared):
     from jaxrobust.data import load_dataset
     from jaxrobust.kernels.relu_chain import relu_chain

@@ -215,6 +215,7 @@ def test_hash_normal_for_gaussian_and_l2_samplers():
     assert stats.kstest((np.linalg.norm(s.astype(np.float64), axis=1) / 0.7) ** 20, "uniform").pvalue > 1e-3
 
 
+@pytest.mark.slow
 def test_chunk_and_batch_invariance_bit_exact_both_rngs():
     x = jnp.asarray(np.random.default_rng(3).uniform(0, 1, (5, 7)), jnp.float32)
     ids = jnp.array([4, 11, 0, 2, 9])

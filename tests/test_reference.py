@@ -1,5 +1,6 @@
 """Soundness against the JAIR authors' per-image results (αβ-CROWN) on a shared network."""
 import numpy as np
+import pytest
 
 from jaxrobust.critical_eps import SearchConfig, search
 from jaxrobust.onnx_import import load_onnx
@@ -7,6 +8,7 @@ from jaxrobust.oracles import make_oracle
 from jaxrobust.reference import load_jair, violations
 
 
+@pytest.mark.slow
 def test_crown_critical_eps_is_sound_against_jair(shared):
     net = load_onnx(shared("networks", "mnist", "vnncomp2021_mnistfc", "mnist-net_256x2.onnx"))
     ref = load_jair(shared("reference", "jair", "results_JAIR_fomlas.csv"), "mnist-net_256x2.onnx", "test")

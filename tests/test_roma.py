@@ -44,6 +44,7 @@ def test_wrong_label_confidence(net, data):
     np.testing.assert_allclose(c, p.max(axis=1), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_confidences_do_not_depend_on_chunk_or_batch(net, data):
     x, y = data
     a = confidences(net, x, y, RomaConfig(eps=0.1, samples=300, chunk=300))

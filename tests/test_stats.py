@@ -126,6 +126,7 @@ def test_anderson_affine_invariant(scale, shift, seed):
 
 # ----------------------------------------------------------------------------- Box-Cox
 
+@pytest.mark.slow
 def test_boxcox_mle_float64_matches_scipy(datasets, bc_ref, x64):
     """float64: |Δλ| <= 1e-4·|λ| + 1e-6 (SciPy's Brent stops at ~1.5e-8 relative)."""
     for n, X in datasets.items():
@@ -187,11 +188,13 @@ def _assert_lambda_close(lam, ref, X, llf, rtol, atol, llf_tol=1e-9):
     assert off.mean() < 0.02
 
 
+@pytest.mark.slow
 def test_yeojohnson_mle_float64_matches_scipy(datasets, yj_ref, x64):
     for n, X in datasets.items():
         _assert_lambda_close(S.yeojohnson_mle(X), yj_ref[n], X, _yj_llf_accurate, 1e-4, 1e-6)
 
 
+@pytest.mark.slow
 def test_yeojohnson_mixed_signs_float64(x64):
     rng = np.random.default_rng(1)  # mixed signs: the general path
     X = np.concatenate([rng.normal(0.3, 1.5, (20, 300)), rng.standard_t(4, (20, 300)),
@@ -259,6 +262,7 @@ def test_clopper_pearson_float64_matches_scipy(side, alt, conf, x64):
     np.testing.assert_allclose(hi, ref[:, 1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_clopper_pearson_float32_small_n():
     """float32 (n <= 100): relative error <= 1e-3 (jax's float32 betainc limits it for large n)."""
     ks, ns = _kn_grid()
@@ -294,6 +298,7 @@ def test_clopper_pearson_errors():
         S.clopper_pearson(1, 3, side="both")
 
 
+@pytest.mark.slow
 def test_samples_needed(x64):
     p = np.array([0.1, 0.01, 1e-3, 1e-5])
     n = np.asarray(S.samples_needed(p, 0.95))

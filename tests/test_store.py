@@ -86,6 +86,7 @@ print("finished", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     p = str(tmp_path / "r.h5")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -73,6 +73,7 @@ def medium():
     return mlp(5, (8, 16, 12, 4))
 
 
+@pytest.mark.slow
 def test_chain_matches_network_and_rejects_other_architectures():
     net = mlp(0, (6, 7, 5, 4))
     ch = relu_chain(net, net.input_shape)
@@ -98,6 +99,7 @@ def test_chain_matches_network_and_rejects_other_architectures():
         relu_chain(smooth, (3,))
 
 
+@pytest.mark.slow
 def test_verdicts_agree_with_exhaustive_enumeration(tiny):
     xs = jax.random.uniform(jax.random.PRNGKey(7), (5, 3))
     ys = np.asarray(tiny(xs)).argmax(-1)
@@ -120,6 +122,7 @@ def test_verdicts_agree_with_exhaustive_enumeration(tiny):
     assert {"bab", "lp"} & set(r.stage[r.status == VIOLATED])
 
 
+@pytest.mark.slow
 def test_budgets_and_determinism(medium):
     cfg = SMALL._replace(attack_steps=0)
     grid = np.linspace(0.3, 0.5, 6)
@@ -180,6 +183,7 @@ def test_vnnlib_property_matches_robustness_query(tiny):
             assert max(r.y[a], r.y[b]) >= r.y[y]
 
 
+@pytest.mark.slow
 def test_complete_oracle_closes_the_bisection(tiny):
     from jaxrobust.critical_eps import SearchConfig, search
     x = jax.random.uniform(jax.random.PRNGKey(11), (3, 3))
@@ -194,6 +198,7 @@ def test_complete_oracle_closes_the_bisection(tiny):
             assert m > 0
 
 
+@pytest.mark.slow
 def test_jair_reference_256x2(shared):
     from jaxrobust.data import load_dataset, to_network_input
     from jaxrobust.onnx_import import load_onnx
@@ -221,6 +226,7 @@ def test_cli_verify_vnncomp_property(shared, capsys, tmp_path):
     assert main(["verify", str(folder / "mnist-net_256x2.onnx"), str(tmp_path / "missing.vnnlib")]) == 2
 
 
+@pytest.mark.slow
 def test_verdicts_agree_with_milp(medium):
     from jaxrobust.milp import milp_verify_batch
     x = jax.random.uniform(jax.random.PRNGKey(3), (4, 8))
