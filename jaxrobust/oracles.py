@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, UnsupportedOpError
 from .falsify import attack_falsifier, min_norm_falsifier
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED, Verdicts  # noqa: F401  (the vocabulary, re-exported)
@@ -32,11 +32,12 @@ BOUND_METHODS = ("ibp", "crown", "alpha-crown")
 class Oracle(NamedTuple):
     """``prove(x, y, eps, key)``, ``falsify(x, y, eps, key)`` and ``minimize(x, y, eps_max, key)`` -> `Verdicts`;
     ``prove`` is None when the oracle cannot prove anything (attack only), ``minimize`` when it has no
-    minimum-norm attack."""
+    minimum-norm attack; ``attacks`` names the attacks that run before an input is called censored."""
     name: str
     prove: Callable | None
     falsify: Callable
     minimize: Callable | None = None
+    attacks: tuple[str, ...] = ()
 
 
 def bound_prover(net: Network, method: str = "crown") -> Callable:
@@ -55,19 +56,33 @@ def bound_prover(net: Network, method: str = "crown") -> Callable:
 
 
 def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: int = 1, targets: int = 9,
-                min_norm_steps: int = 60, **options) -> Oracle:
+                min_norm_steps: int = 60, guided: bool = True, **options) -> Oracle:
     """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
     bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
-    bound)."""
-    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets)
-    if kind == "attack":
-        return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps) if min_norm_steps else None)
-    if kind in BOUND_METHODS:
-        return Oracle(kind, bound_prover(net, kind), falsify)
+    bound). ``guided``: the bound-guided attack (`falsify.guided_falsifier`) takes the inputs the gradient
+    attacks do not break (not for ``complete``, whose branch and bound searches the same minimisers)."""
+    if kind not in ("attack", "complete", *BOUND_METHODS):
+        raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
     if kind == "complete":
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
                                **options)
-    raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
+    guided = guided and _boundable(net)
+    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, guided=guided)
+    tail = ("bound-guided",) if guided else ()
+    attacks = ("pgd-margin",) + (("pgd-targeted",) if targets else ()) + tail
+    if kind == "attack" and min_norm_steps:
+        return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps, guided=guided),
+                      ("min-norm",) + tail)
+    return Oracle(kind, None if kind == "attack" else bound_prover(net, kind), falsify, None, attacks)
+
+
+def _boundable(net: Network) -> bool:
+    """Whether the bound engine can trace ``net`` (attacks alone need only its gradients)."""
+    try:
+        network_brancher(net)
+    except UnsupportedOpError:
+        return False
+    return True
 
 
 @jax.jit
@@ -92,4 +107,5 @@ def complete_oracle(net: Network, **options) -> Oracle:
 
     falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
                                targets=cfg.attack_targets)
-    return Oracle("complete", prove, falsify)
+    attacks = ("pgd-margin",) + (("pgd-targeted",) if cfg.attack_targets else ()) + ("branch-and-bound",)
+    return Oracle("complete", prove, falsify, None, attacks)

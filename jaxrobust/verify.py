@@ -30,7 +30,8 @@ import numpy as np
 
 from .errors import InputError
 from .falsify import attack_falsifier
-from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits, split_point
+from .kernels.attacks import box_descent
+from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits, network_brancher, split_point
 from .kernels.bounds import MARGIN_ABS, MARGIN_REL, crown
 from .kernels.perturb import check_eps
 from .network import Network
@@ -67,19 +68,6 @@ class VerifyResult(NamedTuple):
     bound_evals: np.ndarray    # bound propagations: subdomains x (Adam steps + 1)
     lower: np.ndarray          # smallest proved lower bound of the spec rows at the end (-inf: none)
     stage: np.ndarray          # str: the stage that decided (STAGES)
-
-
-_BRANCHERS: dict = {}
-
-
-def network_brancher(net: Network) -> Brancher:
-    """The branch-and-bound programs of ``net`` (`kernels.bab.Brancher`, the last one kept by content hash).
-    Building it traces the network, so an unsupported operation is reported here, before any work."""
-    key = (net.hash, tuple(net.input_shape))
-    if key not in _BRANCHERS:
-        _BRANCHERS.clear()
-        _BRANCHERS[key] = Brancher(net, net.input_shape)
-    return _BRANCHERS[key]
 
 
 def robustness_specs(label: int, num_classes: int):
@@ -215,6 +203,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
     shape = (1,) + tuple(net.input_shape)
     lo, hi = (jnp.asarray(b, jnp.float32).reshape(shape) for b in box)
     in_lo, in_hi = (np.asarray(b, np.float32).reshape(-1) for b in (box if inner is None else inner))
+    box_lo, box_hi = (jnp.asarray(b).reshape(shape[1:]) for b in (in_lo, in_hi))
     C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
     root = brancher.root_bounds(lo, hi, cfg.intermediate_steps)
     lay = brancher.layout
@@ -222,11 +211,12 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
 
     def violating(xs, rows):
         """Candidates ``xs: (D, n_0)`` of the spec rows ``rows`` and the points a few signed-gradient steps on
-        those rows take them to (`_descend`), rounded into the inner box; returns ``(points, bad)``, ``bad``
+        those rows take them to (`box_descent`), rounded into the inner box; returns ``(points, bad)``, ``bad``
         marking those a plain forward pass maps into the unsafe region (any spec row)."""
         n = len(xs)
-        step = lambda x, c: np.asarray(_descend(net, jnp.asarray(x).reshape((-1,) + shape[1:]), jnp.asarray(c),
-                                                jnp.asarray(in_lo), jnp.asarray(in_hi), DESCENT_STEPS))
+        step = lambda x, c: np.asarray(box_descent(net, jnp.asarray(x).reshape((-1,) + shape[1:]), jnp.asarray(c),
+                                                   box_lo, box_hi, (box_hi - box_lo) / 8, steps=DESCENT_STEPS,
+                                                   decay=0.7))
         moved = np.concatenate([step(x, c).reshape(len(x), -1)
                                 for x, c in zip(_batches(xs, batch), _batches(C[rows], batch))])[:n]
         xs = np.clip(np.concatenate([xs, moved]), in_lo, in_hi)
@@ -419,20 +409,6 @@ def _logits(net: Network, x) -> np.ndarray:
     float64 numpy ``(B, n_out)``."""
     with jax.default_matmul_precision("highest"):
         return np.asarray(net(jnp.asarray(x)), np.float64)
-
-
-@functools.partial(jax.jit, static_argnums=(5,))
-def _descend(net: Network, xs, c, lo, hi, steps: int):
-    """``steps`` signed-gradient steps on ``c[d] . net(xs[d])`` per row, step sizes from 1/8 of the box width
-    shrinking by 0.7 each step, projected on the flat box ``lo, hi: (n_0,)``; ``xs: (D, *in)``."""
-    shape = xs.shape
-    lo, hi = lo.reshape(shape[1:]), hi.reshape(shape[1:])
-    obj = lambda x: jnp.sum(net(x) * c)
-
-    def step(i, x):
-        return jnp.clip(x - (hi - lo) / 8 * 0.7 ** i * jnp.sign(jax.grad(obj)(x)), lo, hi)
-
-    return jax.lax.fori_loop(0, steps, step, xs)
 
 
 @functools.lru_cache(maxsize=4)

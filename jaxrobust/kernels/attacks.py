@@ -293,6 +293,29 @@ def _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, norm, lo
     return _recheck(fn, best_x, x, y, eps, norm, domain)
 
 
+# --- descent from given points ------------------------------------------------------------------------
+@partial(jax.jit, static_argnames=("steps",))
+def box_descent(fn, xs, c, lo, hi, step, *, steps: int, decay: float = 1.0) -> jax.Array:
+    """Signed-gradient descent of ``c[d] . fn(xs[d])`` per row from the given points, projected on the box.
+
+    ``fn`` a `Network` (a pytree); ``xs: (D, *in)``; ``c: (D, n_out)``; ``lo, hi`` broadcast against one
+    input; ``step`` likewise, multiplied by ``decay ** t`` at step ``t``. Returns the iterate of lowest
+    objective per row ``(D, *in)`` (the start included), for a forward pass to confirm.
+    """
+    obj = lambda x: jnp.sum(fn(x) * c, axis=-1)  # (D,)
+
+    def body(t, carry):
+        x, best, best_v = carry
+        v, vjp = jax.vjp(obj, x)
+        better = v < best_v
+        best, best_v = jnp.where(_bcast(better, x), x, best), jnp.where(better, v, best_v)
+        x = jnp.clip(x - step * decay ** t.astype(x.dtype) * jnp.sign(vjp(jnp.ones_like(v))[0]), lo, hi)
+        return x, best, best_v
+
+    x, best, best_v = lax.fori_loop(0, steps, body, (xs, xs, jnp.full(xs.shape[:1], jnp.inf, xs.dtype)))
+    return jnp.where(_bcast(obj(x) < best_v, x), x, best)
+
+
 # --- black-box random search ---------------------------------------------------------------------------
 _MILESTONES = (0.001, 0.005, 0.02, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8)
 

@@ -168,6 +168,19 @@ class Brancher:
         return self._leaf(self.consts, root, lo, hi, s)
 
 
+_BRANCHERS: dict = {}
+
+
+def network_brancher(net) -> Brancher:
+    """The branch-and-bound programs of ``net`` (`kernels.bab.Brancher`, the last one kept by content hash).
+    Building it traces the network, so an unsupported operation is reported here, before any work."""
+    key = (net.hash, tuple(net.input_shape))
+    if key not in _BRANCHERS:
+        _BRANCHERS.clear()
+        _BRANCHERS[key] = Brancher(net, net.input_shape)
+    return _BRANCHERS[key]
+
+
 def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
     """Bounds ``{var: (lo, hi)}`` (batch-1 shapes) of every var over the box ``lo, hi: (1, *in)``: CROWN
     intermediate bounds (``pre``: `bounds._identity_prefixes`) intersected with interval ones; then, with
