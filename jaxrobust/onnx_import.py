@@ -63,9 +63,9 @@ class _Node(NamedTuple):
 class _Graph(NamedTuple):
     nodes: tuple[_Node, ...]
     consts: dict[str, np.ndarray]   # static tensors (non-float initializers)
-    input_name: str
-    declared_shape: tuple           # ints, or str for symbolic dims
-    has_batch: bool                 # leading declared dim is the batch axis
+    input_names: tuple[str, ...]    # the graph inputs, in order
+    input_shapes: tuple[tuple, ...]  # their shapes per example (ints)
+    has_batch: bool                 # every input's leading declared dim is the batch axis
     output_name: str
     opset: int
 
@@ -685,12 +685,13 @@ def _eval_node(node: _Node, ins: list, bat: list[bool], opset: int) -> tuple:
     return out if isinstance(out, tuple) else (out,)
 
 
-def _run(g: _Graph, params: dict, x: jax.Array, batched: bool) -> jax.Array:
-    """Evaluate the graph on ``x: declared shape`` (axis 0 = batch when ``batched``)."""
+def _run(g: _Graph, params: dict, xs: tuple, batched: bool) -> jax.Array:
+    """Evaluate the graph on one array per graph input, each of its declared shape (axis 0 = batch when
+    ``batched``)."""
     env: dict[str, Any] = dict(g.consts)
     env.update(params)
-    env[g.input_name] = x
-    in_batch = {g.input_name} if batched else set()
+    env.update(zip(g.input_names, xs))
+    in_batch = set(g.input_names) if batched else set()
     for node in g.nodes:
         ins = [env[n] if n else None for n in node.inputs]
         bat = [n in in_batch for n in node.inputs]
@@ -708,25 +709,32 @@ def _run(g: _Graph, params: dict, x: jax.Array, batched: bool) -> jax.Array:
 
 
 def _make_apply(g: _Graph, mean, inv_std, per_example: bool):
-    """``apply(params, x: (B, *input_shape)) -> (B, C)`` for the graph, with normalisation folded in."""
-    def normalize(x):
+    """``apply(params, x: (B, *input_shape)) -> (B, C)`` for the graph, with normalisation folded in. A graph
+    with several inputs takes their flattened values concatenated in order, ``x: (B, n_1 + n_2 + ...)``."""
+    sizes = [math.prod(s) for s in g.input_shapes]
+
+    def inputs(x, lead: tuple):
+        """``x: (*lead, *input_shape)`` normalised and cut into one array per graph input."""
         x = jnp.asarray(x, jnp.float32)
         if mean is not None:
             x = x - mean
         if inv_std is not None:
             x = x * inv_std
-        return x
+        if len(sizes) == 1:
+            return (x.reshape(lead + g.input_shapes[0]),)
+        parts = jnp.split(x.reshape(lead + (-1,)), np.cumsum(sizes)[:-1], axis=-1)
+        return tuple(p.reshape(lead + s) for p, s in zip(parts, g.input_shapes))
 
     if per_example:
         def one(params, xi):
-            y = _run(g, params, xi[None] if g.has_batch else xi, batched=False)
+            y = _run(g, params, inputs(xi, (1,) if g.has_batch else ()), batched=False)
             return y.reshape(-1)
 
         def apply(params, x):
-            return jax.vmap(one, in_axes=(None, 0))(params, normalize(x))
+            return jax.vmap(one, in_axes=(None, 0))(params, x)
     else:
         def apply(params, x):
-            y = _run(g, params, normalize(x), batched=True)
+            y = _run(g, params, inputs(x, x.shape[:1]), batched=True)
             return y if y.ndim == 2 else y.reshape(y.shape[0], -1)
     return apply
 
@@ -773,20 +781,23 @@ def _parse(model, where: str) -> tuple[_Graph, dict[str, np.ndarray]]:
 
     graph = model.graph
     inputs = _graph_inputs(model)
-    if len(inputs) != 1:
-        raise FileFormatError(f"{where}: expected exactly one graph input, found "
-                              f"{[i.name for i in inputs]}")
+    if not inputs:
+        raise FileFormatError(f"{where}: the graph has no input")
     if not graph.output:
         raise FileFormatError(f"{where}: the graph has no output")
-    declared = _dims(inputs[0])
-    has_batch = len(declared) >= 2 and (isinstance(declared[0], str) or declared[0] == 1)
-    per_example = declared[1:] if has_batch else declared
-    if not declared or not all(isinstance(d, int) and d > 0 for d in per_example):
-        raise FileFormatError(f"{where}: input {inputs[0].name!r} has shape {list(declared)}; "
-                              "all dimensions except a leading batch dimension must be fixed")
+    declared = [_dims(i) for i in inputs]
+    batch = [len(d) >= 2 and (isinstance(d[0], str) or d[0] == 1) for d in declared]
+    has_batch = all(batch)
+    shapes = []
+    for i, d in zip(inputs, declared):
+        per_example = d[1:] if has_batch else d
+        if not d or not all(isinstance(k, int) and k > 0 for k in per_example) or (any(batch) and not has_batch):
+            raise FileFormatError(f"{where}: input {i.name!r} has shape {list(d)}; all dimensions except a "
+                                  "leading batch dimension (on every input or none) must be fixed")
+        shapes.append(tuple(per_example))
 
     nodes = []
-    known = {inputs[0].name, ""} | {t.name for t in graph.initializer}
+    known = {i.name for i in inputs} | {""} | {t.name for t in graph.initializer}
     for i, n in enumerate(graph.node):
         label = f"node {n.name!r}" if n.name else f"unnamed node #{i}"
         if n.domain not in ("", "ai.onnx") or n.op_type not in _OPS:
@@ -817,8 +828,8 @@ def _parse(model, where: str) -> tuple[_Graph, dict[str, np.ndarray]]:
             consts[t.name] = a
     if graph.output[0].name not in known:
         raise FileFormatError(f"{where}: graph output {graph.output[0].name!r} is never computed")
-    g = _Graph(tuple(nodes), consts, inputs[0].name, declared, has_batch, graph.output[0].name,
-               _opset(model))
+    g = _Graph(tuple(nodes), consts, tuple(i.name for i in inputs), tuple(shapes), has_batch,
+               graph.output[0].name, _opset(model))
     return g, params
 
 
@@ -852,7 +863,9 @@ def load_onnx(path, *, mean=None, std=None, domain=(0.0, 1.0), name: str | None 
 
     Args:
       path: ONNX file. Its declared input ``(1 or batch, *input_shape)`` fixes
-        ``Network.input_shape``; the first graph output gives the logits ``(B, num_classes)``.
+        ``Network.input_shape``; a graph with several inputs takes their flattened values concatenated in
+        the graph's order, ``input_shape = (n_1 + n_2 + ...,)`` (as VNN-LIB numbers them). The first graph
+        output gives the logits ``(B, num_classes)``.
       mean, std: optional normalisation ``(x - mean) / std`` applied before the graph, scalars or
         one value per channel (axis 0 of one example, e.g. 3 for ``(3, 32, 32)``). When both are
         None, the entry of `KNOWN_NORMALIZATION` for the file's stem (if any) is used; pass
@@ -873,7 +886,8 @@ def load_onnx(path, *, mean=None, std=None, domain=(0.0, 1.0), name: str | None 
     path = Path(path)
     model, data = _read_model(path)
     g, np_params = _parse(model, str(path))
-    input_shape = tuple(int(d) for d in (g.declared_shape[1:] if g.has_batch else g.declared_shape))
+    sizes = [math.prod(s) for s in g.input_shapes]
+    input_shape = g.input_shapes[0] if len(sizes) == 1 else (sum(sizes),)
     if mean is None and std is None and path.stem in KNOWN_NORMALIZATION:
         mean, std = KNOWN_NORMALIZATION[path.stem]["mean"], KNOWN_NORMALIZATION[path.stem]["std"]
     norm_mean, inv_std = _normalization(mean, std, input_shape)
@@ -907,7 +921,8 @@ def onnx_summary(path_or_model) -> dict:
     """Static description of an ONNX model (path or ``onnx.ModelProto``), for listings.
 
     Returns a dict with ``input_name``, ``input_shape`` / ``output_shape`` (declared, symbolic
-    dimensions as strings), ``opset``, ``ops`` (op type -> count, in order of first use),
+    dimensions as strings) of the first input, ``inputs`` (name -> declared shape of every graph input),
+    ``opset``, ``ops`` (op type -> count, in order of first use),
     ``num_nodes``, ``num_params`` (elements of floating-point initializers), ``unsupported_ops``
     (op types `load_onnx` cannot import) and, for a path, ``path`` and ``sha256``.
     """
@@ -928,6 +943,7 @@ def onnx_summary(path_or_model) -> dict:
         name=graph.name,
         input_name=inputs[0].name if inputs else None,
         input_shape=list(_dims(inputs[0])) if inputs else None,
+        inputs={i.name: list(_dims(i)) for i in inputs},
         output_shape=list(_dims(graph.output[0])) if graph.output else None,
         opset=_opset(model),
         producer=f"{model.producer_name} {model.producer_version}".strip(),

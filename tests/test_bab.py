@@ -206,3 +206,60 @@ def test_unsupported_onnx_node_is_named_before_any_work(tmp_path):
     net = load_onnx(path)
     with pytest.raises(UnsupportedOpError, match="ONNX Softmax node 'probs'"):
         make_oracle(net, "complete")
+
+
+def two_input_onnx(path):
+    """An ONNX graph of two inputs, ``a: (1, 2)`` and ``b: (1, 1)``, concatenated into a ReLU MLP 3-10-3."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for n, a in
+             (("W1", rng.normal(size=(10, 3)) * 1.5), ("b1", rng.normal(size=10) * 0.3),
+              ("W2", rng.normal(size=(3, 10))), ("b2", rng.normal(size=3) * 0.1))]
+    nodes = [helper.make_node("Concat", ["a", "b"], ["ab"], axis=1, name="join"),
+             helper.make_node("Gemm", ["ab", "W1", "b1"], ["h"], transB=1),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "W2", "b2"], ["y"], transB=1)]
+    g = helper.make_graph(nodes, "two", [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1, 2]),
+                                         helper.make_tensor_value_info("b", TensorProto.FLOAT, [1, 1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
+@pytest.mark.parametrize("split", ["inputs", "neurons"])
+def test_two_input_graph_verdicts_agree_with_a_dense_grid(tmp_path, split):
+    """A VNN-LIB property over a two-input ONNX graph: the inputs are numbered in the graph's order (X_0, X_1
+    from ``a``, X_2 from ``b``); outputs match onnxruntime and verdicts agree with a 41^3 grid."""
+    import onnxruntime as ort
+
+    from jaxrobust import vnnlib
+    from jaxrobust.onnx_import import load_onnx
+    from jaxrobust.verify import verify_property
+    two_input_onnx(tmp_path / "two.onnx")
+    net = load_onnx(tmp_path / "two.onnx", domain=(-5.0, 5.0))
+    assert net.input_shape == (3,)
+    sess = ort.InferenceSession(str(tmp_path / "two.onnx"))
+    pts = np.random.default_rng(0).uniform(-1, 1, (20, 3)).astype(np.float32)
+    ref = np.concatenate([sess.run(None, {"a": p[None, :2], "b": p[None, 2:]})[0] for p in pts])
+    np.testing.assert_allclose(np.asarray(net(pts)), ref, atol=1e-5)
+    x = np.array([-1.0, 0.5, 1.0], np.float32)
+    y = int(np.asarray(net(x[None])).argmax())
+    other = [j for j in range(3) if j != y]
+    seen = set()
+    for eps in (0.05, 0.3, 1.0):
+        g = np.linspace(-eps, eps, 41)
+        grid = (x + np.stack(np.meshgrid(g, g, g), -1).reshape(-1, 3)).astype(np.float32)
+        out = np.asarray(net(grid))
+        truth = np.min(out[:, y] - np.max(out[:, other], axis=1))
+        text = "".join(f"(declare-const X_{i} Real)\n" for i in range(3)) + \
+            "".join(f"(declare-const Y_{j} Real)\n" for j in range(3)) + \
+            "".join(f"(assert (>= X_{i} {x[i] - eps:.6f}))\n(assert (<= X_{i} {x[i] + eps:.6f}))\n" for i in range(3)) + \
+            "(assert (or " + " ".join(f"(and (>= Y_{j} Y_{y}))" for j in other) + "))\n"
+        r = verify_property(net, vnnlib.parse(text), CFG._replace(split=split))
+        seen.add(r.result)
+        if r.result == "sat":
+            assert np.all(np.abs(r.x - x) <= eps + 1e-5)
+            assert np.asarray(net(r.x[None].astype(np.float32)))[0, y] <= np.max(np.asarray(net(r.x[None]))[0, other])
+        else:
+            assert r.result == "unsat" and truth > 0, (eps, r.result, truth)
+    assert seen == {"sat", "unsat"}
