@@ -249,8 +249,9 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
     ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray workers (see
     `runner`). Returns the `ResultStore`.
     """
-    from .runner import ResumableRun
+    from .runner import ResumableRun, check_scale
 
+    check_scale(devices, workers, ray_address)
     cfg, options = check_config(cfg), full_options(oracle_kind, oracle_options)
     if chunk < 1 or batch_size < 1:
         raise InputError(f"chunk and batch_size must be >= 1, got {chunk}, {batch_size}")

@@ -509,8 +509,9 @@ def run_global(classifier: Network, generators: Mapping, out, *, classes=None, s
     Returns a JSON-able summary ``{"correctness": [...], "robustness": [...]}``; a robustness entry counts
     the latents per verdict (``robust``, ``violated``, ``unknown``, each with ``_low`` / ``_high``).
     """
-    from .runner import ResumableRun
+    from .runner import ResumableRun, check_scale
 
+    check_scale(devices, workers, ray_address)
     if not generators:
         raise InputError("no generators given")
     classes = list(generators) if classes is None else list(classes)

@@ -205,8 +205,9 @@ def run(net: Network, dataset, indices, cfg: RomaConfig, out, *, resume: bool = 
     (table ``roma``) by `runner.ResumableRun`, committed every ``chunk`` inputs; ``resume`` skips stored rows.
     ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray workers.
     Returns the store."""
-    from .runner import ResumableRun
+    from .runner import ResumableRun, check_scale
 
+    check_scale(devices, workers, ray_address)
     check_config(net, cfg)
     if chunk < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")

@@ -67,6 +67,7 @@ def local_devices(devices: int | None = None) -> list:
     devs = jax.local_devices()
     if devices is None:
         return devs
+    check_scale(devices)
     if devices > len(devs):
         raise InputError(f"devices={devices} but this process has {len(devs)} ({devs[0].platform})")
     return devs[:devices]
@@ -205,8 +206,8 @@ class _RayPool:
         import ray
         self.ray, self.started = ray, False
         if not ray.is_initialized():
-            with warnings.catch_warnings():  # fork() of the raylet from a process with JAX's threads
-                warnings.simplefilter("ignore", DeprecationWarning)
+            with warnings.catch_warnings():  # Ray's fork() of its daemons, which never run JAX
+                warnings.simplefilter("ignore", (DeprecationWarning, RuntimeWarning))
                 if address is None:
                     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
                 else:
