@@ -143,3 +143,46 @@ def test_categorical_and_comparison():
     assert by[1].t_p < 1e-3 and by[0].n == 40
     c = compare_models(plr[:40], plr[:40] - 0.01)
     assert c["n"] == 40 and c["wilcoxon_p"] < 1e-6 and c["mean_a"] > c["mean_b"]
+
+
+def test_misclassified_inputs_stay_out_of_plr(net, data):
+    x, y = data
+    wrong = y.copy()
+    wrong[[0, 3]] = (y[[0, 3]] + 1) % 4
+    r = roma(net, x, wrong, RomaConfig(eps=0.1, samples=300))
+    assert list(r.status[[0, 3]]) == ["misclassified"] * 2 and np.all(np.isnan(r.plr[[0, 3]]))
+    assert np.all(np.isnan(r.log10_tail[[0, 3]])) and not r.tail_bound[[0, 3]].any()
+    assert "misclassified" not in set(r.status[[1, 2, 4, 5]]) and np.all(np.isfinite(r.plr[[1, 2, 4, 5]]))
+    rows = {c.label: c for c in categorical(wrong, r.plr, r.status, r.mc_upper)}
+    assert sum(c.misclassified for c in rows.values()) == 2 and sum(c.n for c in rows.values()) == 6
+    assert all(np.isfinite(c.plr_mean) for c in rows.values() if c.n > c.misclassified)
+
+
+def test_tail_beyond_the_samples_is_a_flagged_bound(net, data):
+    x, y = data
+    cfg = RomaConfig(eps=0.01, samples=300)
+    r = roma(net, x, y, cfg)
+    conf = np.asarray(confidences(net, x, y, cfg))
+    fit = r.status != "FAIL"
+    assert np.all(conf.max(1) < cfg.delta) and fit.sum() >= 4  # no sample near δ: the fit extrapolates
+    assert r.tail_bound[fit].all() and not r.tail_bound[~fit].any()
+    np.testing.assert_allclose(r.log10_tail[fit], -np.log10(300))
+    np.testing.assert_allclose(r.plr[fit], 1 - 1 / 300)
+    wide = roma(net, x, y, RomaConfig(eps=0.2, delta=0.3, samples=300))  # samples reach δ: fitted tails stand
+    resolved = ~wide.tail_bound & (wide.status != "FAIL")
+    assert resolved.sum() >= 3 and np.all(wide.log10_tail[resolved] > -np.log10(300))
+    assert np.all(wide.log10_tail[wide.tail_bound] == np.float32(-np.log10(300)))
+
+
+def test_degenerate_balls_warn_and_scipy_stays_quiet(net, data):
+    x, y = data
+    with pytest.warns(UserWarning, match="eps = 0"):
+        roma(net, x[:2], y[:2], RomaConfig(eps=0.0, samples=10))
+    with pytest.warns(UserWarning, match="as wide as the domain"):
+        roma(net, x[:2], y[:2], RomaConfig(eps=0.5, samples=10))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = categorical(np.repeat([0, 1], 3), np.ones(6), np.full(6, "normal"), np.zeros(6))
+        compare_models(np.ones(3), np.ones(3) - [0, 0, 1e-3])
+    assert np.isnan(rows[0].t_p) and rows[0].plr_mean == 1.0

@@ -101,3 +101,20 @@ def test_sigkill_then_resume_loses_and_duplicates_nothing(tmp_path):
     d = ResultStore(p, "t", COLS).read()
     assert sorted(d["index"].tolist()) == list(range(200))
     np.testing.assert_array_equal(d["eps"][np.argsort(d["index"])], np.arange(200) * 0.5)
+
+
+def test_commit_appends_to_several_tables_at_once(tmp_path):
+    from jaxrobust.store import commit
+    p = tmp_path / "r.h5"
+    a, b = ResultStore(p, "a", COLS), ResultStore(p, "b", {"x": ("i8", ())})
+    rb = {k: rows([7])[k] for k in ("network", "dataset", "split", "index", "config")}
+    commit([(a, rows([0, 1])), (b, {**rb, "x": [5]})])
+    assert len(a) == 2 and b.read()["x"].tolist() == [5]
+    with pytest.raises(InputError, match="lack columns"):  # one bad batch: neither table changes
+        commit([(a, rows([2])), (b, rb)])
+    assert len(a) == 2 and len(b) == 1
+    with pytest.raises(InputError, match="one file"):
+        commit([(a, rows([3])), (ResultStore(tmp_path / "other.h5", "a", COLS), rows([3]))])
+    a.log_run({"workers": 2})
+    a.log_run({"workers": 1})
+    assert [r["workers"] for r in b.runs()] == [2, 1]
