@@ -1,20 +1,22 @@
 """Exact local robustness of feed-forward ReLU networks by mixed-integer linear programming (HiGHS).
 
-A query is a `ReluChain`, an input box ``lo <= x <= hi`` and a true label; it asks whether
-``min_x z_label(x) - z_t(x) > 0`` for every target class ``t``. The encoding, in float64:
+A query is a `ReluChain` (the dense encoding of the network), an input box ``lo <= x <= hi`` and a true
+label; it asks whether ``min_x z_label(x) - z_t(x) > 0`` for every target class ``t``. The bounds come from
+the one bound engine (`kernels.bab.Brancher` on the chain's function, the programs branch and bound uses):
 
-* pre-activation bounds ``l <= z <= u`` per hidden neuron: interval arithmetic, tightened by
-  CROWN-style back-substitution (linear relaxation of every earlier ReLU);
+* pre-activation bounds ``l <= z <= u`` per hidden neuron: α-CROWN intermediate bounds of the engine;
+* margin lower bounds and their minimisers: α-CROWN of the engine on the margin rows;
 * a stably inactive neuron (``u <= 0``) is dropped, a stably active one (``l >= 0``) is ``a = z``;
-* an unstable one gets the big-M encoding ``a >= z, a >= 0, a <= u d, a <= z - l (1 - d)``, ``d`` binary.
+* an unstable one gets the big-M encoding ``a >= z, a >= 0, a <= u d, a <= z - l (1 - d)``, ``d`` binary,
+  in float64.
 
-A query first tries cheap candidates (signed-gradient descent on each target's margin). Targets whose
-back-substituted margin bound exceeds the safety margin ``tol = 1e-6 * scale + 1e-7`` (``scale`` the
-largest magnitude of a bound) need no MILP. For the others the bounds of the unstable neurons are
-tightened by LP, and each remaining target, smallest margin found first, is solved as the MILP
-``min margin_t`` subject to the cut ``margin_t <= tol``, stopping at its first feasible point:
-infeasibility proves ``margin_t > tol``, a feasible point is a candidate counterexample. (On
-mnist-net_256x2 this was 2 to over 5 times faster than minimising each margin to optimality, or than
+A query first tries cheap candidates (signed-gradient descent on each target's margin from its bound's
+minimiser). Targets whose margin bound exceeds the safety margin ``tol = 1e-6 * scale + 1e-7`` (``scale``
+the largest magnitude of a bound) need no MILP. For the others the bounds of the unstable neurons are
+tightened by LP (`layer_bounds`), the margins re-bounded, and each remaining target, smallest margin found
+first, is solved as the MILP ``min margin_t`` subject to the cut ``margin_t <= tol``, stopping at its first
+feasible point: infeasibility proves ``margin_t > tol``, a feasible point is a candidate counterexample.
+(On mnist-net_256x2 this was 2 to over 5 times faster than minimising each margin to optimality, or than
 one MILP over the disjunction of all targets.)
 
 ROBUST needs every target proven; VIOLATED needs a candidate that, clipped to the box and cast to
@@ -26,15 +28,22 @@ from __future__ import annotations
 import time
 from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from .errors import InputError
+from .kernels.attacks import box_descent
+from .kernels.bab import Splits, network_brancher
 from .kernels.perturb import check_eps
 from .kernels.relu_chain import ReluChain, forward, relu_chain
-from .network import Network
+from .network import Network, from_function
 from .verdict import ROBUST, UNKNOWN, VIOLATED
+
+# α iterations of the engine's intermediate and margin bounds
+ALPHA_STEPS = 20
 
 
 class MilpResult(NamedTuple):
@@ -95,18 +104,18 @@ def milp_verify(chain: ReluChain, lo, hi, label: int, *, time_limit: float = 60.
         i = int(np.argmin(m))
         return (x[i], m[i]) if m[i] < 0 else (None, None)
 
-    # cheap candidates: per target, signed-gradient descent from the box vertex minimising its linear lower bound
-    bounds = layer_bounds(ws, bs, lo, hi)
-    m_low, coef = _backsub(ws, bs, bounds, lo, hi, c_rows)
-    cands, m_att = _descend(ws, bs, np.where(coef > 0, lo, hi), c_rows, lo, hi)
+    # cheap candidates: per target, signed-gradient descent from the minimiser of its margin bound
+    eng = _Engine(chain, lo, hi)
+    m_low, x_star = eng.margins(c_rows)
+    cands, m_att = _candidates(eng.net, x_star, c_rows, lo32, hi32)
     x, m = falsify(cands)
     if x is not None:
         return result(VIOLATED, m, x)
-    if np.all(m_low > _tolerance(ws, bs, bounds, lo, hi, c_rows)):
+    if np.all(m_low > _tolerance(eng.bounds, m_low)):
         return result(ROBUST, m_low.min())
-    bounds = layer_bounds(ws, bs, lo, hi, lp=True, deadline=deadline)
-    m_low, _ = _backsub(ws, bs, bounds, lo, hi, c_rows)
-    tol = _tolerance(ws, bs, bounds, lo, hi, c_rows)
+    bounds = layer_bounds(chain, lo, hi, lp=True, deadline=deadline, engine=eng)
+    m_low = np.maximum(m_low, eng.margins(c_rows, bounds)[0])
+    tol = _tolerance(bounds, m_low)
     proven = np.where(m_low > tol, m_low, np.nan)
     # most likely violated first: smallest margin found by the descent
     open_ = [i for i in np.argsort(m_att, kind="stable") if np.isnan(proven[i])]
@@ -152,77 +161,79 @@ def milp_verify_batch(net: Network, x, y, eps, *, time_limit: float = 60.0) -> M
     return out
 
 
-def layer_bounds(ws, bs, lo, hi, *, lp: bool = False, deadline: float | None = None) -> list:
-    """Pre-activation bounds ``(l, u)``, each ``(n_k,)`` float64, of the hidden layers ``k = 1..L-1`` of the
-    chain ``ws[i]: (n_{i+1}, n_i)``, ``bs[i]: (n_{i+1},)`` on the box ``lo, hi: (n_0,)``.
+class _Engine:
+    """The bound engine on a chain's function over the float64 box ``lo, hi: (n_0,)`` (rounded outward to
+    float32): ``bounds`` the α-CROWN pre-activation bounds ``[(l, u), ...]`` (float64, one pair per hidden
+    layer), ``margins(c, bounds)`` the α-CROWN lower bounds ``(T,)`` of ``c @ z_L`` and their minimisers."""
 
-    Interval arithmetic intersected with CROWN back-substitution; with ``lp`` the neurons still unstable are
-    tightened by LP over the triangle relaxation of the earlier layers (until ``deadline``, a
-    `time.perf_counter` value).
-    """
-    out = []
-    a_lo, a_hi = lo, hi
-    for k in range(len(ws) - 1):
-        w, b = ws[k], bs[k]
-        wp, wn = np.maximum(w, 0), np.minimum(w, 0)
-        l, u = wp @ a_lo + wn @ a_hi + b, wp @ a_hi + wn @ a_lo + b
-        if k > 0:
-            eye = np.eye(w.shape[0])
-            l = np.maximum(l, _backsub(ws[:k + 1], bs[:k + 1], out, lo, hi, eye)[0])
-            u = np.minimum(u, -_backsub(ws[:k + 1], bs[:k + 1], out, lo, hi, -eye)[0])
-            if lp:
-                l, u = _lp_tighten(ws[:k + 1], bs[:k + 1], out, lo, hi, l, u, deadline)
-        out.append((l, u))
-        a_lo, a_hi = np.maximum(l, 0), np.maximum(u, 0)
+    def __init__(self, chain: ReluChain, lo, hi):
+        self.net = chain_network(chain)
+        self.brancher = network_brancher(self.net)
+        down, up = lo.astype(np.float32), hi.astype(np.float32)
+        down = np.where(down > lo, np.nextafter(down, np.float32(-np.inf)), down)
+        up = np.where(up < hi, np.nextafter(up, np.float32(np.inf)), up)
+        self.lo, self.hi = jnp.asarray(down[None]), jnp.asarray(up[None])
+        self.root = self.brancher.root_bounds(self.lo, self.hi, ALPHA_STEPS)
+        self.vars = [v for v, _, _, _ in self.brancher.layout.kink]
+        self.bounds = [tuple(np.asarray(b, np.float64).reshape(-1) for b in self.root[v]) for v in self.vars]
+
+    def margins(self, c, bounds=None):
+        root = dict(self.root)
+        for v, (l, u) in zip(self.vars, bounds or ()):
+            shape = root[v][0].shape
+            root[v] = (jnp.maximum(root[v][0], _round32(l, -1).reshape(shape)),
+                       jnp.minimum(root[v][1], _round32(u, 1).reshape(shape)))
+        sp = self.brancher.initial(root, len(c))
+        r = self.brancher.bound(root, self.lo, self.hi, jnp.asarray(c, jnp.float32),
+                                Splits(*(jnp.asarray(a) for a in sp)), steps=ALPHA_STEPS)
+        lower = np.asarray(r.lower, np.float64)
+        return np.where(np.isnan(lower), -np.inf, lower), np.asarray(r.x_star, np.float32)
+
+
+def chain_network(chain: ReluChain) -> Network:
+    """The chain as a `Network` on flat inputs ``(B, n_0)`` (its own function, for the bound engine)."""
+    return from_function(lambda p, x: forward(ReluChain(*p), x), (tuple(chain.weights), tuple(chain.biases)),
+                         (chain.widths[0],), chain.widths[-1], domain=(-np.inf, np.inf), name="relu-chain")
+
+
+def layer_bounds(chain: ReluChain, lo, hi, *, lp: bool = False, deadline: float | None = None,
+                 engine: _Engine | None = None) -> list:
+    """Pre-activation bounds ``(l, u)``, each ``(n_k,)`` float64, of the hidden layers ``k = 1..L-1`` of the
+    chain on the box ``lo, hi: (n_0,)``: the engine's α-CROWN bounds; with ``lp`` the neurons still unstable
+    are tightened layer by layer by LP over the triangle relaxation of the earlier layers (until
+    ``deadline``, a `time.perf_counter` value)."""
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    out = list((engine or _Engine(chain, lo, hi)).bounds)
+    if lp:
+        ws = [np.asarray(w, np.float64) for w in chain.weights]
+        bs = [np.asarray(b, np.float64) for b in chain.biases]
+        for k in range(1, len(out)):
+            out[k] = _lp_tighten(ws[:k + 1], bs[:k + 1], out[:k], lo, hi, *out[k], deadline)
     return out
 
 
-def _backsub(ws, bs, bounds, lo, hi, c):
-    """Lower bounds ``(m,)`` of ``c @ z_L`` (``c: (m, n_L)``, ``z_L`` the output of the chain ``ws, bs``) over
-    the box, relaxing each ReLU by its CROWN lines given the hidden ``bounds``; also the ``(m, n_0)``
-    input coefficients of the final linear bound."""
-    a = c @ ws[-1]
-    const = c @ bs[-1]
-    for k in range(len(ws) - 2, -1, -1):
-        l, u = bounds[k]
-        active = (l >= 0).astype(np.float64)
-        unstable = (l < 0) & (u > 0)
-        slope_up = np.where(unstable, u / np.where(unstable, u - l, 1.0), active)
-        slope_lo = np.where(unstable, (u > -l).astype(np.float64), active)
-        an = np.minimum(a, 0)
-        coef = np.maximum(a, 0) * slope_lo + an * slope_up
-        const = const - an @ np.where(unstable, slope_up * l, 0.0) + coef @ bs[k]
-        a = coef @ ws[k]
-    return const + np.maximum(a, 0) @ lo + np.minimum(a, 0) @ hi, a
+def _round32(a, direction: int) -> jax.Array:
+    """float64 ``a`` as float32 rounded down (``direction < 0``) or up."""
+    r = a.astype(np.float32)
+    bad = r > a if direction < 0 else r < a
+    return jnp.asarray(np.where(bad, np.nextafter(r, np.float32(direction * np.inf)), r))
 
 
-def _descend(ws, bs, x, c, lo, hi, steps: int = 50):
-    """Signed-gradient descent of the margin ``c[t] @ z_L`` from ``x[t]`` inside the box, for every row of
-    ``x: (T, n_0)``, ``c: (T, n_L)``; returns the best points ``(T, n_0)`` and their float64 margins ``(T,)``."""
-    best_x, best_m = x.copy(), np.full(len(x), np.inf)
-    step = (hi - lo) / 4
-    for _ in range(steps + 1):
-        a, masks = x, []
-        for w, b in zip(ws[:-1], bs[:-1]):
-            z = a @ w.T + b
-            masks.append(z > 0)
-            a = np.maximum(z, 0)
-        m = np.sum((a @ ws[-1].T + bs[-1]) * c, axis=1)
-        better = m < best_m
-        best_x[better], best_m[better] = x[better], m[better]
-        g = c @ ws[-1]
-        for w, mask in zip(ws[-2::-1], masks[::-1]):
-            g = (g * mask) @ w
-        x = np.clip(x - step * np.sign(g), lo, hi)
-        step = step * 0.93
-    return best_x, best_m
+def _candidates(net: Network, x_star, c, lo32, hi32, steps: int = 50):
+    """Signed-gradient descent of every margin row ``c[t]`` from its bound's minimiser ``x_star[t]`` in the box;
+    the points ``(T, n_0)`` and their float32 margins ``(T,)``."""
+    lo, hi = jnp.asarray(lo32), jnp.asarray(hi32)
+    pts = np.asarray(box_descent(net, jnp.asarray(x_star), jnp.asarray(c, jnp.float32), lo, hi, (hi - lo) / 4,
+                                 steps=steps, decay=0.93))
+    with jax.default_matmul_precision("highest"):
+        m = np.sum(np.asarray(net(jnp.asarray(pts)), np.float64) * c, axis=1)
+    return pts, m
 
 
-def _tolerance(ws, bs, bounds, lo, hi, c_rows) -> float:
-    """Safety margin ``1e-6 * scale + 1e-7``, ``scale`` the largest magnitude of a hidden bound or margin bound."""
-    low = _backsub(ws, bs, bounds, lo, hi, c_rows)[0]
-    up = -_backsub(ws, bs, bounds, lo, hi, -c_rows)[0]
-    scale = max([1.0, float(np.abs(low).max()), float(np.abs(up).max())]
+def _tolerance(bounds, m_low) -> float:
+    """Safety margin ``1e-6 * scale + 1e-7``, ``scale`` the largest magnitude of a hidden or margin bound."""
+    finite = np.abs(m_low[np.isfinite(m_low)])
+    scale = max([1.0, float(finite.max()) if finite.size else 0.0]
                 + [float(np.abs(np.r_[l, u]).max()) for l, u in bounds])
     return 1e-6 * scale + 1e-7
 
@@ -352,6 +363,8 @@ def _float32_inside(lo, hi):
 
 
 def _margins32(chain: ReluChain, x, label: int, targets) -> np.ndarray:
-    """float32 margins ``z_label - z_t: (m, T)`` of `forward` at ``x: (m, n_0)`` for each target."""
-    z = np.asarray(forward(chain, np.asarray(x, np.float32)))
+    """float32 margins ``z_label - z_t: (m, T)`` of `forward` at ``x: (m, n_0)`` for each target (products at
+    full float32 precision on every device)."""
+    with jax.default_matmul_precision("highest"):
+        z = np.asarray(forward(chain, np.asarray(x, np.float32)))
     return z[:, [label]] - z[:, np.asarray(targets)]

@@ -145,11 +145,9 @@ class Brancher:
         self.graph, self.consts = prog.graph, prog.consts
         self.layout = layout(self.graph)
         self.pure_kink = all(n.kind in ("linear", "pwl") for n in self.graph.nodes)
-        g, lay = self.graph, self.layout
-        root = full_precision(jax.jit(functools.partial(_root, g, lay), static_argnames=("steps",)))
+        root, self._bound, self._leaf = (_programs(self.graph) if prog.arch is None
+                                         else _compiled_programs(prog.arch))
         self.root_bounds = lambda lo, hi, steps=20: root(self.consts, prog.prefixes(), lo, hi, steps=steps)
-        self._bound = full_precision(jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps",)))
-        self._leaf = full_precision(jax.jit(functools.partial(_leaf, g, lay)))
 
     def initial(self, root, D: int) -> Splits:
         """Splits of ``D`` unsplit subdomains: free kink units, interval units at their root bounds."""
@@ -168,15 +166,31 @@ class Brancher:
         return self._leaf(self.consts, root, lo, hi, s)
 
 
+def _programs(g: Graph):
+    """Jitted ``(root, bound, leaf)`` of ``g`` with its constants as the first argument."""
+    lay = layout(g)
+    return (full_precision(jax.jit(functools.partial(_root, g, lay), static_argnames=("steps",))),
+            full_precision(jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps",))),
+            full_precision(jax.jit(functools.partial(_leaf, g, lay))))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_programs(arch):
+    """`_programs` shared by the networks of one architecture (`bounds._Arch`: other weights, same graph)."""
+    return _programs(arch.graph)
+
+
 _BRANCHERS: dict = {}
+_KEEP = 4
 
 
 def network_brancher(net) -> Brancher:
-    """The branch-and-bound programs of ``net`` (`kernels.bab.Brancher`, the last one kept by content hash).
-    Building it traces the network, so an unsupported operation is reported here, before any work."""
+    """The branch-and-bound programs of the `Network` ``net`` (`Brancher`; the last `_KEEP` kept by content
+    hash). Building it traces the network, so an unsupported operation is reported here, before any work."""
     key = (net.hash, tuple(net.input_shape))
     if key not in _BRANCHERS:
-        _BRANCHERS.clear()
+        while len(_BRANCHERS) >= _KEEP:
+            _BRANCHERS.pop(next(iter(_BRANCHERS)))
         _BRANCHERS[key] = Brancher(net, net.input_shape)
     return _BRANCHERS[key]
 
