@@ -115,6 +115,7 @@ def _summary(name, eps, r, categorical) -> dict:
             "median_log10_tail": float(np.median(r["log10_tail"][fitted])) if fitted.any() else None,
             "mc_upper_mean": float(r["mc_upper"].mean()) if len(st) else None,
             "n_adversarial_total": int(r["n_adversarial"].sum()),
+            "tail_bound": int(np.sum(r["tail_bound"][fitted])) if "tail_bound" in r else 0,
             "median_time_s": float(np.median(r["time_s"])) if len(st) else None, "per_class": classes}
 
 
@@ -150,11 +151,13 @@ def format_roma(summary) -> str:
         status = ", ".join(f"{k} {v}" for k, v in e["status"].items())
         lines.append(f"{e['network']}  ε={e['eps']:g}: {e['inputs']} inputs ({status}); mean plr "
                      f"{fmt(e['plr_mean'], '.6f')}, median log10 P(c>δ) {fmt(e['median_log10_tail'], '.1f')} "
-                     f"over fitted inputs; mean Monte Carlo upper bound {fmt(e['mc_upper_mean'], '.2e')}, "
+                     f"over fitted inputs ({e['tail_bound']} of them a bound: tail below 1/n); mean Monte Carlo upper bound {fmt(e['mc_upper_mean'], '.2e')}, "
                      f"{fmt(e['median_time_s'] and e['median_time_s'] * 1e3, '.1f')} ms/input")
-        lines.append("   class     n  FAIL  complete  mean plr   95% interval           var plr   t-test p  binom p")
+        lines.append("   class     n  misclassified  FAIL  complete  mean plr   95% interval           var plr   t-test p"
+                     "  binom p")
         for c in e["per_class"]:
-            lines.append(f"   {c['label']:>5} {c['n']:>5} {c['fail']:>5}  {c['complete']:8.3f}  "
+            lines.append(f"   {c['label']:>5} {c['n']:>5}  {c.get('misclassified', 0):>13} {c['fail']:>5}  "
+                         f"{fmt(c['complete'], '8.3f')}  "
                          f"{fmt(c['plr_mean'], '.6f'):>8}   [{fmt(c['plr_low'], '.6f')}, {fmt(c['plr_high'], '.6f')}]  "
                          f"{fmt(c['plr_var'], '.2e'):>8}  {fmt(c['t_p'], '.3g'):>8}  {fmt(c['binom_p'], '.3g'):>7}")
     for c in summary["comparisons"]:

@@ -74,3 +74,44 @@ def train_cmd(args):
     digest = save_network(plain.replace(params=net.params, domain=net.domain), args.out)
     side = write_sidecar(args.out, mean=args.mean, std=args.std, domain=args.domain)
     print(f"saved {args.out} (hash {digest})" + (f" and its preprocessing {side}" if side else ""))
+
+
+def _gan_options(p):
+    p.add_argument("--dataset", "-d", default="mnist", help="dataset spec (default mnist)")
+    download_option(p)
+    p.add_argument("--classes", help="comma-separated classes, one GAN each (default every class)")
+    p.add_argument("--conditional", action="store_true", help="one class-conditional GAN instead of one per class")
+    p.add_argument("--steps", type=positive_int, default=2000, help="generator/discriminator update pairs")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--lr", type=positive_float, default=2e-4)
+    p.add_argument("--latent-dim", type=positive_int, default=10)
+    p.add_argument("--augment", action="store_true", help="train on randomly rotated / sheared / shifted / zoomed images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", "-o", required=True, help="output generator set (.msgpack), input of `jaxrobust global`")
+
+
+@command("train-gan", "train per-class (or one class-conditional) MLP GANs for `jaxrobust global`", _gan_options)
+def train_gan_cmd(args):
+    import numpy as np
+
+    from ..errors import InputError
+    from ..gan import save_generators, train_gans
+    check_output(args.out, "--out")
+    classes = None
+    if args.classes:
+        try:
+            classes = [int(c) for c in args.classes.split(",")]
+        except ValueError:
+            raise InputError(f"--classes must be comma-separated integers, got {args.classes!r}") from None
+    ds = load_data(args, "train")
+    bad = sorted(set(classes or []) - set(np.unique(ds.y).tolist()))
+    if bad:
+        raise InputError(f"--classes: {ds.id} has no images of class {bad[0]}")
+    gens, losses = train_gans(ds.x, ds.y, classes=classes, conditional=args.conditional, steps=args.steps,
+                              batch_size=args.batch_size, learning_rate=args.lr, latent_dim=args.latent_dim,
+                              augment=args.augment, seed=args.seed)
+    digest = save_generators(gens, args.out, meta={"dataset": ds.id, "steps": args.steps, "augment": args.augment})
+    final = np.asarray(losses)[-1].reshape(-1, 2).mean(0)
+    print(f"trained {len(gens)} generator(s) for classes {sorted(gens)} on {ds.id}; final losses discriminator "
+          f"{final[0]:.3f}, generator {final[1]:.3f}")
+    print(f"saved {args.out} (hash {digest})")
