@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust import FileFormatError, InputError, UnsupportedOpError
+from jaxrobust.errors import FileFormatError, InputError, UnsupportedOpError
 from jaxrobust.onnx_import import KNOWN_NORMALIZATION, load_onnx, onnx_summary
 
 onnx = pytest.importorskip("onnx")
