@@ -169,10 +169,7 @@ class _Engine:
     def __init__(self, chain: ReluChain, lo, hi):
         self.net = chain_network(chain)
         self.brancher = network_brancher(self.net)
-        down, up = lo.astype(np.float32), hi.astype(np.float32)
-        down = np.where(down > lo, np.nextafter(down, np.float32(-np.inf)), down)
-        up = np.where(up < hi, np.nextafter(up, np.float32(np.inf)), up)
-        self.lo, self.hi = jnp.asarray(down[None]), jnp.asarray(up[None])
+        self.lo, self.hi = round32(lo, -1)[None], round32(hi, 1)[None]
         self.root = self.brancher.root_bounds(self.lo, self.hi, ALPHA_STEPS)
         self.vars = [v for v, _, _, _ in self.brancher.layout.kink]
         self.bounds = [tuple(np.asarray(b, np.float64).reshape(-1) for b in self.root[v]) for v in self.vars]
@@ -181,8 +178,8 @@ class _Engine:
         root = dict(self.root)
         for v, (l, u) in zip(self.vars, bounds or ()):
             shape = root[v][0].shape
-            root[v] = (jnp.maximum(root[v][0], _round32(l, -1).reshape(shape)),
-                       jnp.minimum(root[v][1], _round32(u, 1).reshape(shape)))
+            root[v] = (jnp.maximum(root[v][0], round32(l, -1).reshape(shape)),
+                       jnp.minimum(root[v][1], round32(u, 1).reshape(shape)))
         sp = self.brancher.initial(root, len(c))
         r = self.brancher.bound(root, self.lo, self.hi, jnp.asarray(c, jnp.float32),
                                 Splits(*(jnp.asarray(a) for a in sp)), steps=ALPHA_STEPS)
@@ -212,8 +209,9 @@ def layer_bounds(chain: ReluChain, lo, hi, *, lp: bool = False, deadline: float 
     return out
 
 
-def _round32(a, direction: int) -> jax.Array:
+def round32(a, direction: int) -> jax.Array:
     """float64 ``a`` as float32 rounded down (``direction < 0``) or up."""
+    a = np.asarray(a)
     r = a.astype(np.float32)
     bad = r > a if direction < 0 else r < a
     return jnp.asarray(np.where(bad, np.nextafter(r, np.float32(direction * np.inf)), r))
@@ -238,10 +236,11 @@ def _tolerance(bounds, m_low) -> float:
     return 1e-6 * scale + 1e-7
 
 
-def _lp_tighten(ws, bs, bounds, lo, hi, l, u, deadline):
-    """Tighter ``l, u: (n_L,)`` for the unstable outputs of the chain ``ws, bs``: min and max of each by LP over
-    the triangle relaxation of its hidden layers (``bounds``), loosened by ``1e-6 (1 + |value|)`` for the
-    solver's tolerances."""
+def _lp_tighten(ws, bs, bounds, lo, hi, l, u, deadline, *, integer: bool = False, solve_limit: float | None = None):
+    """Tighter ``l, u: (n_L,)`` for the unstable outputs of the chain ``ws, bs``: min and max of each over the
+    triangle relaxation of its hidden layers (``bounds``) by LP, or with ``integer`` over their exact MILP
+    encoding (each solve within ``solve_limit`` seconds; a solve out of time gives its dual bound). Loosened
+    by ``1e-6 (1 + |value|)`` for the solver's tolerances."""
     enc = _Encoding(ws, bs, bounds, lo, hi)
     cons = [] if enc.a is None else [LinearConstraint(enc.a, enc.r_lo, enc.r_hi)]
     l, u = l.copy(), u.copy()
@@ -251,10 +250,15 @@ def _lp_tighten(ws, bs, bounds, lo, hi, l, u, deadline):
         obj = np.zeros(enc.n_var)
         obj[enc.last] = ws[-1][j][enc.last_keep]
         for sign in (-1.0, 1.0):
-            r = milp(sign * obj, bounds=enc.bounds, constraints=cons)
-            if r.status != 0:
+            opts = {} if solve_limit is None else {"time_limit": float(solve_limit)}
+            if deadline is not None:
+                opts["time_limit"] = max(1e-3, min(opts.get("time_limit", np.inf), deadline - time.perf_counter()))
+            r = milp(sign * obj, bounds=enc.bounds, constraints=cons,
+                     integrality=enc.integrality if integer else None, options=opts)
+            best = r.get("mip_dual_bound") if integer else (r.fun if r.status == 0 else None)
+            if best is None or not np.isfinite(best):
                 continue
-            v = sign * r.fun + bs[-1][j]
+            v = sign * best + bs[-1][j]
             if sign < 0:
                 u[j] = min(u[j], v + 1e-6 * (1 + abs(v)))
                 if u[j] <= 0:
@@ -262,6 +266,23 @@ def _lp_tighten(ws, bs, bounds, lo, hi, l, u, deadline):
             else:
                 l[j] = max(l[j], v - 1e-6 * (1 + abs(v)))
     return l, u
+
+
+def refine_bounds(chain: ReluChain, bounds, lo, hi, *, layers: int, deadline: float,
+                  solve_limit: float = 1.0) -> list:
+    """``bounds`` (`layer_bounds`) with the unstable units of hidden layers 2 … ``layers + 1`` tightened in
+    order by MILP over the exact encoding of the layers before them (each solve within ``solve_limit``
+    seconds, all before ``deadline``), as complete verifiers refine the intermediate bounds of deep MLPs."""
+    ws = [np.asarray(w, np.float64) for w in chain.weights]
+    bs = [np.asarray(b, np.float64) for b in chain.biases]
+    lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
+    out = list(bounds)
+    for k in range(1, min(layers + 1, len(out))):
+        if time.perf_counter() > deadline:
+            break
+        out[k] = _lp_tighten(ws[:k + 1], bs[:k + 1], out[:k], lo, hi, *out[k], deadline, integer=True,
+                             solve_limit=solve_limit)
+    return out
 
 
 class _Solve(NamedTuple):

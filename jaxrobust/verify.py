@@ -20,7 +20,6 @@ time budget depends on the machine.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from typing import NamedTuple
 
@@ -28,19 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .box_search import _logits, decide_box
 from .errors import InputError
 from .falsify import attack_falsifier
-from .kernels.attacks import box_descent
-from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits, network_brancher, split_point
-from .kernels.bounds import MARGIN_ABS, MARGIN_REL, crown
+from .kernels.bab import network_brancher
 from .kernels.perturb import check_eps
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED
 
-# Signed-gradient steps from every open subdomain's minimiser before it is checked as a counterexample.
-DESCENT_STEPS = 5
-# Networks with at most this many inputs are verified by input splitting under ``split="auto"``.
-INPUT_SPLIT_DIMS = 20
 STAGES = ("forward", "attack", "crown", "bab", "lp", "timeout", "domains", "memory", "lp-unknown")
 
 
@@ -52,7 +46,9 @@ class VerifyConfig(NamedTuple):
     steps: int = 10                # α/β Adam iterations per subdomain batch (warm-started from the parent)
     root_steps: int = 100          # α iterations on the whole box
     intermediate_steps: int = 20   # α iterations for the hidden layers' bounds on the whole box
-    split: str = "auto"            # "neurons", "inputs" (input splitting) or "auto" (inputs for <= INPUT_SPLIT_DIMS)
+    split: str = "auto"            # "neurons", "inputs" (input splitting) or "auto" (box_search.INPUT_SPLIT_DIMS)
+    refine: float = 0.25           # share of the time left for MILP-refined hidden-layer bounds (deep ReLU MLPs)
+    refine_layers: int = 2         # hidden layers refined, from the second
     attack_steps: int = 40
     attack_restarts: int = 1
     attack_targets: int = 9
@@ -173,332 +169,6 @@ def float32_boxes(lo, hi, domain=None):
     return (rounded(lo, True), rounded(hi, False)), (rounded(lo, False), rounded(hi, True))
 
 
-class BoxResult(NamedTuple):
-    status: int
-    counterexample: np.ndarray | None   # (n_0,) flat input
-    domains: int
-    bound_evals: int
-    lower: float
-    stage: str
-
-
-def decide_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None, report=None) -> BoxResult:
-    """`verify_box_inputs` when ``cfg.split`` asks for input splitting (``"auto"``: networks with at most
-    `INPUT_SPLIT_DIMS` inputs), else `verify_box` (neuron splitting). ``report(domains, lower)``, if given,
-    is called after every round of the search with the subdomains bounded so far and the lowest pending bound."""
-    n_in = math.prod(net.input_shape)
-    if cfg.split == "inputs" or (cfg.split == "auto" and n_in <= INPUT_SPLIT_DIMS):
-        return verify_box_inputs(net, box, C, d, cfg, deadline=deadline, inner=inner, report=report)
-    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner, report=report)
-
-
-def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None, report=None) -> BoxResult:
-    """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``box = (lo, hi)``, each ``(n_0,)``, or find
-    ``x`` in ``inner`` (default the box itself) violating a row.
-
-    ``C: (T, n_L)``, ``d: (T,)``. Runs stages 3–5 of the module doc until ``deadline`` (perf_counter).
-    """
-    shape = (1,) + tuple(net.input_shape)
-    lo, hi = (jnp.asarray(b, jnp.float32).reshape(shape) for b in box)
-    in_lo, in_hi = (np.asarray(b, np.float32).reshape(-1) for b in (box if inner is None else inner))
-    box_lo, box_hi = (jnp.asarray(b).reshape(shape[1:]) for b in (in_lo, in_hi))
-    C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
-    root = brancher.root_bounds(lo, hi, cfg.intermediate_steps)
-    lay = brancher.layout
-    batch = cfg.batch
-
-    def violating(xs, rows):
-        """Candidates ``xs: (D, n_0)`` of the spec rows ``rows`` and the points a few signed-gradient steps on
-        those rows take them to (`box_descent`), rounded into the inner box; returns ``(points, bad)``, ``bad``
-        marking those a plain forward pass maps into the unsafe region (any spec row)."""
-        n = len(xs)
-        step = lambda x, c: np.asarray(box_descent(net, jnp.asarray(x).reshape((-1,) + shape[1:]), jnp.asarray(c),
-                                                   box_lo, box_hi, (box_hi - box_lo) / 8, steps=DESCENT_STEPS,
-                                                   decay=0.7))
-        moved = np.concatenate([step(x, c).reshape(len(x), -1)
-                                for x, c in zip(_batches(xs, batch), _batches(C[rows], batch))])[:n]
-        xs = np.clip(np.concatenate([xs, moved]), in_lo, in_hi)
-        out = np.concatenate([_logits(net, x.reshape((-1,) + shape[1:])) for x in _batches(xs, batch)])[:len(xs)]
-        return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
-
-    cmp = _compact(brancher, root)
-
-    def bound(sp: Splits, rows, init, steps):
-        """Bounds of ``len(rows) <= batch`` subdomains stored compactly (`_Compact`): `DomainBounds` as numpy,
-        compact, lower shifted by ``d``. Batches are padded to 16, batch / 4 or batch rows, so only three
-        shapes are compiled."""
-        n = len(rows)
-        size = next(s for s in (16, batch // 4, batch) if s >= n)
-        pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
-        sp = sp._replace(s=cmp.expand(sp.s, cmp.free, lay.Hk))
-        if init is not None:
-            init = (cmp.expand(init[0], cmp.alpha_keep, lay.Ha), cmp.expand(init[1], cmp.beta_keep, lay.Hk + 2 * lay.Hi))
-            init = tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
-        r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
-                           init, steps=steps)
-        r = DomainBounds(*(np.asarray(a)[:n] for a in r))
-        lower = np.where(np.isnan(r.lower), -np.inf, r.lower)      # a NaN bound proves nothing
-        return r._replace(lower=lower - d[rows], branch=cmp.branch(r.branch),
-                          alpha=r.alpha[:, cmp.alpha_keep].astype(np.float16),
-                          beta=r.beta[:, cmp.beta_keep].astype(np.float16))
-
-    T = len(C)
-    n_domains, n_evals = T, T * (cfg.root_steps + 1)
-    root_sp = brancher.initial(root, T)
-    root_sp = root_sp._replace(s=root_sp.s[:, cmp.free])
-    r = bound(root_sp, np.arange(T), None, cfg.root_steps)
-    xs, bad = violating(r.x_star, np.arange(T))
-    if bad.any():
-        return BoxResult(VIOLATED, xs[np.argmax(bad)], n_domains, n_evals, float(r.lower.min()), "bab")
-    open_rows = r.lower <= 0
-    if not open_rows.any():
-        return BoxResult(ROBUST, None, n_domains, n_evals, float(r.lower.min()), "crown")
-
-    # pending subdomains: splits, spec row, lower bound, unit to branch on and its bounds, warm start
-    keep = lambda a: a[open_rows]
-    pool = {"s": keep(root_sp.s), "ilo": keep(root_sp.ilo), "ihi": keep(root_sp.ihi), "t": np.flatnonzero(open_rows),
-            "b": keep(r.lower), "br": keep(r.branch), "ul": keep(r.unit_lo), "uh": keep(r.unit_hi),
-            "a": keep(r.alpha), "be": keep(r.beta)}
-    proved_min = float(r.lower[~open_rows].min()) if (~open_rows).any() else np.inf
-    undecided = np.inf          # lowest bound of leaves that could not be decided
-    per_domain = cmp.Hk + 8 * cmp.Hi + 2 * len(cmp.alpha_keep) + 2 * len(cmp.beta_keep) + 32
-    max_pool = max(1, cfg.max_pool_bytes // per_domain)
-    stage = "bab"
-
-    def stop(status, why, xs=None, pending=()):
-        """The result when stopping early; ``lower`` is the smallest bound of the undecided subdomains."""
-        b = np.concatenate([pool["b"], *pending])
-        return BoxResult(status, xs, n_domains, n_evals, float(b.min()) if len(b) else -np.inf, why)
-
-    while len(pool["t"]):
-        if report is not None:
-            report(n_domains, float(pool["b"].min()))
-        if time.perf_counter() > deadline:
-            return stop(UNKNOWN, "timeout")
-        if n_domains >= cfg.max_domains:
-            return stop(UNKNOWN, "domains")
-        if len(pool["t"]) > max_pool:
-            return stop(UNKNOWN, "memory")
-        exhausted = pool["br"] < 0
-        if exhausted.any():
-            for j in np.flatnonzero(exhausted):
-                if time.perf_counter() > deadline:
-                    return stop(UNKNOWN, "timeout")
-                t = pool["t"][j]
-                s_full = cmp.expand(pool["s"][j][None], cmp.free, lay.Hk)[0]
-                verdict, xs = (_lp_leaf(brancher, root, lo, hi, s_full, C[t], d[t])
-                               if brancher.pure_kink else (UNKNOWN, None))
-                if verdict == VIOLATED:
-                    xs, bad = violating(xs, np.full(len(xs), t))
-                    if bad.any():
-                        return stop(VIOLATED, "lp", xs[np.argmax(bad)])
-                if verdict != ROBUST:    # within round-off of 0, or not piecewise linear: go on with the rest
-                    undecided = min(undecided, float(pool["b"][j]))
-            stage = "lp"
-            pool = {k: v[~exhausted] for k, v in pool.items()}
-            continue
-        par, pool = _take_lowest(pool, batch // 2)
-        children = _children(cmp, par)
-        n_ch = len(children["t"])
-        r = bound(Splits(children["s"], children["ilo"], children["ihi"]), children["t"],
-                  (children["a"], children["be"]), cfg.steps)
-        b = np.maximum(r.lower, children["b"])
-        n_domains += n_ch
-        n_evals += n_ch * (cfg.steps + 1)
-        open_ = b <= 0
-        if open_.any():
-            cand = np.flatnonzero(open_ & np.isfinite(b))
-            if len(cand):
-                pts, bad = violating(r.x_star[cand], children["t"][cand])
-                if bad.any():
-                    return stop(VIOLATED, "bab", pts[np.argmax(bad)], (b,))
-        if (~open_).any():
-            proved_min = min(proved_min, float(b[~open_].min()))
-        new = dict(children, b=b, br=r.branch, ul=r.unit_lo, uh=r.unit_hi, a=r.alpha, be=r.beta)
-        pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
-    if undecided < np.inf:
-        return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
-    return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, stage)
-
-
-def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: float, inner=None,
-                      report=None) -> BoxResult:
-    """`verify_box` by input splitting: every sub-box is bounded by CROWN (α-CROWN on the whole box) with its
-    own intermediate bounds; the open sub-box with the lowest bound is halved along the coordinate with the
-    largest width times |gradient| of its spec row at its centre. Its centre and the vertex the gradient
-    points away from are checked as counterexamples. For networks with few inputs (latent spaces)."""
-    shape = tuple(net.input_shape)
-    lo, hi = (np.asarray(b, np.float32).reshape(1, -1) for b in box)
-    in_lo, in_hi = (np.asarray(b, np.float32).reshape(-1) for b in (box if inner is None else inner))
-    C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
-    batch = cfg.batch
-    grad = _row_gradient(net)
-
-    def bound(los, his, rows, steps):
-        n = len(rows)
-        size = next(s for s in (16, batch // 4, batch) if s >= n)
-        pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
-        b = crown(net, pad(los).reshape((-1,) + shape), pad(his).reshape((-1,) + shape), pad(C[rows])[:, None],
-                  alpha=steps > 0, alpha_steps=max(steps, 1)).lower
-        mid = pad((los + his) / 2)
-        g = np.asarray(grad(jnp.asarray(mid).reshape((-1,) + shape), jnp.asarray(pad(C[rows]))))[:n].reshape(n, -1)
-        cands = np.concatenate([mid[:n], np.where(g > 0, los, his)])
-        cands = np.clip(cands, in_lo, in_hi)
-        out = _logits(net, cands.reshape((-1,) + shape))
-        viol = np.any(out @ C.T.astype(np.float64) <= d, axis=1)
-        width = his - los
-        score = np.where(width > MIN_WIDTH * (1 + np.maximum(np.abs(los), np.abs(his))),
-                         width * (np.abs(g) + 1e-6), -np.inf)
-        b = np.where(np.isnan(np.asarray(b)[:n, 0]), -np.inf, np.asarray(b)[:n, 0])   # NaN proves nothing
-        return b - d[rows], cands[np.argmax(viol)] if viol.any() else None, score
-
-    T = len(C)
-    rows = np.arange(T)
-    b, cex, score = bound(np.repeat(lo, T, 0), np.repeat(hi, T, 0), rows, cfg.root_steps)
-    n_domains, n_evals = T, T * (cfg.root_steps + 1)
-    if cex is not None:
-        return BoxResult(VIOLATED, cex, n_domains, n_evals, float(b.min()), "bab")
-    open_ = b <= 0
-    if not open_.any():
-        return BoxResult(ROBUST, None, n_domains, n_evals, float(b.min()), "crown")
-    pool = {"lo": np.repeat(lo, open_.sum(), 0), "hi": np.repeat(hi, open_.sum(), 0), "t": rows[open_],
-            "b": b[open_], "sc": score[open_]}
-    proved_min = float(b[~open_].min()) if (~open_).any() else np.inf
-    undecided = np.inf
-    while len(pool["t"]):
-        low = float(pool["b"].min())
-        if report is not None:
-            report(n_domains, low)
-        if time.perf_counter() > deadline:
-            return BoxResult(UNKNOWN, None, n_domains, n_evals, low, "timeout")
-        if n_domains >= cfg.max_domains:
-            return BoxResult(UNKNOWN, None, n_domains, n_evals, low, "domains")
-        leaf = np.all(pool["sc"] == -np.inf, axis=1)
-        if leaf.any():
-            undecided = min(undecided, float(pool["b"][leaf].min()))
-            pool = {k: v[~leaf] for k, v in pool.items()}
-            continue
-        par, pool = _take_lowest(pool, batch // 2)
-        P = len(par["t"])
-        dim = np.argmax(par["sc"], axis=1)
-        mid = (par["lo"][np.arange(P), dim] + par["hi"][np.arange(P), dim]) / 2
-        clo, chi = np.concatenate([par["lo"], par["lo"]]), np.concatenate([par["hi"], par["hi"]])
-        chi[np.arange(P), dim] = mid
-        clo[P + np.arange(P), dim] = mid
-        ct = np.concatenate([par["t"], par["t"]])
-        b, cex, score = bound(clo, chi, ct, 0)
-        b = np.maximum(b, np.concatenate([par["b"], par["b"]]))
-        n_domains += 2 * P
-        n_evals += 2 * P
-        if cex is not None:
-            return BoxResult(VIOLATED, cex, n_domains, n_evals, low, "bab")
-        open_ = b <= 0
-        if (~open_).any():
-            proved_min = min(proved_min, float(b[~open_].min()))
-        new = {"lo": clo, "hi": chi, "t": ct, "b": b, "sc": score}
-        pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
-    if undecided < np.inf:
-        return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
-    return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, "bab")
-
-
-def _logits(net: Network, x) -> np.ndarray:
-    """The plain forward pass that confirms counterexamples, at full float32 precision on every device;
-    float64 numpy ``(B, n_out)``."""
-    with jax.default_matmul_precision("highest"):
-        return np.asarray(net(jnp.asarray(x)), np.float64)
-
-
-@functools.lru_cache(maxsize=4)
-def _row_gradient(net: Network):
-    """Jitted ``(x (D, *in), c (D, n_out)) -> d(c . net(x))/dx`` per row."""
-    return jax.jit(jax.vmap(jax.grad(lambda x, c: c @ net(x[None])[0])))
-
-
-class _Compact(NamedTuple):
-    """How a pending subdomain is stored: by the ``Hk`` kink units unstable at the root only (``free``: their
-    full index; the others are never split, and their slopes and multipliers do not enter any bound), the
-    ``Hi`` interval units, the slopes at ``alpha_keep`` and the multipliers at ``beta_keep``; ``full_hk`` the
-    number of kink units."""
-    Hk: int
-    Hi: int
-    full_hk: int
-    free: np.ndarray
-    alpha_keep: np.ndarray
-    beta_keep: np.ndarray
-
-    @staticmethod
-    def expand(a, keep, width):
-        """Compact ``a: (D, len(keep))`` as ``(D, width)``, zeros elsewhere."""
-        out = np.zeros((len(a), width), a.dtype)
-        out[:, keep] = a
-        return out
-
-    def branch(self, br):
-        """Full branch indices (`DomainBounds.branch`) as compact ones (-1 stays -1)."""
-        kink = (br >= 0) & (br < self.full_hk)
-        return np.where(br < 0, -1, np.where(kink, np.searchsorted(self.free, br), br - self.full_hk + self.Hk))
-
-
-def _compact(brancher: Brancher, root) -> _Compact:
-    """The `_Compact` storage of ``brancher``'s subdomains of a box with root bounds ``root``."""
-    lay, g = brancher.layout, brancher.graph
-    free, local = [], {}
-    for v, k, off, n in lay.kink:
-        kk = np.broadcast_to(np.asarray(brancher.consts[k]), g.shape(v)).reshape(-1)
-        l, u = (np.asarray(b).reshape(-1) for b in root[v])
-        local[v] = np.flatnonzero((l < kk) & (u > kk))
-        free.append(off + local[v])
-    free = np.concatenate(free) if free else np.zeros(0, np.int64)
-    alpha = [off + local[v] if g.nodes[idx].kind == "pwl" and v in local else off + np.arange(n)
-             for idx, v, off, n in lay.alpha]
-    alpha = np.concatenate(alpha) if alpha else np.zeros(0, np.int64)
-    beta = np.concatenate([free, lay.Hk + np.arange(2 * lay.Hi)])
-    return _Compact(len(free), lay.Hi, lay.Hk, free, alpha, beta)
-
-
-def _batches(a, batch: int) -> list:
-    """``a`` in consecutive pieces of ``batch`` rows, padded (repeating row 0) to a multiple of 16 rows when
-    shorter than 16, else of ``batch`` rows, so that jitted shapes repeat."""
-    n = len(a)
-    pad = -n % 16 if n <= 16 else -n % batch
-    if pad:
-        a = np.concatenate([a, np.repeat(a[:1], pad, 0)])
-    return [a[i:i + batch] for i in range(0, len(a), batch)]
-
-
-def _take_lowest(pool: dict, k: int):
-    """The ``k`` pending subdomains of ``pool`` (dict of arrays) with the lowest bounds ``pool["b"]``, and the rest."""
-    order = np.argsort(pool["b"], kind="stable")
-    take, left = order[:k], order[k:]
-    return {n: v[take] for n, v in pool.items()}, {n: v[left] for n, v in pool.items()}
-
-
-def _children(lay, par: dict) -> dict:
-    """The two children of each parent subdomain in ``par`` (pool fields), split on its branch unit: a kink
-    unit to ``+1`` / ``-1``, an interval unit at `split_point` of its bounds; the children's multipliers
-    of the new constraint start at 0, the rest from the parent."""
-    P = len(par["t"])
-    two = lambda a: np.concatenate([a, a])
-    ch = {k: two(par[k]) for k in ("s", "ilo", "ihi", "t", "b", "a", "be")}
-    br = par["br"]
-    rows = np.arange(P)
-    kink = br < lay.Hk
-    k_rows, kb = rows[kink], br[kink]
-    ch["s"][k_rows, kb], ch["s"][P + k_rows, kb] = 1, -1
-    ch["be"][k_rows, kb] = ch["be"][P + k_rows, kb] = 0
-    i_rows, ib = rows[~kink], br[~kink] - lay.Hk
-    p = split_point(par["ul"][~kink], par["uh"][~kink])
-    ch["ihi"][i_rows, ib], ch["ilo"][P + i_rows, ib] = p, p
-    ch["ilo"][i_rows, ib] = np.maximum(ch["ilo"][i_rows, ib], par["ul"][~kink])
-    ch["ihi"][P + i_rows, ib] = np.minimum(ch["ihi"][P + i_rows, ib], par["uh"][~kink])
-    for off in (lay.Hk, lay.Hk + lay.Hi):
-        ch["be"][i_rows, off + ib] = ch["be"][P + i_rows, off + ib] = 0
-    return ch
-
-
 class PropertyResult(NamedTuple):
     """Outcome of a VNN-LIB property: ``result`` is ``sat`` (violated; ``x``/``y`` hold the counterexample
     and its outputs), ``unsat`` (proved) or ``unknown``/``timeout``."""
@@ -574,50 +244,6 @@ def _box_attack(net: Network, lo, hi, C, d, key, steps: int, restarts: int):
     return xs[jnp.argmin(objective(xs))]
 
 
-def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d):
-    """Exact ``min c . out - d`` over a subdomain whose kink units are all stable (the network is affine on it):
-    an LP (HiGHS) in the input over the box and the split constraints, loosened by the round-off margin.
-    Returns ``(ROBUST | VIOLATED | UNKNOWN, candidates (k, n_0) or None)``: for VIOLATED the minimiser and
-    that of the LP with the constraints tightened by the margin instead (a point strictly inside the
-    subdomain, for where round-off puts the first just outside)."""
-    from scipy.optimize import linprog
-
-    units, (A_out, a_out) = brancher.leaf(root, lo, hi, jnp.asarray(s))
-    lo64, hi64 = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
-    top = np.maximum(np.abs(lo64), np.abs(hi64))
-    rows, rhs, slacks = [], [], []
-    for (v, k, off, n), (A, a0) in zip(brancher.layout.kink, units):
-        A, a0 = np.asarray(A, np.float64), np.asarray(a0, np.float64)
-        sv = s[off:off + n]
-        kk = np.broadcast_to(np.asarray(brancher.consts[k], np.float64), brancher.graph.shape(v)).reshape(-1)
-        slack = MARGIN_REL * (np.abs(A) @ top + np.abs(a0)) + MARGIN_ABS
-        for sign in (1, -1):   # sign * (A x + a0 - k) >= 0  <=>  -sign A x <= sign (a0 - k) + slack
-            m = sv == sign
-            rows.append(-sign * A[m])
-            rhs.append(sign * (a0[m] - kk[m]) + slack[m])
-            slacks.append(slack[m])
-    obj = np.asarray(c, np.float64) @ np.asarray(A_out, np.float64)
-    const = float(np.asarray(c, np.float64) @ np.asarray(a_out, np.float64)) - float(d)
-    A_ub = np.concatenate(rows) if rows else None
-    res = linprog(obj, A_ub=A_ub, b_ub=np.concatenate(rhs) if rows else None, bounds=np.stack([lo64, hi64], 1),
-                  method="highs")
-    if res.status == 2:
-        return ROBUST, None
-    if res.status != 0:
-        return UNKNOWN, None
-    value = res.fun + const
-    scale = np.abs(obj) @ top + abs(const)
-    if value > MARGIN_REL * scale + MARGIN_ABS:
-        return ROBUST, None
-    pts = [res.x]
-    if rows:
-        inner = linprog(obj, A_ub=A_ub, b_ub=np.concatenate(rhs) - 2 * np.concatenate(slacks),
-                        bounds=np.stack([lo64, hi64], 1), method="highs")
-        if inner.status == 0:
-            pts.append(inner.x)
-    return VIOLATED, np.clip(np.stack(pts), lo64, hi64).astype(np.float32)
-
-
 def _check_config(cfg: VerifyConfig):
     if not cfg.timeout > 0:
         raise InputError(f"timeout must be > 0 seconds, got {cfg.timeout}")
@@ -627,3 +253,5 @@ def _check_config(cfg: VerifyConfig):
         raise InputError(f"split must be 'auto', 'neurons' or 'inputs', got {cfg.split!r}")
     if cfg.max_domains < 1 or cfg.steps < 0 or cfg.root_steps < 0:
         raise InputError("max_domains must be >= 1 and steps, root_steps >= 0")
+    if not 0 <= cfg.refine < 1 or cfg.refine_layers < 0:
+        raise InputError(f"refine must lie in [0, 1) and refine_layers be >= 0, got {cfg.refine}, {cfg.refine_layers}")
