@@ -50,8 +50,8 @@ def lognormal_fit(eps, *, censored=(), bootstrap: int = 1000, seed: int = 0) -> 
     ``eps (n,)`` are observed critical ε values; ``censored (m,)`` right-censoring points (inputs whose critical
     ε exceeds the point: no counterexample up to it). With censoring the likelihood is the censored one
     (density of the observed, survival of the censored values) and the goodness of fit is the KS distance of the
-    Kaplan–Meier estimate to the fit, its p-value by a parametric bootstrap that censors each replicate at the
-    same points. Without, the fit is closed-form and the bootstrap the Lilliefors one (``bootstrap`` replicates).
+    Kaplan–Meier estimate to the fit, its p-value by a parametric bootstrap whose replicates are censored at
+    times drawn from the Kaplan–Meier estimate of the censoring distribution. Without, the fit is closed-form and the bootstrap the Lilliefors one (``bootstrap`` replicates).
     """
     e = _positive(eps)
     c = _positive(censored, "censoring points", minimum=0)
@@ -70,10 +70,11 @@ def lognormal_fit(eps, *, censored=(), bootstrap: int = 1000, seed: int = 0) -> 
         mu, sigma = (float(v[0]) for v in _censored_mle(np.where(observed, pts, np.nan)[None],
                                                           np.where(observed, np.nan, pts)[None]))
         d, p = _km_distance(logs, logc, mu, sigma), np.nan
-        # replicates from the fit, censored at the same points (observed inputs: never censored)
+        # replicates from the fit, each censored at a time drawn from the Kaplan–Meier estimate of the censoring
         t = rng.normal(mu, sigma, (bootstrap, pts.size))
-        cens = ~observed & (t > pts)
-        rl, rc = np.where(cens, np.nan, t), np.where(cens, pts, np.nan)
+        when = _censoring_times(pts, ~observed, rng, t.shape)
+        cens = t > when
+        rl, rc = np.where(cens, np.nan, t), np.where(cens, when, np.nan)
         m, sd = _censored_mle(rl, rc, start=(np.full(bootstrap, mu), np.full(bootstrap, np.log(sigma))))
         d_boot = np.array([_km_distance(rl[r][~cens[r]], rc[r][cens[r]], m[r], sd[r]) for r in range(bootstrap)])
     lilliefors = (1 + np.sum(d_boot >= d)) / (bootstrap + 1)
@@ -120,6 +121,18 @@ def _censored_mle(logs, logc, start=None, iterations: int = 50) -> tuple[np.ndar
         if np.abs(step).max() < 1e-12:
             break
     return mu, np.exp(tau)
+
+
+def _censoring_times(t: np.ndarray, censored: np.ndarray, rng, shape) -> np.ndarray:
+    """Draws ``shape`` from the Kaplan–Meier estimate of the censoring distribution of times ``t (n,)`` (the
+    censored ones its events, the observed ones censored for it); mass past the last censoring is ``inf``."""
+    order = np.lexsort((censored, t))  # at ties, observed times leave the risk set after the censorings
+    ts, ev = t[order], censored[order]
+    surv = np.cumprod(np.where(ev, 1 - 1 / (t.size - np.arange(t.size)), 1.0))
+    jumps = -np.diff(np.concatenate([[1.0], surv]))
+    support = np.append(ts, np.inf)
+    return support[rng.choice(support.size, size=shape, p=np.append(jumps, max(surv[-1], 0.0)) /
+                              (jumps.sum() + max(surv[-1], 0.0)))]
 
 
 def _km_distance(logs: np.ndarray, logc: np.ndarray, mu: float, sigma: float) -> float:

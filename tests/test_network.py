@@ -124,3 +124,65 @@ def test_training_functions_and_driver_learn():
     from jaxrobust.training import TrainState
     s, v = step(TrainState(net.params, optax.sgd(0.1).init(net.params)), x[:8], y[:8], jax.random.PRNGKey(0))
     assert np.isfinite(float(v))
+
+
+# --- preprocessing ---------------------------------------------------------------------------------
+def _affine(shape, classes=2, seed=0):
+    w = jax.random.normal(jax.random.PRNGKey(seed), (int(np.prod(shape)), classes))
+    return jr.from_function(lambda p, x: x.reshape(len(x), -1) @ p, w, shape, classes, name="affine")
+
+
+@pytest.mark.parametrize("shape, axis", [((3, 4, 4), 0), ((4, 4, 3), -1)])
+def test_preprocessing_is_part_of_the_network(shape, axis):
+    net = _affine(shape)
+    mean, std = np.array([0.4, 0.5, 0.6]), np.array([0.2, 0.25, 0.3])
+    pre = jr.with_preprocessing(net, mean=mean, std=std, domain=(0.0, 1.0))
+    x = np.random.default_rng(0).random((5, *shape), np.float32)
+    b = (3, 1, 1) if axis == 0 else (1, 1, 3)
+    np.testing.assert_allclose(pre(x), net((x - mean.reshape(b)) / std.reshape(b)), rtol=1e-5, atol=1e-5)
+    assert pre.hash != net.hash and jr.with_preprocessing(net, mean=mean, std=std).hash == pre.hash
+    assert jax.jit(lambda n, x: n(x))(pre, x).shape == (5, 2)  # still a pytree with a hashable apply
+    from jaxrobust.network import preprocessing_of
+    assert preprocessing_of(pre) == {"mean": list(mean), "std": list(std)} and preprocessing_of(net) is None
+
+
+def test_preprocessing_errors_name_the_problem():
+    net = _affine((4, 4, 3))
+    with pytest.raises(InputError, match="do not fit the input shape"):
+        jr.with_preprocessing(net, mean=[0.1, 0.2])
+    with pytest.raises(InputError, match="positive"):
+        jr.with_preprocessing(net, std=[1.0, 0.0, 1.0])
+    with pytest.raises(InputError, match="LO < HI"):
+        jr.with_preprocessing(net, domain=(1.0, 0.0))
+    assert jr.with_preprocessing(net, domain=(-1, 1)).domain == (-1.0, 1.0)
+
+
+def test_sidecar_json_records_preprocessing_and_options_override_it(tmp_path):
+    from jaxrobust.loading import write_sidecar
+    net = zoo.init(zoo.arch("mlp", hidden=(8,)), jax.random.PRNGKey(0))
+    path = tmp_path / "n.msgpack"
+    save_network(net, path)
+    assert jr.load_network(path).hash == net.hash  # no sidecar: loaded as it is
+    write_sidecar(path, mean=[0.5], std=[0.25], domain=[0, 1])
+    x = np.random.default_rng(1).random((3, 28, 28, 1), np.float32)
+    np.testing.assert_allclose(jr.load_network(path)(x), net((x - 0.5) / 0.25), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jr.load_network(path, std=0.5)(x), net((x - 0.5) / 0.5), rtol=1e-5, atol=1e-5)
+    (tmp_path / "n.json").write_text('{"mean": [0.5], "scale": 2}')
+    with pytest.raises(FileFormatError, match="unknown preprocessing keys"):
+        jr.load_network(path)
+
+
+def test_onnx_preprocessing_replaces_the_builtin_normalisation(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    w = np.random.default_rng(2).normal(size=(12, 2)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])], [numpy_helper.from_array(w, "w")])
+    path = tmp_path / "cifar_base_kw.onnx"  # a stem with a built-in normalisation, which the options replace
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), path)
+    x = np.random.default_rng(3).random((4, 3, 2, 2), np.float32)
+    mean = np.array([0.1, 0.2, 0.3], np.float32).reshape(3, 1, 1)
+    got = jr.load_network(path, mean=mean.ravel(), std=0.5)(x)
+    np.testing.assert_allclose(got, ((x - mean) / 0.5).reshape(4, -1) @ w, rtol=1e-5, atol=1e-5)
