@@ -77,3 +77,95 @@ def test_verdict_vocabulary():
     assert (ROBUST, UNKNOWN, VIOLATED) == (1, 0, -1)
     assert list(status_names(np.array([1, 0, -1], np.int8))) == ["ROBUST", "UNKNOWN", "VIOLATED"]
     assert Status(-1).name == "VIOLATED"
+
+
+# --- one-line errors, nothing written -------------------------------------------------------------------
+def _one_line(capsys, *words):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    for w in words:
+        assert w in err[0], err[0]
+    return err[0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["critical-eps", "--tol", "-1"], ["--tol", "> 0", "-1"]),
+    (["critical-eps", "--batch-size", "0"], ["--batch-size", ">= 1"]),
+    (["critical-eps", "--mean", "a,b"], ["--mean", "numbers"]),
+    (["critical-eps", "--domain", "1,0"], ["--domain", "LO < HI"]),
+    (["critical-eps", "--indices", "-5000:"], ["-5000:", "outside"]),
+    (["critical-eps", "--grid-step", "0.6"], ["--grid-step", "--eps-max"]),
+    (["critical-eps", "--mean", "0.1,0.2"], ["2 channel values", "(28, 28, 1)"]),
+    (["roma", "--delta", "0"], ["--delta", "(0, 1]"]),
+    (["roma", "--eps", "-0.1"], ["--eps", ">= 0"]),
+    (["roma", "--significance", "0.2"], ["--significance", "invalid choice"]),
+])
+def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, argv, words):
+    out = tmp_path / "r.h5"
+    assert main(argv + ["--out", str(out)]) == 2
+    _one_line(capsys, *words)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_and_results_files_are_checked_first(tmp_path, capsys):
+    (tmp_path / "plain.txt").write_text("x")
+    assert main(["critical-eps", "--out", str(tmp_path), "--indices", "0:2"]) == 2
+    _one_line(capsys, "is a directory")
+    assert main(["critical-eps", "--out", str(tmp_path / "plain.txt"), "--indices", "0:2"]) == 2
+    _one_line(capsys, "not an HDF5 results file")
+    assert main(["distribution", str(tmp_path)]) == 2
+    _one_line(capsys, "is a directory")
+    assert main(["distribution", str(tmp_path / "plain.txt")]) == 2
+    _one_line(capsys, "not an HDF5 file")
+    assert main(["roma", "--out", str(tmp_path / "r.h5"), "--plot", str(tmp_path / "plain.txt")]) == 2
+    _one_line(capsys, "--plot", "not a directory")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.txt"]
+
+
+def test_debug_anywhere_version_and_negative_ranges(tmp_path, capsys):
+    with pytest.raises(Exception, match="no-such"):
+        main(["info", "no-such", "--debug"])
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and "jaxrobust 0." in capsys.readouterr().out
+    assert main(["info", "mnist-mlp", "--dataset", "mnist", "--indices", "-50:", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["dataset"].endswith("(50 images)") and out["preprocessing"] is None
+
+
+def test_wrong_preprocessing_warns_and_sidecar_is_read(tmp_path, capsys):
+    assert main(["info", "mnist-mlp", "--dataset", "mnist", "--indices", ":300", "--mean", "0.5", "--std", "0.05",
+                 "--json"]) == 0
+    cap = capsys.readouterr()
+    assert json.loads(cap.out)["preprocessing"] == {"mean": [0.5], "std": [0.05]}
+    assert "warning:" in cap.err and "preprocessing" in cap.err and "--mean" in cap.err
+
+
+def test_vnnlib_box_outside_the_domain_names_bound_and_input(tmp_path, capsys):
+    prop = tmp_path / "p.vnnlib"
+    lines = [f"(declare-const X_{i} Real)" for i in range(784)] + [f"(declare-const Y_{j} Real)" for j in range(10)]
+    lines += [f"(assert (>= X_{i} 0.0))\n(assert (<= X_{i} 0.1))" for i in range(784)]
+    lines[784 + 10 + 17] = "(assert (>= X_17 -2.5))\n(assert (<= X_17 -2.4))"
+    lines.append("(assert (>= Y_1 Y_0))")
+    prop.write_text("\n".join(lines) + "\n")
+    assert main(["verify", "mnist-mlp", str(prop), "--timeout", "5"]) == 2
+    _one_line(capsys, "X_17", "upper bound", "-2.4", "--domain")
+    assert main(["verify", "mnist-mlp", str(prop), "--timeout", "5", "--domain", "-3,1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["result"] in ("sat", "unsat", "unknown", "timeout")
+
+
+def test_distribution_groups_by_any_stored_key(tmp_path, capsys):
+    out = tmp_path / "r.h5"
+    base = ["critical-eps", "--indices", "0:4", "--oracle", "attack", "--targets", "0", "--attack-steps", "5",
+            "--out", str(out)]
+    assert main(base) == 0 and main(base[:-2] + ["--eps-max", "0.3", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["distribution", str(out), "--by", "config", "--bootstrap", "20", "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert len(groups) == 2 and {g["bound"] for g in groups} == {"counterexample"}
+    assert main(["distribution", str(out), "--bootstrap", "20"]) == 0
+    text = capsys.readouterr().out
+    assert "[attack tol=0.001 eps_max=0.3]  (values: counterexample bounds)" in text
+    assert "[attack tol=0.001 eps_max=0.5]  (values: counterexample bounds)" in text and "set aside" in text
+    assert main(["distribution", str(out), "--by", "colour"]) == 2
+    _one_line(capsys, "colour", "network_name")

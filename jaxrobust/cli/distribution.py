@@ -34,7 +34,8 @@ def format_summary(out) -> str:
     """Plain-text report of a `distributions.summarize` result."""
     lines = []
     for g in out["groups"]:
-        lines.append(f"{g['label']}  ({g['config_name']}; values: {g['bound']} bounds)")
+        config = "" if g["config_name"] in g["label"] else f" [{g['config_name']}]"
+        lines.append(f"{g['label']}{config}  (values: {g['bound']} bounds)")
         lines.append(f"  n={g['n']}  " + "  ".join(f"{k}={v}" for k, v in g["status"].items()))
         lines.append(f"  median ε lower {fmt(g['median_lower'])}  upper {fmt(g['median_upper'])}  "
                      f"median time {fmt(g['median_time_s'], '.3f')} s")
