@@ -338,7 +338,8 @@ def _bound_name(kinds) -> str:
 
 
 def _labels(groups, keys, by, configs) -> dict:
-    """Readable group names: the ``by`` values, plus the configuration and network hash where they differ."""
+    """Readable group names: the ``by`` values, plus the data set and configuration where several occur, plus
+    the network hash where two groups would otherwise share a name."""
     shown = [i for i, k in enumerate(keys) if k in by and k not in ("config", "network")]
     several = {k: len({g[keys.index(k)] for g in groups}) > 1 for k in ALWAYS_APART}
     out = {}
@@ -348,9 +349,11 @@ def _labels(groups, keys, by, configs) -> dict:
             parts.append(g[keys.index("dataset")])
         if several["config"] or "config" in by:
             parts.append(f"[{describe_config(configs.get(g[keys.index('config')], {}))}]")
-        if several["network"] or "network" in by:
-            parts.append(f"@{g[keys.index('network')][:6]}")
         out[g] = " ".join(p for p in parts if p)
+    names = list(out.values())
+    for g in groups:
+        if names.count(out[g]) > 1 or "network" in by:
+            out[g] += f" @{g[keys.index('network')][:6]}"
     return out
 
 

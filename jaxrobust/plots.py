@@ -110,7 +110,7 @@ def heatmap(matrix, names, path, *, n_shared=None, title: str = "Spearman correl
 
 
 def bars(values: dict, path, *, intervals: dict | None = None, counts: dict | None = None, failed: dict | None = None,
-         ylabel: str = "", title: str = "") -> tuple[Path, Path]:
+         xlabel: str = "", ylabel: str = "", title: str = "") -> tuple[Path, Path]:
     """Bar per label: ``values[label]`` (NaN: no value, drawn as an empty bar marked "no fit"),
     ``intervals[label] = (low, high)`` as error bars, ``counts[label]`` inputs and ``failed[label]`` of them
     whose fit FAILed, written over each bar."""
@@ -135,6 +135,7 @@ def bars(values: dict, path, *, intervals: dict | None = None, counts: dict | No
                 va="bottom", fontsize=7, color="C3" if failed and failed.get(k) else "black")
     ax.set_xticks(x, names)
     ax.set_ylim(top=top * 1.18 if top > 0 else 1)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
@@ -149,21 +150,24 @@ def curves(xs, ys: dict, path, *, floor: float | None = None, xlabel: str = "", 
     xs = np.asarray(xs, float)
     for i, (name, y) in enumerate(ys.items()):
         y = np.asarray(y, float)
-        color = f"C{i % 10}"
+        style = {"color": f"C{i % 10}", "ls": ("-", "--", ":", "-.")[i % 4]}
+        size = 10 - 2 * (i % 3)  # overlapping markers stay visible: earlier series drawn larger
         if logy and floor is not None:
-            low = np.isfinite(y) & (y <= floor)
+            low = np.isfinite(y) & (y <= floor * (1 + 1e-3))  # float32 round-off of values at the floor
             shown = np.where(low, floor, y)
-            ax.plot(xs, shown, color=color, label=name)
-            ax.plot(xs[~low], shown[~low], "o", color=color)
+            ax.plot(xs, shown, label=name, **style)
+            ax.plot(xs[~low], shown[~low], "o", ms=size, color=style["color"])
             if low.any():
-                ax.plot(xs[low], shown[low], "v", mfc="none", color=color, ms=8,
-                        label=f"{name}: ≤ {floor:.0e} (not resolved)")
+                ax.plot(xs[low], shown[low], "v", mfc="none", mew=1.5, ms=size, color=style["color"],
+                        label=f"{name}: ≤ {floor:.2g} (not resolved by the samples)")
         else:
-            ax.plot(xs, y, marker="o", color=color, label=name)
+            ax.plot(xs, y, marker="o", ms=size, label=name, **style)
     if logy:
         ax.set_yscale("log")
         if floor is not None:
             ax.axhline(floor, color="grey", ls=":", lw=1)
+            top = max([floor] + [v for y in ys.values() for v in np.asarray(y, float) if np.isfinite(v)])
+            ax.set_ylim(floor / 3, top * 3)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)

@@ -134,12 +134,14 @@ def _plots(summary, nets, args) -> list[str]:
                             f"{args.plot}/plr_by_class_{e['network']}_eps{e['eps']:g}.png",
                             intervals={str(c["label"]): (c["plr_low"], c["plr_high"]) for c in cls},
                             counts={str(c["label"]): c["n"] for c in cls}, failed={str(c["label"]): c["fail"] for c in cls},
+                            xlabel="class (n = inputs of the class; FAIL = fits that failed)",
                             ylabel="mean plr (fitted inputs, 95% t interval)",
                             title=f"RoMA {e['network']}, ε={e['eps']:g}, δ={args.delta:g}: plr per class")
     if len(args.eps) > 1:
         tail = {n.name: [1 - e["plr_mean"] if e["plr_mean"] is not None else float("nan")
                          for e in summary["networks"] if e["network"] == n.name] for n in nets}
-        paths += plots.curves(args.eps, tail, f"{args.plot}/plr_vs_eps.png", floor=1e-16, logy=True, xlabel="ε (L∞)",
+        paths += plots.curves(args.eps, tail, f"{args.plot}/plr_vs_eps.png", floor=1 / args.samples, logy=True,
+                              xlabel="ε (L∞)",
                               ylabel=f"1 − mean plr = mean P(confidence > δ={args.delta:g})",
                               title="RoMA ε sweep (fitted inputs; FAIL and misclassified set aside)")
     return [str(p) for p in paths]

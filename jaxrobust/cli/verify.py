@@ -51,8 +51,9 @@ def check_box_meets_domain(lower, upper, domain):
         if len(idx):
             i = int(idx[0])
             raise InputError(f"the property's box does not meet the network's domain [{lo:g}, {hi:g}]: the {bound} "
-                             f"bound of X_{i} ({value[i]!r}) lies {side} {edge:g} ({len(idx)} inputs like it); give "
-                             "the domain of the property's input space (--domain) or its preprocessing (--mean/--std)")
+                             f"bound of X_{i} ({float(value[i]):g}) lies {side} {edge:g} (so do {len(idx)} of "
+                             f"{len(lower)} inputs); give the domain of the property's input space (--domain) or its "
+                             "preprocessing (--mean/--std)")
 
 
 @command("verify", "complete verification of a VNN-LIB property: prints sat / unsat / unknown / timeout", _options)
