@@ -38,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _normalise_argv(argv: list[str]) -> tuple[list[str], bool]:
     """Take ``--debug`` out wherever it stands and join options whose value starts with "-" to it."""
     debug = "--debug" in argv
-    out, it = [], iter(a for a in argv if a != "--debug")
-    for a in it:
-        if a in DASH_VALUES:
-            a = f"{a}={next(it, '')}"
-        out.append(a)
+    words, out, i = [a for a in argv if a != "--debug"], [], 0
+    while i < len(words):
+        if words[i] in DASH_VALUES and i + 1 < len(words):
+            out.append(f"{words[i]}={words[i + 1]}")
+            i += 2
+        else:
+            out.append(words[i])
+            i += 1
     return out, debug
 
 

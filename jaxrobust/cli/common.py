@@ -85,13 +85,11 @@ def load_net(spec, args):
 
 
 # --- data ---------------------------------------------------------------------------------------------
-def data_options(p, *, default_indices: str | None = "0:100"):
+def data_options(p):
     """The data selection shared by the per-input methods."""
     p.add_argument("--dataset", "-d", default="mnist", help="mnist | fashion_mnist | cifar10 | gtsrb, optionally NAME:PATH")
     p.add_argument("--split", default="test", choices=["train", "test"])
-    if default_indices is not None:
-        p.add_argument("--indices", default=default_indices,
-                       help=f"e.g. 0:100, :100, -10:, 3,5,9 or 0:1000:10 (default {default_indices})")
+    p.add_argument("--indices", default="0:100", help="e.g. 0:100, :100, -10:, 3,5,9 or 0:1000:10 (default 0:100)")
     download_option(p)
 
 

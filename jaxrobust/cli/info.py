@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import command, load_data, load_net, preprocessing_options, selection, warn_if_inaccurate
+from .common import command, download_option, load_data, load_net, preprocessing_options, selection, warn_if_inaccurate
 
 
 def _options(p):
@@ -12,7 +12,7 @@ def _options(p):
     p.add_argument("--dataset", "-d", help="dataset spec (mnist, mnist:PATH, cifar10, ...) to measure accuracy on")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--indices", default="all", help="images to measure accuracy on (default all), e.g. :1000")
-    p.add_argument("--download", action="store_true", help="fetch the dataset into the cache if it is missing")
+    download_option(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
