@@ -139,30 +139,42 @@ class ResumableRun:
         postfix). Returns the number of chunks committed."""
         from tqdm.auto import tqdm
 
-        pool = _RayPool(compute, self.devices, self.workers, self.ray_address) if self._remote else None
+        bar = tqdm(total=done + sum(size(c) for c in chunks), initial=done, unit=self.unit, disable=not self.progress,
+                   desc=self.desc)
+        n = 0
         try:
-            hosts = pool.hosts if pool else [describe(self.devices)]
-            record = {"config": self.config_hash, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                      "chunks": len(chunks), "workers": len(hosts), "ray_address": self.ray_address, "hosts": hosts}
-            next(iter(self.stores.values())).log_run(record)
-            if self.progress:
-                print(f"{self.desc}: {_where(hosts)}", file=sys.stderr)
-            bar = tqdm(total=done + sum(size(c) for c in chunks), initial=done, unit=self.unit,
-                       disable=not self.progress, desc=self.desc)
-            results = pool.imap(chunks) if pool else ((c, compute(c)) for c in chunks)
-            n = 0
-            for chunk, rows in results:
+            for chunk, rows in self._results(chunks, compute):
                 self._commit(rows)
                 n += 1
                 bar.update(size(chunk))
                 shown = after(rows) if after else None
                 if shown:
                     bar.set_postfix(shown)
-            bar.close()
-            return n
         finally:
-            if pool:
-                pool.close()
+            bar.close()
+        return n
+
+    def _results(self, chunks: Sequence, compute) -> Iterable[tuple[Any, Any]]:
+        """``(chunk, compute(chunk))`` computed here or by Ray workers, in order of completion."""
+        if not self._remote:
+            self._log([describe(self.devices)])
+            for c in chunks:
+                yield c, compute(c)
+            return
+        pool = _RayPool(compute, self.devices, self.workers, self.ray_address)
+        try:
+            self._log(pool.hosts)
+            yield from pool.imap(chunks)
+        finally:
+            pool.close()
+
+    def _log(self, hosts: list[dict]) -> None:
+        record = {"config": self.config_hash, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "workers": len(hosts),
+                  "ray_address": self.ray_address, "hosts": hosts}
+        next(iter(self.stores.values())).log_run(record)
+        if self.progress:
+            from tqdm.auto import tqdm
+            tqdm.write(f"{self.desc}: {_where(hosts)}", file=sys.stderr)
 
     @property
     def _remote(self) -> bool:
@@ -181,6 +193,38 @@ def _where(hosts: list[dict]) -> str:
     names = sorted({h["host"] for h in hosts})
     per = ", ".join(f"{n} worker{'s' * (n > 1)} with {k}" for k, n in kinds.items())
     return f"{per} on {', '.join(names)}" if len(hosts) > 1 else f"{per.split(' with ', 1)[1]} on {names[0]}"
+
+
+def dynamic_queue(n: int, workers: list, submit: Callable, wait: Callable, replace: Callable
+                  ) -> Iterable[tuple[int, Any]]:
+    """Chunks ``0 .. n-1`` over ``workers``, each idle worker taking the next chunk; yields ``(chunk, result)``
+    in order of completion.
+
+    ``submit(worker, i) -> ticket`` starts chunk ``i``; ``wait(tickets) -> (ticket, result, died)`` returns a
+    finished one; when its worker ``died``, ``replace(worker) -> worker`` starts a fresh one, which takes the
+    lost chunk first (at most `MAX_TRIES` attempts per chunk).
+    """
+    todo, tries, running = collections.deque(range(n)), collections.Counter(), {}
+
+    def give(worker):
+        if todo:
+            i = todo.popleft()
+            tries[i] += 1
+            running[submit(worker, i)] = (worker, i)
+
+    for w in workers:
+        give(w)
+    while running:
+        ticket, result, died = wait(list(running))
+        worker, i = running.pop(ticket)
+        if died:
+            if tries[i] >= MAX_TRIES:
+                raise RuntimeError(f"chunk {i} was lost with {MAX_TRIES} workers in a row")
+            todo.appendleft(i)
+            give(replace(worker))
+            continue
+        give(worker)
+        yield i, result
 
 
 # --- Ray -----------------------------------------------------------------------------------------------
@@ -204,7 +248,7 @@ class _RayPool:
         import warnings
 
         import ray
-        self.ray, self.started = ray, False
+        self.ray = ray
         if not ray.is_initialized():
             with warnings.catch_warnings():  # Ray's fork() of its daemons, which never run JAX
                 warnings.simplefilter("ignore", (DeprecationWarning, RuntimeWarning))
@@ -212,7 +256,6 @@ class _RayPool:
                     ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
                 else:
                     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
-            self.started = True
         res = ray.cluster_resources()
         gpus = int(res.get("GPU", 0))
         if workers is None:
@@ -235,37 +278,25 @@ class _RayPool:
             raise e.as_instanceof_cause() from None
 
     def imap(self, chunks: Sequence) -> Iterable[tuple[Any, Any]]:
-        """``(chunk, compute(chunk))`` in order of completion."""
+        """``(chunk, compute(chunk))`` in order of completion (`dynamic_queue` over the workers)."""
         ray = self.ray
-        queue = collections.deque(range(len(chunks)))
-        tries = collections.Counter()
-        running = {}  # ObjectRef -> (actor, chunk number)
 
-        def submit(actor):
-            if queue:
-                i = queue.popleft()
-                tries[i] += 1
-                running[actor.run.remote(chunks[i])] = (actor, i)
-
-        for a in self.actors:
-            submit(a)
-        while running:
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            actor, i = running.pop(ref)
+        def wait(refs):
+            [ref], _ = ray.wait(refs, num_returns=1)
             try:
-                rows = self._get(ref)
+                return ref, self._get(ref), False
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                if tries[i] >= MAX_TRIES:
-                    raise RuntimeError(f"chunk {i} was lost with {MAX_TRIES} workers in a row") from None
-                queue.appendleft(i)  # the worker died: a fresh one takes its chunk first
-                self.actors[self.actors.index(actor)] = actor = self._start()
-                submit(actor)
-                continue
-            submit(actor)
+                return ref, None, True
+
+        def replace(actor):
+            self.actors[self.actors.index(actor)] = fresh = self._start()
+            return fresh
+
+        for i, rows in dynamic_queue(len(chunks), self.actors, lambda a, i: a.run.remote(chunks[i]), wait, replace):
             yield chunks[i], rows
 
     def close(self) -> None:
+        """End the workers; a local cluster started here stays up for later runs of this process (Ray ends it
+        when the process exits, or call ``ray.shutdown()``)."""
         for a in self.actors:
             self.ray.kill(a)
-        if self.started:
-            self.ray.shutdown()

@@ -284,3 +284,41 @@ def test_killed_worker_loses_only_its_chunk(tmp_path, ray_cluster):
     direct = critical_eps.run(net, ds, range(8), "attack", SEARCH, tmp_path / "driver.h5", chunk=3, progress=False,
                               oracle_options=ATTACK)
     assert_same_rows(results["one"], rows_of(direct))
+
+
+def test_dynamic_queue_feeds_idle_workers_and_retries_lost_chunks():
+    from jaxrobust.runner import MAX_TRIES, dynamic_queue
+    times = [5.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    clock, running, log = [0.0], {}, []
+
+    def submit(worker, i):
+        running[len(log)] = (clock[0] + times[i], worker, i)
+        log.append((worker, i))
+        return len(log) - 1
+
+    def wait(tickets):
+        t = min(tickets, key=lambda k: running[k][0])
+        end, worker, i = running.pop(t)
+        clock[0] = end
+        return t, i * 10, worker == "doomed"
+
+    out = list(dynamic_queue(6, ["a", "b"], submit, wait, lambda w: "c"))
+    assert sorted(out) == [(i, i * 10) for i in range(6)] and clock[0] == 5.0  # b ran the five short chunks
+    assert [i for w, i in log if w == "b"] == [1, 2, 3, 4, 5]
+    out = list(dynamic_queue(3, ["a", "doomed"], submit, wait, lambda w: "c"))
+    assert sorted(out) == [(0, 0), (1, 10), (2, 20)] and ("c", 1) in log  # the lost chunk went to a fresh worker
+    with pytest.raises(RuntimeError, match="lost"):
+        list(dynamic_queue(1, ["doomed"], submit, wait, lambda w: "doomed"))
+    assert MAX_TRIES == 3
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_small_on_cpu():
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--size", "small"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines[0].startswith("device: cpu")
+    assert [line.split()[0] for line in lines[2:7]] == ["bounds", "attacks", "RoMA", "critical", "verify"]
+    assert subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--size", "huge"], capture_output=True,
+                          text=True).returncode == 2
