@@ -8,10 +8,10 @@ A driver (critical ε, RoMA, global robustness, batch verification) describes it
 * chunks: each chunk's rows are committed in one transaction by this process, the only writer, so a run
   stopped at any moment (Ctrl-C, a killed job) resumes without losing or duplicating a row;
 * where chunks run: here, on the local devices the driver shards its batches over (`local_devices`), or in
-  Ray worker processes (``workers=N`` starts a local cluster, ``ray_address`` joins a running one). Ray
-  workers take chunks from a dynamic queue (a slow chunk holds up one worker, not the run); each worker
-  unpickles ``compute`` once and keeps its compiled programs warm across chunks; a worker that dies loses
-  only its chunk in flight, which is queued again;
+  Ray worker processes (``workers=N`` starts a local cluster, kept for later runs of the process;
+  ``ray_address`` joins a running one). Workers take chunks from a dynamic queue (`dynamic_queue`: a slow
+  chunk holds up one worker, not the run); each worker unpickles ``compute`` once and keeps its compiled
+  programs warm across chunks; one that dies loses only its chunk in flight, which a fresh worker takes first;
 * progress (tqdm), a line naming the devices and workers, and a record of them in the file (`store.runs`).
 
 ``compute`` must be a picklable callable whose result depends only on the chunk (randomness keyed by data
@@ -229,10 +229,15 @@ def dynamic_queue(n: int, workers: list, submit: Callable, wait: Callable, repla
 
 # --- Ray -----------------------------------------------------------------------------------------------
 class _Worker:
-    """One Ray actor: ``compute`` is unpickled once, so its compiled programs stay warm across chunks."""
+    """One Ray actor: pinned to the GPUs Ray gave it, then ``compute`` is unpickled once, so its compiled
+    programs stay warm across chunks."""
 
-    def __init__(self, compute, devices):
-        self.compute, self.devices = compute, devices
+    def __init__(self, blob: bytes, devices):
+        import ray
+        gpus = ray.get_gpu_ids()
+        if gpus:  # before JAX starts its backend: this worker sees its own GPUs only
+            os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        self.compute, self.devices = ray.cloudpickle.loads(blob), devices
 
     def describe(self) -> dict:
         return describe(self.devices)
@@ -261,7 +266,8 @@ class _RayPool:
         if workers is None:
             workers = gpus or len([n for n in ray.nodes() if n["Alive"]])
         opts = {"num_gpus": min(1.0, gpus / workers)} if gpus else {"num_cpus": min(1.0, res.get("CPU", 1) / workers)}
-        self.actor_class, self.compute, self.devices = ray.remote(**opts)(_Worker), ray.put(compute), devices
+        self.actor_class, self.devices = ray.remote(**opts)(_Worker), devices
+        self.compute = ray.put(ray.cloudpickle.dumps(compute))
         self.actors = [self._start() for _ in range(workers)]
         self.hosts = self._get([a.describe.remote() for a in self.actors])
 

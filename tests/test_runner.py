@@ -264,8 +264,7 @@ class KillOnce:
 
 @pytest.mark.slow
 def test_killed_worker_loses_only_its_chunk(tmp_path, ray_cluster):
-    import cloudpickle
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the tests
+    ray_cluster.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers need not import the tests
     net = tiny_net()
     ds = tiny_data(net)
     options = critical_eps.full_options("attack", ATTACK)
