@@ -227,6 +227,7 @@ def two_input_onnx(path):
 
 
 @pytest.mark.parametrize("split", ["inputs", "neurons"])
+@pytest.mark.slow
 def test_two_input_graph_verdicts_agree_with_a_dense_grid(tmp_path, split):
     """A VNN-LIB property over a two-input ONNX graph: the inputs are numbered in the graph's order (X_0, X_1
     from ``a``, X_2 from ``b``); outputs match onnxruntime and verdicts agree with a 41^3 grid."""

@@ -231,6 +231,7 @@ def test_robustness_spec_rows():
     np.testing.assert_array_equal(spec[1], [[-1, 0, 1], [0, -1, 1]])
 
 
+@pytest.mark.slow
 def test_shared_network_bounds_contain_samples(shared):
     from jaxrobust.onnx_import import load_onnx
     net = load_onnx(shared("networks", "mnist", "vnncomp2021_mnistfc", "mnist-net_256x2.onnx"))

@@ -47,6 +47,7 @@ def test_property_without_float32_point_is_refused(ramp):
         verify_property(ramp, prop, SMALL)
 
 
+@pytest.mark.slow
 def test_mnist_property_below_zero_is_sat(shared):
     """MNIST test image 6 at ε = 0.02 on mnist-net_256x2, the box not clipped to [0, 1]: a counterexample
     exists with pixels below 0 (onnxruntime: Y_4 = 0.427 < 0.511)."""

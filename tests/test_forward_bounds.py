@@ -43,6 +43,7 @@ def _latent_net(seed=0, latent=3):
     return fn, (latent,)
 
 
+@pytest.mark.slow
 def test_few_inputs_much_tighter_than_ibp_and_sound():
     fn, in_shape = _latent_net()
     lo, hi = boxes(1, in_shape, n=4, eps=0.05)

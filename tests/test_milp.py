@@ -101,6 +101,7 @@ def test_encoding_contains_every_network_point():
 
 # robust: 13, 21, 57, 61 (the last two with margins near 0.02); violated: 2, 3, 41, 46
 @pytest.mark.parametrize("seed", [0, 2, 3, 13, 21, 41, 46, 57, 61])
+@pytest.mark.slow
 def test_agrees_with_exhaustive_enumeration(seed, monkeypatch):
     solves = []
     solve = milp_mod._Encoding.solve
