@@ -1,5 +1,6 @@
-"""The README's examples run as written: its shell commands (in order, each file they name bundled, made by an
-earlier command or fetched with --download) and its Python blocks, scaled down to small inputs.
+"""The README's examples run as written: the shell commands of its set-up and quick start (in order, each file
+they name bundled, made by an earlier command or fetched with --download) and their Python blocks, scaled down
+to small inputs.
 
 Data come from a cache holding a small MNIST made of the bundled test images, so --download finds them
 without a network; every scaling substitution must match the README, so an edited example is noticed."""
@@ -14,7 +15,8 @@ import pytest
 from jaxrobust.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+# the examples a new user runs: set-up and quick start (later sections describe clusters and benchmarks)
+README = (ROOT / "README.md").read_text().split("\n## Architecture")[0]
 
 # (pattern, replacement): sizes of the README's examples -> sizes a test can afford
 SHELL_SCALE = [
