@@ -141,6 +141,8 @@ def check_output(path, option: str, *, folder: bool = False):
 
 def check_results_file(path, option: str):
     """An output HDF5 file must be new, or an HDF5 file (it is appended to)."""
+    if path is None:
+        return
     check_output(path, option)
     import h5py
     if Path(path).exists() and not h5py.is_hdf5(path):
