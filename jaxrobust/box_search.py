@@ -98,7 +98,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             init = (cmp.expand(init[0], cmp.alpha_keep, lay.Ha), cmp.expand(init[1], cmp.beta_keep, lay.Hk + 2 * lay.Hi))
             init = tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
         r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
-                           init, steps=steps)
+                           init, steps=steps, candidates=cfg.fsb)
         r = DomainBounds(*(np.asarray(a)[:n] for a in r))
         lower = np.where(np.isnan(r.lower), -np.inf, r.lower)      # a NaN bound proves nothing
         return r._replace(lower=lower - d[rows], branch=cmp.branch(r.branch),

@@ -84,7 +84,7 @@ def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20) -
         c = rows[int(y)]
         root = brancher.root_bounds(lo, hi, alpha_steps)
         sp = brancher.initial(root, len(c))
-        r = brancher.bound(root, lo, hi, c, Splits(*(jnp.asarray(a) for a in sp)), steps=alpha_steps)
+        r = brancher.bound(root, lo, hi, c, Splits(*(jnp.asarray(a) for a in sp)), steps=alpha_steps, candidates=0)
         xs = jnp.asarray(r.x_star).reshape((len(c),) + shape[1:])
         pts = np.asarray(box_descent(net, xs, c, lo[0], hi[0], (hi[0] - lo[0]) / 50, steps=steps))
         with jax.default_matmul_precision("highest"):

@@ -182,7 +182,7 @@ class _Engine:
                        jnp.minimum(root[v][1], round32(u, 1).reshape(shape)))
         sp = self.brancher.initial(root, len(c))
         r = self.brancher.bound(root, self.lo, self.hi, jnp.asarray(c, jnp.float32),
-                                Splits(*(jnp.asarray(a) for a in sp)), steps=ALPHA_STEPS)
+                                Splits(*(jnp.asarray(a) for a in sp)), steps=ALPHA_STEPS, candidates=0)
         lower = np.asarray(r.lower, np.float64)
         return np.where(np.isnan(lower), -np.inf, lower), np.asarray(r.x_star, np.float32)
 

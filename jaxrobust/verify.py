@@ -47,6 +47,7 @@ class VerifyConfig(NamedTuple):
     root_steps: int = 100          # α iterations on the whole box
     intermediate_steps: int = 20   # α iterations for the hidden layers' bounds on the whole box
     split: str = "auto"            # "neurons", "inputs" (input splitting) or "auto" (box_search.INPUT_SPLIT_DIMS)
+    fsb: int = 4                   # kink units whose children are bounded to pick a branch (0: BaBSR scores)
     refine: float = 0.25           # share of the time left for MILP-refined hidden-layer bounds (deep ReLU MLPs)
     refine_layers: int = 2         # hidden layers refined, from the second
     attack_steps: int = 40
@@ -253,5 +254,7 @@ def _check_config(cfg: VerifyConfig):
         raise InputError(f"split must be 'auto', 'neurons' or 'inputs', got {cfg.split!r}")
     if cfg.max_domains < 1 or cfg.steps < 0 or cfg.root_steps < 0:
         raise InputError("max_domains must be >= 1 and steps, root_steps >= 0")
+    if cfg.fsb < 0:
+        raise InputError(f"fsb must be >= 0, got {cfg.fsb}")
     if not 0 <= cfg.refine < 1 or cfg.refine_layers < 0:
         raise InputError(f"refine must lie in [0, 1) and refine_layers be >= 0, got {cfg.refine}, {cfg.refine_layers}")

@@ -64,6 +64,8 @@ from .bounds import (
 # before them stay within this many floats (256x6 MLPs: ~2e6; CIFAR ResNets: ~1e8, skipped: there the
 # optimisation cost minutes per query while their plain CROWN bounds take 0.2 s).
 ALPHA_FLOATS = 2 ** 24
+# Kink units whose children are bounded to choose the branch (filtered smart branching); 0: BaBSR scores alone.
+FSB_CANDIDATES = 4
 # Interval units narrower than this (relative to 1 + |bound|) are not split further.
 MIN_WIDTH = 1e-6
 
@@ -154,10 +156,13 @@ class Brancher:
         ilo, ihi = (np.tile(np.asarray(a), (D, 1)) for a in _root_intervals(self.layout, root, jnp.float32))
         return Splits(np.zeros((D, self.layout.Hk), np.int8), ilo, ihi)
 
-    def bound(self, root, lo, hi, c, splits: Splits, init=None, *, steps: int = 10) -> DomainBounds:
+    def bound(self, root, lo, hi, c, splits: Splits, init=None, *, steps: int = 10,
+              candidates: int = FSB_CANDIDATES) -> DomainBounds:
         """β-CROWN lower bounds of ``c[d] . out`` (``c: (D, n_out)``) over the subdomains ``splits`` of the box
-        ``lo, hi: (1, *in)``; ``init``: None (adaptive slopes, zero multipliers) or ``(alpha, beta)``."""
-        return self._bound(self.consts, root, lo, hi, c, *splits, init, steps=steps)
+        ``lo, hi: (1, *in)``; ``init``: None (adaptive slopes, zero multipliers) or ``(alpha, beta)``. The
+        unit to branch on: the best BaBSR-like score, or among the ``candidates`` best-scored kink units the one
+        whose worse child bound is highest (filtered smart branching; 0: scores alone)."""
+        return self._bound(self.consts, root, lo, hi, c, *splits, init, steps=steps, candidates=int(candidates))
 
     def leaf(self, root, lo, hi, s):
         """For one subdomain whose kink units are all stable: ``(units, out)``, ``units`` a list per kink var of
@@ -170,7 +175,7 @@ def _programs(g: Graph):
     """Jitted ``(root, bound, leaf)`` of ``g`` with its constants as the first argument."""
     lay = layout(g)
     return (full_precision(jax.jit(functools.partial(_root, g, lay), static_argnames=("steps",))),
-            full_precision(jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps",))),
+            full_precision(jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps", "candidates"))),
             full_precision(jax.jit(functools.partial(_leaf, g, lay))))
 
 
@@ -313,7 +318,8 @@ def _flat_slopes(lay: Layout, theta: dict, rows: int):
     return jnp.concatenate(parts, axis=1) if parts else jnp.zeros((rows, 0))
 
 
-def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *, steps: int) -> DomainBounds:
+def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *, steps: int,
+           candidates: int) -> DomainBounds:
     out_shape = g.shape(g.output)
 
     def one(c1, s1, ilo1, ihi1, a0, b0):
@@ -336,6 +342,18 @@ def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *,
         x_star = jnp.where(lam_x >= 0, ivs[g.input].lo.reshape(-1), ivs[g.input].hi.reshape(-1))
         scores = _scores(g, lay, consts, ivs, r.record, params[0])
         branch = jnp.where(jnp.max(scores) > -jnp.inf, jnp.argmax(scores), -1) if scores.size else jnp.int32(-1)
+        if candidates and lay.Hk:           # filtered smart branching among the best-scored kink units
+            def child(j, sign):
+                s2 = s1.at[j].set(sign)
+                ivs2, empty2 = _sub_ivs(g, lay, consts, root, lo, hi, s2, ilo1, ihi1)
+                extra = _split_terms(g, lay, consts, root, s2, ilo1, ihi1, params[1])
+                r2 = _backward_pass(g, consts, ivs2, state, _thetas(lay, g, params[0]), extra)
+                return jnp.where(empty2, jnp.inf, r2.bound[0] - (MARGIN_REL * r2.mag[0] + MARGIN_ABS))
+
+            top_sc, top = lax.top_k(scores[:lay.Hk], min(candidates, lay.Hk))
+            est = jax.vmap(lambda j: jnp.minimum(child(j, 1), child(j, -1)))(top)
+            pick = top[jnp.argmax(jnp.where(top_sc > -jnp.inf, est, -jnp.inf))]
+            branch = jnp.where((branch >= 0) & (branch < lay.Hk), pick, branch)
         units = [(ivs[v].lo.reshape(-1), ivs[v].hi.reshape(-1)) for v, *_ in lay.kink + lay.interval]
         if units:
             j = jnp.maximum(branch, 0)
