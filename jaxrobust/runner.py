@@ -33,6 +33,7 @@ from .errors import InputError, JaxRobustError
 from .store import ResultStore, commit
 
 Key = tuple  # (network, dataset, split, index)
+MAX_TRIES = 3  # attempts per chunk when workers die
 
 
 class Chunk(NamedTuple):
@@ -43,7 +44,6 @@ class Chunk(NamedTuple):
 
     def __len__(self) -> int:
         return len(self.ids)
-MAX_TRIES = 3  # attempts per chunk when workers die
 
 
 def check_scale(devices=None, workers=None, ray_address=None) -> None:
@@ -156,6 +156,8 @@ class ResumableRun:
 
     def _results(self, chunks: Sequence, compute) -> Iterable[tuple[Any, Any]]:
         """``(chunk, compute(chunk))`` computed here or by Ray workers, in order of completion."""
+        if not chunks:  # everything is stored already: no workers to start
+            return
         if not self._remote:
             self._log([describe(self.devices)])
             for c in chunks:

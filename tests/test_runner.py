@@ -71,13 +71,13 @@ def drivers(tmp, name: str, **scale) -> dict:
     ds = tiny_data(net)
     out = {}
     for oracle in ("attack", "complete"):
-        s = critical_eps.run(net, ds, range(8), oracle, SEARCH, tmp / f"{name}_{oracle}.h5", chunk=3, progress=False,
+        s = critical_eps.run(net, ds, range(8), oracle, SEARCH, tmp / f"{name}_{oracle}.h5", chunk=4, progress=False,
                              oracle_options=ATTACK if oracle == "attack" else {"attack_steps": 10, "targets": 2},
                              **scale)
         out[oracle] = rows_of(s)
-    out["roma"] = rows_of(roma.run(net, ds, range(8), ROMA, tmp / f"{name}_roma.h5", chunk=3, progress=False, **scale))
+    out["roma"] = rows_of(roma.run(net, ds, range(8), ROMA, tmp / f"{name}_roma.h5", chunk=4, progress=False, **scale))
     gens = generators()
-    summary = generative.run_global(net, gens, tmp / f"{name}_global.h5", samples=200, eps=0.2, robust_samples=64,
+    summary = generative.run_global(net, gens, tmp / f"{name}_global.h5", samples=64, eps=0.2, robust_samples=16,
                                     attack_steps=5, max_saved=10, progress=False, **scale)
     out["global"] = summary["correctness"] + summary["robustness"]
     return out
