@@ -120,6 +120,26 @@ def test_pending_resume_and_run_record(tmp_path, capsys):
     assert len(record) == 2 and record[0]["workers"] == 1 and record[0]["hosts"][0]["devices"] == ["cpu:0"]
 
 
+class Interrupted(Square):
+    """`Square`, but Ctrl-C arrives during the chunk that starts at id 2."""
+
+    def __call__(self, ids):
+        if ids[0] == 2:
+            raise KeyboardInterrupt
+        return super().__call__(ids)
+
+
+def test_interrupted_run_keeps_its_chunks_and_resumes(tmp_path):
+    cols = {"t": {"value": ("f8", ())}}
+    with pytest.raises(KeyboardInterrupt):
+        ResumableRun(tmp_path / "r.h5", cols, {"k": 1}, progress=False).map([[0, 1], [2, 3], [4]], Interrupted())
+    run = ResumableRun(tmp_path / "r.h5", cols, {"k": 1}, resume=True, progress=False)
+    todo = run.pending([("n", "d", "s", i) for i in range(5)])
+    np.testing.assert_array_equal(todo, [False, False, True, True, True])
+    run.map([[2, 3], [4]], Square(), done=2)
+    assert sorted(run.read("t")["index"].tolist()) == [0, 1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("bad, match", [({"devices": 0}, "devices"), ({"workers": 0}, "workers"),
                                         ({"devices": 99}, "devices=99"), ({"workers": 1.5}, "workers"),
                                         ({"ray_address": ""}, "ray_address")])

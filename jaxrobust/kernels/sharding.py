@@ -10,7 +10,8 @@ gives the same results as a single-device run.
     mesh = batch_mesh()
     (xs, ys), n = shard_batch((x, y), mesh)
     res = unpad(pgd(net, xs, ys, 0.1, key=key), n)
-or in one call: ``res = map_sharded(lambda x, y: pgd(net, x, y, 0.1, key=key), x, y)``.
+or in one call: ``res = map_sharded(lambda x, y: pgd(net, x, y, 0.1, key=key), x, y)``; `shard_args` wraps a
+function once (the drivers' oracles and samplers: ``shard_args(falsify, mesh, batched=3)(x, y, eps, key)``).
 """
 from __future__ import annotations
 
