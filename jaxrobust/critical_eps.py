@@ -171,7 +171,7 @@ TABLE = "critical_eps"
 CSV_COLUMNS = ("network", "dataset", "split", "index", "label", "eps_lower", "eps_upper", "status", "oracle",
                "time_s", "network_name", "predicted", "queries", "config")
 # the attack options of every oracle (`oracles.make_oracle`), stated here so that the rows' key names each one
-ATTACK_OPTIONS = {"attack_steps": 40, "restarts": 1, "targets": 9, "min_norm_steps": 60}
+ATTACK_OPTIONS = {"attack_steps": 40, "restarts": 1, "targets": 9, "min_norm_steps": 60, "guided": True}
 ORACLES = ("attack", "ibp", "crown", "alpha-crown", "complete")
 
 
@@ -257,12 +257,13 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
         raise InputError(f"chunk and batch_size must be >= 1, got {chunk}, {batch_size}")
     task = _Task(net, oracle_kind, options, cfg, batch_size, devices, (dataset.name, dataset.split,
                                                                          tuple(dataset.image_shape)))
-    config = {"oracle": oracle_kind, **cfg._asdict(), "options": options}
     if workers is None and ray_address is None:
-        task.oracle  # noqa: B018  an unsupported network or option fails here, before the file is touched
+        oracle = task.oracle    # an unsupported network or option fails here, before the file is touched
     else:
         from .oracles import make_oracle
-        make_oracle(net, oracle_kind, **options)
+        oracle = make_oracle(net, oracle_kind, **options)
+    # the attacks that ran before an input is called censored are part of its configuration
+    config = {"oracle": oracle_kind, **cfg._asdict(), "options": options, "attacks": list(oracle.attacks)}
     run = ResumableRun(out, {TABLE: columns(dataset.image_shape)}, config, resume=resume, progress=progress,
                        desc=f"critical ε ({oracle_kind})", devices=devices, workers=workers, ray_address=ray_address)
     chunks, done = run.input_chunks(net, dataset, indices, chunk)

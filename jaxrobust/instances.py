@@ -128,11 +128,11 @@ def run(instances, out, *, cfg: VerifyConfig | None = None, timeout: float | Non
     first); ``workers`` / ``ray_address``: Ray workers (see `runner`). Returns the `ResultStore`.
     """
     from .runner import ResumableRun, check_scale
-    from .verify import _check_config
+    from .verify import check_config
 
     check_scale(devices, workers, ray_address)
     cfg = VerifyConfig() if cfg is None else cfg
-    _check_config(cfg)
+    check_config(cfg)
     if timeout is not None and not timeout > 0:
         raise InputError(f"timeout must be > 0, got {timeout}")
     if chunk < 1:

@@ -84,7 +84,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
     eps = np.asarray(check_eps(eps, B), np.float32)
     radius = np.broadcast_to(radius, (B,)).reshape((B,) + (1,) * (x.ndim - 1))
     cfg = VerifyConfig() if cfg is None else cfg
-    _check_config(cfg)
+    check_config(cfg)
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
     brancher = network_brancher(net)
     outer, inner = float32_boxes(x - radius, x + radius, net.domain)
@@ -189,7 +189,7 @@ def verify_property(net: Network, prop, cfg: VerifyConfig | None = None, *, prog
     domain is verified as written (a counterexample may lie outside the domain); a box whose bounds
     have no float32 point between them is refused with an InputError naming the input."""
     cfg = VerifyConfig() if cfg is None else cfg
-    _check_config(cfg)
+    check_config(cfg)
     t0 = time.perf_counter()
     brancher = network_brancher(net)
     n0 = int(np.prod(net.input_shape))
@@ -245,7 +245,7 @@ def _box_attack(net: Network, lo, hi, C, d, key, steps: int, restarts: int):
     return xs[jnp.argmin(objective(xs))]
 
 
-def _check_config(cfg: VerifyConfig):
+def check_config(cfg: VerifyConfig):
     if not cfg.timeout > 0:
         raise InputError(f"timeout must be > 0 seconds, got {cfg.timeout}")
     if cfg.batch < 2 or cfg.batch % 2:

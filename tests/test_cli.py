@@ -99,6 +99,9 @@ def _one_line(capsys, *words):
     (["roma", "--delta", "0"], ["--delta", "(0, 1]"]),
     (["roma", "--eps", "-0.1"], ["--eps", ">= 0"]),
     (["roma", "--significance", "0.2"], ["--significance", "invalid choice"]),
+    (["critical-eps", "--workers", "0"], ["--workers", ">= 1"]),
+    (["roma", "--devices", "0"], ["--devices", ">= 1"]),
+    (["instances", "missing.csv", "--timeout", "0"], ["--timeout", "> 0"]),
 ])
 def test_bad_options_are_one_line_and_write_nothing(tmp_path, capsys, argv, words):
     out = tmp_path / "r.h5"
@@ -169,3 +172,18 @@ def test_distribution_groups_by_any_stored_key(tmp_path, capsys):
     assert "[attack tol=0.001 eps_max=0.5]  (values: counterexample bounds)" in text and "set aside" in text
     assert main(["distribution", str(out), "--by", "colour"]) == 2
     _one_line(capsys, "colour", "network_name")
+
+
+def test_instances_file_is_verified_and_resumed(tmp_path, capsys):
+    """``jaxrobust instances``: every row of a VNN-COMP instances CSV verified into one results file, then resumed."""
+    from .conftest import shared_path
+    folder = shared_path("networks", "mnist", "vnncomp2021_mnistfc")
+    csv = tmp_path / "inst.csv"
+    csv.write_text("".join(f"{folder}/mnist-net_256x2.onnx,{folder}/prop_{i}_0.03.vnnlib,60\n" for i in (0, 2)))
+    out = tmp_path / "r.h5"
+    assert main(["instances", str(csv), "--out", str(out), "--csv", str(tmp_path / "r.csv"), "--devices", "1"]) == 0
+    assert "2 rows in" in capsys.readouterr().out
+    rows = (tmp_path / "r.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(r.split(",")[4] in ("sat", "unsat") for r in rows[1:])
+    assert main(["instances", str(csv), "--out", str(out), "--resume"]) == 0
+    assert "2 rows in" in capsys.readouterr().out

@@ -3,6 +3,7 @@ minimisers of the bound engine's linear lower bounds."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jaxrobust.falsify import attack_falsifier, guided_falsifier, guided_ladder, min_norm_falsifier
 from jaxrobust.network import from_function
@@ -48,6 +49,7 @@ def test_min_norm_ladder_brackets_the_smallest_radius():
     assert make_oracle(net, "attack").attacks == ("min-norm", "bound-guided")
 
 
+@pytest.mark.slow
 def test_mnist_images_whose_counterexamples_hide_from_pgd():
     """mnist-net_256x2 test images 61 and 84: 3-4 of 256 first-layer units active; branch and bound finds
     counterexamples at 0.038 and 0.061 where PGD and the minimum-norm attack fail up to 0.5."""

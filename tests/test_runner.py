@@ -169,6 +169,20 @@ def test_oracle_options_key_the_rows_explicitly():
         critical_eps.full_options("magic")
 
 
+def test_rows_name_the_attacks_that_ran(tmp_path):
+    """A censored input means every attack of its configuration failed up to eps_max: the stored configuration
+    names them, and switching the bound-guided attack off is another configuration."""
+    from jaxrobust.store import ResultStore
+    net = tiny_net()
+    ds = tiny_data(net, 4)
+    for guided in (True, False):
+        critical_eps.run(net, ds, range(4), "attack", SEARCH, tmp_path / "r.h5", progress=False,
+                         oracle_options={**ATTACK, "guided": guided})
+    configs = ResultStore(tmp_path / "r.h5", critical_eps.TABLE, critical_eps.columns(ds.image_shape)).configs()
+    keys = sorted(tuple(c["attacks"]) for c in configs.values())
+    assert keys == [("min-norm",), ("min-norm", "bound-guided")]
+
+
 # --- batch verification of an instances file ----------------------------------------------------------
 PROPERTY = """; x within eps of an image, the label's logit not the largest
 {inputs}

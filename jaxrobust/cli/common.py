@@ -151,3 +151,15 @@ def check_results_file(path, option: str):
 
 def fmt(v, spec=".4f"):
     return "-" if v is None or v != v else format(v, spec)
+
+
+def scale_options(p):
+    """Where a driver runs (`runner.ResumableRun`): local devices, Ray workers or a running Ray cluster."""
+    p.add_argument("--devices", type=positive_int, help="local devices to shard batches over (default: all)")
+    p.add_argument("--workers", type=positive_int, help="start a local Ray cluster of this many worker processes")
+    p.add_argument("--ray-address", help="join a running Ray cluster (e.g. auto, or HOST:PORT of `ray start --head`)")
+
+
+def scale(args) -> dict:
+    """The keyword options of `scale_options` for a driver's ``run``."""
+    return {"devices": args.devices, "workers": args.workers, "ray_address": args.ray_address}

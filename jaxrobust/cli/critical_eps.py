@@ -12,6 +12,8 @@ from .common import (
     positive_float,
     positive_int,
     preprocessing_options,
+    scale,
+    scale_options,
     selection,
     warn_if_inaccurate,
 )
@@ -43,6 +45,7 @@ def _options(p):
     p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
     p.add_argument("--resume", action="store_true", help="skip inputs already stored with the same configuration")
     p.add_argument("--csv", help="also export all rows of the results file to this CSV")
+    scale_options(p)
 
 
 def _search_config(args):
@@ -74,7 +77,7 @@ def critical_eps_cmd(args):
     idx = parse_indices(args.indices, len(ds.y))
     warn_if_inaccurate(net, selection(net, ds, idx), ds.y[idx], f"{ds.id} images {args.indices}")
     store = run(net, ds, idx, args.oracle, cfg, args.out, resume=args.resume, chunk=args.chunk,
-                batch_size=args.batch_size, oracle_options=options)
+                batch_size=args.batch_size, oracle_options=options, **scale(args))
     print(f"{len(store)} rows in {args.out}")
     if args.csv:
         print(f"wrote {store.to_csv(args.csv, CSV_COLUMNS)} rows to {args.csv}")

@@ -14,6 +14,8 @@ from .common import (
     positive_float,
     positive_int,
     preprocessing_options,
+    scale,
+    scale_options,
     warn,
 )
 
@@ -37,6 +39,7 @@ def _options(p):
     p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
     p.add_argument("--images", metavar="DIR", help="write PNGs of misclassified samples and adversarial pairs here")
     p.add_argument("--resume", action="store_true", help="skip classes already stored with the same configuration")
+    scale_options(p)
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -65,7 +68,7 @@ def global_cmd(args):
     out = run_global(classifier, generators, args.out, classes=classes, samples=args.samples, eps=args.eps,
                      robust_samples=args.robust_samples, reference=reference, confidence=args.confidence,
                      bounds=args.bounds, attack_steps=args.attack_steps, seed=args.seed, latent_box=args.latent_box,
-                     image_dir=args.images, resume=args.resume)
+                     image_dir=args.images, resume=args.resume, **scale(args))
     total = sum(r["samples"] for r in out["correctness"])
     if total and sum(r["correct"] for r in out["correctness"]) < total / 2:
         warn(f"{classifier.name} classifies fewer than half of the generated images as their class; it probably "

@@ -15,6 +15,8 @@ from .common import (
     open_unit,
     positive_int,
     preprocessing_options,
+    scale,
+    scale_options,
     selection,
     unit,
     warn_if_inaccurate,
@@ -39,6 +41,7 @@ def _options(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
     p.add_argument("--resume", action="store_true")
+    scale_options(p)
     p.add_argument("--csv", help="also export all rows to this CSV")
     p.add_argument("--plot", metavar="DIR", help="write per-class bars and plr-vs-ε figures (PNG and PDF) here")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -70,7 +73,7 @@ def roma_cmd(args):
         for eps in args.eps:
             cfg = RomaConfig(eps=eps, delta=args.delta, samples=args.samples, sampler=args.sampler,
                              significance=args.significance, confidence=args.confidence, seed=args.seed)
-            store = run(net, ds, idx, cfg, args.out, resume=args.resume)
+            store = run(net, ds, idx, cfg, args.out, resume=args.resume, **scale(args))
             rows = store.read()
             m = ((rows["network"] == net.hash) & (rows["config"] == store.save_config({"method": "roma", **cfg._asdict()}))
                  & np.isin(rows["index"], ds.indices[idx]))

@@ -7,7 +7,17 @@ import sys
 import numpy as np
 
 from ..errors import InputError
-from .common import check_output, command, load_net, positive_float, positive_int, preprocessing_options
+from .common import (
+    check_output,
+    check_results_file,
+    command,
+    load_net,
+    positive_float,
+    positive_int,
+    preprocessing_options,
+    scale,
+    scale_options,
+)
 
 
 def bab_options(p):
@@ -83,3 +93,30 @@ def verify_cmd(args):
         return
     print(text)
     print(f"{r.result} in {r.time_s:.2f} s ({r.domains} subdomains, decided by {r.stage})", file=sys.stderr)
+
+
+def _instances_options(p):
+    p.add_argument("instances", help="VNN-COMP instances CSV (onnx,vnnlib,timeout per row; paths relative to it)")
+    p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
+    p.add_argument("--timeout", type=positive_float, help="cap every row's timeout (seconds)")
+    p.add_argument("--seed", type=int, default=0)
+    bab_options(p)
+    p.add_argument("--resume", action="store_true", help="skip instances already stored with the same budgets")
+    p.add_argument("--csv", help="also export the rows of the results file to this CSV")
+    scale_options(p)
+
+
+@command("instances", "verify every row of a VNN-COMP instances CSV, resumable, over devices and Ray workers",
+         _instances_options)
+def instances_cmd(args):
+    from ..instances import CSV_COLUMNS, run
+    from ..verify import VerifyConfig
+    check_results_file(args.out, "--out")
+    check_output(args.csv, "--csv")
+    cfg = VerifyConfig(seed=args.seed, **bab_config(args))
+    store = run(args.instances, args.out, cfg=cfg, timeout=args.timeout, resume=args.resume, **scale(args))
+    rows = store.read(("result",))
+    counts = {r: int(np.sum(rows["result"] == r)) for r in ("sat", "unsat", "unknown", "timeout", "error")}
+    print(f"{len(store)} rows in {args.out}: " + ", ".join(f"{v} {k}" for k, v in counts.items() if v))
+    if args.csv:
+        print(f"wrote {store.to_csv(args.csv, CSV_COLUMNS)} rows to {args.csv}")
