@@ -52,7 +52,9 @@ from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED, Status
 
 LATENT_BOX = 5.0
-BOUND_METHODS = ("ibp", "crown", "none")
+BOUND_METHODS = ("ibp", "crown", "complete", "none")
+# seconds of branch and bound (input splitting) per latent box that the bounds and the attack leave undecided
+COMPLETE_TIMEOUT = 10.0
 ATTACKS = ("pgd", "random")
 
 
@@ -370,14 +372,17 @@ def _bound_margins(net: Network, z, labels, eps, method: str) -> np.ndarray:
 def global_robustness(classifier: Network, generator: Generator, label: int | None, eps: float, *,
                       samples: int = 1000, key=None, bounds: str = "ibp", attack_steps: int = 40,
                       restarts: int = 1, confidence: float = 0.95, latent_box: float = LATENT_BOX,
-                      chunk: int = 250, on_chunk=None, devices=None) -> Robustness:
+                      chunk: int = 250, on_chunk=None, devices=None,
+                      complete_timeout: float = COMPLETE_TIMEOUT) -> Robustness:
     """Classify the latent ε-box around each of ``samples`` latents as ROBUST / VIOLATED / UNKNOWN.
 
     The reference class of a latent is the classifier's prediction at it. Latents come from stream
     ``key`` (see `latents`); the attack uses ``fold_in(key, 1)``. ``bounds``: ``"ibp"``, ``"crown"``
-    (see `_bound_margins`) or ``"none"`` (falsification only). A latent is never both proved and
-    falsified; if it were, the bounds would be unsound and a `JaxRobustError` is raised. Each chunk of
-    latents is sharded over ``devices`` (local devices; default one).
+    (see `_bound_margins`), ``"complete"`` (``"crown"``, then `verify.verify` by input splitting of the latent
+    box, ``complete_timeout`` seconds per latent the bounds and the attack leave undecided) or ``"none"``
+    (falsification only). A latent is never both proved and falsified; if it were, the bounds would be
+    unsound and a `JaxRobustError` is raised. Each chunk of latents is sharded over ``devices`` (local
+    devices; default one).
     """
     from .kernels.sharding import batch_mesh, shard_batch
     if bounds not in BOUND_METHODS:
@@ -391,30 +396,57 @@ def global_robustness(classifier: Network, generator: Generator, label: int | No
     net = compose(classifier, generator, latent_box=latent_box)
     chunk = min(chunk, samples)
     mesh = batch_mesh(devices or jax.local_devices()[:1])
-    status, pairs = [], []
+    status, reasons, pairs = [], [], []
     for start in range(0, samples, chunk):
         idx, _ = shard_batch(jnp.arange(start, start + chunk), mesh)  # fixed shape; rows past `samples` dropped
         z = latents(key, idx, generator.latent_dim, float(latent_box))
         r = latent_attack(classifier, generator, z, eps, key=jax.random.fold_in(jax.random.fold_in(key, 1), start),
                           steps=attack_steps, restarts=restarts, latent_box=latent_box)
         st = np.where(r.found, VIOLATED, UNKNOWN).astype(np.int8)
+        why = np.where(r.found, "attack", "").astype(object)
         if bounds != "none":
-            ok = np.all(_bound_margins(net, z, jnp.asarray(r.label), eps, bounds) > 0, axis=1)
+            method = "crown" if bounds == "complete" else bounds
+            ok = np.all(_bound_margins(net, z, jnp.asarray(r.label), eps, method) > 0, axis=1)
             if np.any(ok & r.found):
                 raise JaxRobustError("unsound bounds: a latent box was proved robust and falsified")
-            st = np.where(ok, ROBUST, st).astype(np.int8)
+            st, why = np.where(ok, ROBUST, st).astype(np.int8), np.where(ok, method, why)
         m = min(chunk, samples - start)
+        if bounds == "complete":
+            r = _decide_completely(classifier, generator, net, r, st, why, m, eps, complete_timeout,
+                                   jax.random.fold_in(key, 2))
         status.append(st[:m])
+        reasons.append(why[:m])
         pairs.append(AdversarialPairs(*(a[:m][r.found[:m]] for a in r)))
         if on_chunk:
             on_chunk(m)
-    status = np.concatenate(status)
-    reason = np.select([status == ROBUST, status == VIOLATED], [bounds, "attack"], "").astype(object)
+    status, reason = np.concatenate(status), np.concatenate(reasons)
     counts = np.array([(status == s).sum() for s in VERDICTS])
     cis = np.array([interval(int(c), samples, confidence) for c in counts])
     pairs = AdversarialPairs(*(np.concatenate(p) for p in zip(*pairs)))
     return Robustness(-1 if label is None else int(label), samples, float(eps), counts, counts / samples,
                       cis[:, 0], cis[:, 1], status, reason, pairs)
+
+
+def _decide_completely(classifier, generator, net, r: AdversarialPairs, st, why, m: int, eps, timeout: float, key):
+    """Branch and bound (`verify.verify`, input splitting of the latent ε-box ∩ domain) on the first ``m``
+    latents of a chunk that ``st`` leaves UNKNOWN; updates ``st`` and ``why`` in place and returns the pairs
+    with its counterexamples (re-classified through G and C) added."""
+    from .verify import VerifyConfig, verify
+    todo = np.flatnonzero(st[:m] == UNKNOWN)
+    if not len(todo):
+        return r
+    v = verify(net, r.z[todo], r.label[todo], eps, VerifyConfig(timeout=timeout, split="inputs"), key=key)
+    st[todo], why[todo] = v.status, np.where(v.status == UNKNOWN, v.stage, "complete")
+    hit = todo[v.status == VIOLATED]
+    if not len(hit):
+        return r
+    z_adv = r.z_adv.copy()
+    z_adv[hit] = v.counterexample[v.status == VIOLATED]
+    image_adv, pred_adv = (np.asarray(a) for a in _classify_jit(_structural(classifier), _structural(generator),
+                                                               jnp.asarray(z_adv[hit])))
+    out = r._replace(z_adv=z_adv, image_adv=r.image_adv.copy(), label_adv=r.label_adv.copy(), found=r.found.copy())
+    out.image_adv[hit], out.label_adv[hit], out.found[hit] = image_adv, pred_adv, pred_adv != r.label[hit]
+    return out
 
 
 # --- driver -----------------------------------------------------------------------------------------

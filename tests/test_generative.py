@@ -182,6 +182,22 @@ def test_global_robustness_fractions():
     np.testing.assert_array_equal(none.counts, [0, near.sum(), (~near).sum()])
 
 
+def test_complete_global_robustness_decides_what_bounds_and_attacks_leave(monkeypatch):
+    """With bounds that prove nothing, ``bounds="complete"`` decides every latent box the attack leaves by
+    input splitting: ROBUST exactly where the box does not cross the decision boundary, VIOLATED with a
+    counterexample latent inside the box where it does."""
+    monkeypatch.setattr(G, "_bound_margins", lambda net, z, labels, eps, method: np.full((len(z), 1), -1.0))
+    eps, n = 0.1, 60
+    r = G.global_robustness(CLF, EDGE, 1, eps, samples=n, chunk=60, attack_steps=1, key=jax.random.PRNGKey(5),
+                            bounds="complete", complete_timeout=20.0)
+    z = np.asarray(G.latents(jax.random.PRNGKey(5), jnp.arange(n), 3, G.LATENT_BOX))
+    near = np.abs(z[:, 0]) < eps
+    assert np.all(r.status[~near] == ROBUST) and np.all(r.status[near] == VIOLATED)
+    assert r.counts[2] == 0 and set(r.reason[~near]) == {"complete"} and set(r.reason[near]) <= {"attack", "complete"}
+    assert len(r.pairs.z) == near.sum() and np.all(r.pairs.label_adv != r.pairs.label)
+    assert np.all(np.abs(r.pairs.z_adv - r.pairs.z).max(1) <= eps + 1e-6)
+
+
 def test_run_global_store_resume_and_images(tmp_path):
     out, img = tmp_path / "g.h5", tmp_path / "png"
     gens = {0: CONSISTENT[0], 1: brightness_generator(1.0, 0.3)}
