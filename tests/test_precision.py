@@ -53,5 +53,6 @@ def test_bound_programs_lower_at_highest_precision():
     root = br.root_bounds(lo[:1], hi[:1])
     sp = br.initial(root, 4)
     c = jnp.asarray(np.eye(3, dtype=np.float32)[[0, 1, 2, 0]])
-    assert_highest(br._bound.lower(br.consts, root, lo[:1], hi[:1], c, *map(jnp.asarray, sp), None, steps=2))
+    assert_highest(br._bound.lower(br.consts, root, lo[:1], hi[:1], c, *map(jnp.asarray, sp), None, steps=2,
+                                   candidates=2))
     assert_highest(br._leaf.lower(br.consts, root, lo[:1], hi[:1], jnp.asarray(sp.s[0])))
