@@ -210,6 +210,12 @@ class _Task:
     def __getstate__(self):
         return {**self.__dict__, "_oracle": None}
 
+    def config(self) -> dict:
+        """What keys the rows: the search, the oracle, every option and the attacks that run before an input
+        is called censored."""
+        return {"oracle": self.kind, **self.cfg._asdict(), "options": self.options,
+                "attacks": list(self.oracle.attacks)}
+
     @property
     def oracle(self) -> Oracle:
         if self._oracle is None:
@@ -257,13 +263,7 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
         raise InputError(f"chunk and batch_size must be >= 1, got {chunk}, {batch_size}")
     task = _Task(net, oracle_kind, options, cfg, batch_size, devices, (dataset.name, dataset.split,
                                                                          tuple(dataset.image_shape)))
-    if workers is None and ray_address is None:
-        oracle = task.oracle    # an unsupported network or option fails here, before the file is touched
-    else:
-        from .oracles import make_oracle
-        oracle = make_oracle(net, oracle_kind, **options)
-    # the attacks that ran before an input is called censored are part of its configuration
-    config = {"oracle": oracle_kind, **cfg._asdict(), "options": options, "attacks": list(oracle.attacks)}
+    config = task.config()      # an unsupported network or option fails here, before the file is touched
     run = ResumableRun(out, {TABLE: columns(dataset.image_shape)}, config, resume=resume, progress=progress,
                        desc=f"critical ε ({oracle_kind})", devices=devices, workers=workers, ray_address=ray_address)
     chunks, done = run.input_chunks(net, dataset, indices, chunk)

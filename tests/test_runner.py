@@ -303,7 +303,7 @@ def test_killed_worker_loses_only_its_chunk(tmp_path, ray_cluster):
     ds = tiny_data(net)
     options = critical_eps.full_options("attack", ATTACK)
     task = critical_eps._Task(net, "attack", options, SEARCH, 256, None, (ds.name, ds.split, ds.image_shape))
-    config = {"oracle": "attack", **SEARCH._asdict(), "options": options}
+    config = task.config()
     tables = {critical_eps.TABLE: critical_eps.columns(ds.image_shape)}
     results = {}
     for name, compute, scale in (("one", task, {}), ("ray", KillOnce(task, 3, str(tmp_path / "killed")),
