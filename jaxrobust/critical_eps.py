@@ -105,6 +105,33 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
     errors: dict[int, str] = {}
     key = jax.random.PRNGKey(cfg.seed)
 
+    def found(bv, points, closes_bracket: bool):
+        """Counterexamples ``points`` of the inputs ``bv``: the closer ones become the upper bounds; a
+        minimising attack's also close the falsify bracket."""
+        d = linf_distance(points, x[bv])
+        if cfg.grid is not None:  # on a grid, upper is the smallest grid value holding a counterexample
+            g = np.asarray(cfg.grid)
+            d = g[np.minimum(np.searchsorted(g, d - 1e-6), len(g) - 1)]
+        closer = np.isnan(upper[bv]) | (d < upper[bv])
+        upper[bv[closer]] = d[closer]
+        cex[bv[closer]] = points[closer]
+        p_hi[bv] = np.minimum(p_hi[bv], d)
+        if closes_bracket:
+            c_lo[bv] = upper[bv]
+
+    def last_resort(bv, k):
+        """The oracle's last attack on the inputs ``bv`` left without a counterexample up to ``eps_max``; the
+        inputs it does not break either."""
+        if oracle.last_resort is None or not len(bv):
+            return bv
+        t0 = time.perf_counter()
+        v = oracle.last_resort(x[bv], y[bv], np.full(len(bv), cfg.eps_max, np.float32), k)
+        time_s[bv] += (time.perf_counter() - t0) / len(bv)
+        vio = v.status == VIOLATED
+        if vio.any():
+            found(bv[vio], v.counterexample[vio], True)
+        return bv[~vio]
+
     for step in range(cfg.max_steps):
         hi_c = np.where(np.isnan(upper), cfg.eps_max, upper)
         q_prove = _next_query(lower, np.minimum(p_hi, hi_c), cfg) if oracle.prove else np.full(n, np.nan)
@@ -135,23 +162,13 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
                 lower[b] = np.where(rob, np.maximum(lower[b], q[b]), lower[b])
                 c_lo[b] = np.where(rob, np.maximum(c_lo[b], q[b]), c_lo[b])
                 if vio.any():
-                    bv = b[vio]
-                    d = linf_distance(v.counterexample[vio], x[bv])
-                    if cfg.grid is not None:  # on a grid, upper is the smallest grid value holding a counterexample
-                        g = np.asarray(cfg.grid)
-                        d = g[np.minimum(np.searchsorted(g, d - 1e-6), len(g) - 1)]
-                    closer = np.isnan(upper[bv]) | (d < upper[bv])
-                    upper[bv[closer]] = d[closer]
-                    cex[bv[closer]] = v.counterexample[vio][closer]
-                    p_hi[bv] = np.minimum(p_hi[bv], d)
-                    if kind == "falsify" and minimizing:  # a minimum-norm attack closes the falsify bracket
-                        c_lo[bv] = upper[bv]
+                    found(b[vio], v.counterexample[vio], kind == "falsify" and minimizing)
                 unk = ~rob & ~vio
                 if kind == "prove":
                     p_hi[b[unk]] = np.minimum(p_hi[b[unk]], q[b][unk])
                 else:
                     c_lo[b[unk]] = np.maximum(c_lo[b[unk]], q[b][unk])
-                    censored[b[unk & (q[b] >= cfg.eps_max)]] = True
+                    censored[last_resort(b[unk & (q[b] >= cfg.eps_max)], jax.random.fold_in(k, 2))] = True
 
     status = np.where(np.isnan(upper), "censored",
                       np.where(np.isnan(_next_query(lower, np.nan_to_num(upper, nan=np.inf), cfg)), "exact", "gap"))

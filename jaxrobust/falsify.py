@@ -4,7 +4,8 @@ Gradient attacks see only the active units of a ReLU network: where most units o
 mnist-net_256x2, 3 of 256 first-layer units are active at test image 61), the counterexamples lie across
 kinks the gradient knows nothing of, and PGD, targeted PGD and the minimum-norm attack fail at every radius.
 The bound-guided attack (`guided_falsifier`) starts instead from the minimisers of α-CROWN's linear lower
-bounds of every margin, whose relaxation includes the inactive unstable units, and descends from there.
+bounds of every margin, whose relaxation includes the inactive unstable units, and descends from there;
+`guided_minimizer` runs it at shrinking radii, the oracles' last resort before an input is called censored.
 
 ``falsify(x, y, eps, key)`` and ``minimize(x, y, eps, key)`` take a batch ``x: (B, *shape)``, ``y: (B,)``,
 ``eps: (B,)`` and return VIOLATED rows with their counterexample (inside the ε-ball and the domain) or
@@ -24,14 +25,12 @@ from .network import Network
 from .verdict import UNKNOWN, VIOLATED, Verdicts
 
 
-def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, targets: int = 9,
-                     guided: bool = False) -> Callable:
+def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, targets: int = 9) -> Callable:
     """PGD as a falsifier: a margin-loss attack (``restarts`` random starts), then for the inputs it did not
-    break a multi-targeted attack on the ``targets`` most likely wrong classes (0 = skip), then with ``guided``
-    the bound-guided attack (`guided_falsifier`). Successes are confirmed by a forward pass."""
+    break a multi-targeted attack on the ``targets`` most likely wrong classes (0 = skip). Successes are
+    confirmed by a forward pass."""
     from .kernels.attacks import pgd
     targets = min(targets, net.num_classes - 1)
-    one = guided_falsifier(net).one if guided else None
 
     def falsify(x, y, eps, key) -> Verdicts:
         r = pgd(net, x, y, eps, key=key, steps=steps, restarts=restarts, loss="margin")
@@ -41,28 +40,34 @@ def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, target
             t = padded_call(lambda *a: pgd(net, *a[:3], key=a[3], steps=steps, restarts=targets, loss="targeted"),
                             x[rest], y[rest], eps[rest], jax.random.fold_in(key, 1), size=len(x))
             found[rest], x_adv[rest] = np.asarray(t.success), np.asarray(t.x_adv)
-        if one is not None:
-            for i in np.flatnonzero(~found):
-                found[i], x_adv[i] = one(x[i], y[i], float(np.asarray(eps).reshape(-1)[i]))
         return _verdicts(found, x_adv)
 
     return falsify
 
 
-def min_norm_falsifier(net: Network, *, steps: int = 60, guided: bool = True) -> Callable:
+def min_norm_falsifier(net: Network, *, steps: int = 60) -> Callable:
     """`kernels.minnorm.min_norm` (margin loss, ``steps`` steps) as a ``minimize`` oracle: the closest
-    counterexample found within ``eps`` per input, confirmed by a forward pass. With ``guided``, the inputs it
-    does not break go to the bound-guided attack at radii ``eps / 2^k`` (k = 8 … 0, the first that succeeds
-    then bisected four times): the smallest radius holding a counterexample it finds."""
+    counterexample found within ``eps`` per input, confirmed by a forward pass."""
     from .kernels.minnorm import min_norm
-    ladder = guided_ladder(net) if guided else None
 
     def minimize(x, y, eps, key) -> Verdicts:
         r = min_norm(net, x, y, eps, key=key, steps=steps)
-        found, x_adv = np.array(r.success), np.array(r.x_adv)
-        if ladder is not None:
-            for i in np.flatnonzero(~found):
-                found[i], x_adv[i] = ladder(x[i], y[i], float(np.asarray(eps).reshape(-1)[i]))
+        return _verdicts(np.asarray(r.success), np.asarray(r.x_adv))
+
+    return minimize
+
+
+def guided_minimizer(net: Network) -> Callable:
+    """`guided_ladder` as a ``minimize`` oracle, one input at a time: the counterexample of the smallest radius
+    ``eps / 2^k`` (then bisected) that holds one. Costly (up to 13 α-CROWN bounds per input): the last resort
+    for inputs every other attack leaves without a counterexample up to ``eps``."""
+    ladder = guided_ladder(net)
+
+    def minimize(x, y, eps, key) -> Verdicts:
+        eps = np.broadcast_to(np.asarray(eps, np.float32), (len(x),))
+        found, x_adv = np.zeros(len(x), bool), np.full(np.shape(x), np.nan, np.float32)
+        for i in range(len(x)):
+            found[i], x_adv[i] = ladder(x[i], y[i], float(eps[i]))
         return _verdicts(found, x_adv)
 
     return minimize
@@ -118,7 +123,7 @@ def guided_ladder(net: Network, *, rungs: int = 8, refine: int = 4) -> Callable:
                     below, above, point = (below, mid, p) if f else (mid, above, point)
                 return True, point
             below = eps / 2 ** k
-        return False, point
+        return False, np.full(np.shape(x), np.nan, np.float32)
 
     return ladder
 

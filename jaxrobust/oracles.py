@@ -5,7 +5,9 @@ An oracle answers two kinds of query on a batch ``x: (B, *shape)``, ``y: (B,)``,
 * ``prove``    — try to prove robustness: returns ROBUST or UNKNOWN (a complete oracle may return VIOLATED);
 * ``falsify``  — try to find a counterexample: returns VIOLATED or UNKNOWN (a complete oracle may return ROBUST);
 * ``minimize`` — optional: the closest counterexample it finds within ``eps`` (VIOLATED) or UNKNOWN; the search
-  then takes its distance as the upper bound instead of bisecting with ``falsify``.
+  then takes its distance as the upper bound instead of bisecting with ``falsify``;
+* ``last_resort`` — optional, like ``minimize``: for the inputs the other attacks leave without a
+  counterexample up to ``eps_max``, before the search calls them censored.
 
 All return `verdict.Verdicts` ``(status (B,) int8, counterexample (B, *shape), reason)``; counterexample rows are NaN
 unless the status is VIOLATED, in which case a plain forward pass classifies them wrongly and they
@@ -21,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError, UnsupportedOpError
-from .falsify import attack_falsifier, min_norm_falsifier
+from .falsify import attack_falsifier, guided_minimizer, min_norm_falsifier
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED, Verdicts  # noqa: F401  (the vocabulary, re-exported)
 from .verify import VerifyConfig, network_brancher, verify
@@ -32,12 +34,14 @@ BOUND_METHODS = ("ibp", "crown", "alpha-crown")
 class Oracle(NamedTuple):
     """``prove(x, y, eps, key)``, ``falsify(x, y, eps, key)`` and ``minimize(x, y, eps_max, key)`` -> `Verdicts`;
     ``prove`` is None when the oracle cannot prove anything (attack only), ``minimize`` when it has no
-    minimum-norm attack; ``attacks`` names the attacks that run before an input is called censored."""
+    minimum-norm attack, ``last_resort`` when it has none; ``attacks`` names the attacks that run before an
+    input is called censored."""
     name: str
     prove: Callable | None
     falsify: Callable
     minimize: Callable | None = None
     attacks: tuple[str, ...] = ()
+    last_resort: Callable | None = None
 
 
 def bound_prover(net: Network, method: str = "crown") -> Callable:
@@ -59,21 +63,23 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
                 min_norm_steps: int = 60, guided: bool = True, **options) -> Oracle:
     """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
     bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
-    bound). ``guided``: the bound-guided attack (`falsify.guided_falsifier`) takes the inputs the gradient
-    attacks do not break (not for ``complete``, whose branch and bound searches the same minimisers)."""
+    bound). ``guided``: the bound-guided attack (`falsify.guided_minimizer`) is the last resort for inputs the
+    gradient attacks leave without a counterexample up to ``eps_max`` (not for ``complete``, whose branch and
+    bound searches the same minimisers)."""
     if kind not in ("attack", "complete", *BOUND_METHODS):
         raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
     if kind == "complete":
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
                                **options)
     guided = guided and _boundable(net)
-    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, guided=guided)
+    last = guided_minimizer(net) if guided else None
+    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets)
     tail = ("bound-guided",) if guided else ()
     attacks = ("pgd-margin",) + (("pgd-targeted",) if targets else ()) + tail
     if kind == "attack" and min_norm_steps:
-        return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps, guided=guided),
-                      ("min-norm",) + tail)
-    return Oracle(kind, None if kind == "attack" else bound_prover(net, kind), falsify, None, attacks)
+        return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps), ("min-norm",) + tail,
+                      last)
+    return Oracle(kind, None if kind == "attack" else bound_prover(net, kind), falsify, None, attacks, last)
 
 
 def _boundable(net: Network) -> bool:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxrobust.falsify import attack_falsifier, guided_falsifier, guided_ladder, min_norm_falsifier
+from jaxrobust.falsify import attack_falsifier, guided_falsifier, guided_ladder, guided_minimizer
 from jaxrobust.network import from_function
 from jaxrobust.oracles import make_oracle
 from jaxrobust.verdict import UNKNOWN, VIOLATED
@@ -26,8 +26,8 @@ def test_guided_attack_finds_what_gradients_cannot_see():
     net = corner_net()
     x, y, eps = np.full((1, 2), 0.8, np.float32), np.zeros(1, np.int64), np.full(1, 0.2, np.float32)
     key = jax.random.PRNGKey(0)
-    assert attack_falsifier(net, guided=False)(x, y, eps, key).status[0] == UNKNOWN
-    for falsify in (guided_falsifier(net), attack_falsifier(net, guided=True)):
+    assert attack_falsifier(net)(x, y, eps, key).status[0] == UNKNOWN
+    for falsify in (guided_falsifier(net), guided_minimizer(net)):
         v = falsify(x, y, eps, key)
         assert v.status[0] == VIOLATED
         cex = v.counterexample[0]
@@ -44,9 +44,11 @@ def test_min_norm_ladder_brackets_the_smallest_radius():
     assert found and np.asarray(net(point[None])).argmax() != 0
     d = np.max(np.abs(point - x[0]))
     assert 0.175 <= d <= 0.175 + 0.125 / 16 + 1e-6    # within 1/16 of the rung [0.125, 0.25] that first held one
-    v = min_norm_falsifier(net, guided=True)(x, y, np.full(1, 0.5, np.float32), jax.random.PRNGKey(0))
-    assert v.status[0] == VIOLATED and np.max(np.abs(v.counterexample[0] - x[0])) <= 0.5 + 1e-7
-    assert make_oracle(net, "attack").attacks == ("min-norm", "bound-guided")
+    v = guided_minimizer(net)(x, y, np.full(1, 0.5, np.float32), jax.random.PRNGKey(0))
+    assert v.status[0] == VIOLATED and np.max(np.abs(v.counterexample[0] - point)) == 0
+    oracle = make_oracle(net, "attack")
+    assert oracle.attacks == ("min-norm", "bound-guided") and oracle.last_resort is not None
+    assert make_oracle(net, "crown", guided=False).last_resort is None
 
 
 @pytest.mark.slow
