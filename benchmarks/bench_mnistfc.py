@@ -64,7 +64,7 @@ def main():
                 bad, note = bad + 1, "  onnxruntime: NOT a counterexample"
             if r.result == "unsat" and chain is not None:
                 from jaxrobust.milp import milp_verify
-                label = int(np.argmax(-sum(a[0] for a, _ in prop.disjuncts)))
+                label = int(np.argmax(sum(a[0] for a, _ in prop.disjuncts)))    # rows e_label - e_j
                 m = milp_verify(chain, prop.lower, prop.upper, label, time_limit=args.milp)
                 if m.status == VIOLATED:
                     bad, note = bad + 1, "  MILP: counterexample"
