@@ -8,6 +8,7 @@ instance and a table per network: decided, sat / unsat / undecided, median time 
 the published α,β-CROWN counts (VNN-COMP 2021, 300 s on a GPU, MIP-refined intermediate bounds).
 
     python benchmarks/bench_mnistfc.py [--networks mnist-net_256x4,mnist-net_256x6] [--timeout 120] [--milp 60]
+                                       [--refine 0] [--props prop_0_0.03.vnnlib,prop_9_0.03.vnnlib]
 """
 from __future__ import annotations
 
@@ -43,6 +44,9 @@ def main():
     ap.add_argument("--networks", default="mnist-net_256x2,mnist-net_256x4,mnist-net_256x6")
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--milp", type=float, default=0.0, help="seconds of MILP per unsat instance (0: skip)")
+    ap.add_argument("--refine", type=float, default=VerifyConfig().refine,
+                    help="share of the time for MILP-refined root bounds on deep MLPs (0: off)")
+    ap.add_argument("--props", help="only these property files (comma-separated)")
     args = ap.parse_args()
     with open(FOLDER / "mnistfc_instances.csv") as f:
         rows = [r for r in csv.reader(f) if r]
@@ -53,11 +57,11 @@ def main():
         chain = relu_chain(net, net.input_shape) if args.milp else None
         res, times, bad = [], [], 0
         for onnx, prop_file, _ in rows:
-            if onnx.strip() != f"{name}.onnx":
+            if onnx.strip() != f"{name}.onnx" or (args.props and prop_file.strip() not in args.props.split(",")):
                 continue
             prop = vnnlib.load(FOLDER / prop_file.strip())
             t0 = time.perf_counter()
-            r = verify_property(net, prop, VerifyConfig(timeout=args.timeout))
+            r = verify_property(net, prop, VerifyConfig(timeout=args.timeout, refine=args.refine))
             t = time.perf_counter() - t0
             note = ""
             if r.result == "sat" and not onnx_check(path, r.x, prop):
