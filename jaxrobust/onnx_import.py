@@ -19,21 +19,25 @@ enough for bound propagation.
   neither ``mean`` nor ``std`` is given.
 * Matrix products and convolutions request ``Precision.HIGHEST`` so results are float32-faithful
   on accelerators that would otherwise use reduced-precision (TF32/bf16) passes.
+
+This module parses the graph and interprets it; the per-op handlers live in `jaxrobust._onnx_ops` (elementwise,
+matrix-product and shape ops) and `jaxrobust._onnx_layer_ops` (convolution, pooling, reductions, normalisation,
+padding).
 """
 from __future__ import annotations
 
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
+from . import _onnx_layer_ops, _onnx_ops
+from ._onnx_ops import NeedVmap, Node, Unsupported, float32_if_float, is_static
 from .errors import FileFormatError, InputError, UnsupportedOpError
 from .network import Network
 
@@ -46,22 +50,12 @@ KNOWN_NORMALIZATION: dict[str, dict[str, tuple[float, ...]]] = {
     for stem in ("cifar_base_kw", "cifar_deep_kw", "cifar_wide_kw")
 }
 
-_PRECISION = lax.Precision.HIGHEST
-
-
-# ----------------------------------------------------------------------------------------------
-# graph representation
-# ----------------------------------------------------------------------------------------------
-class _Node(NamedTuple):
-    op: str
-    label: str          # "node 'name'" or "unnamed node #i", for messages
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    attrs: dict[str, Any]
+_OPS = {**_onnx_ops.OPS, **_onnx_layer_ops.OPS}  # ONNX op name -> (handler, handles static inputs)
+SUPPORTED_OPS = frozenset(_OPS)
 
 
 class _Graph(NamedTuple):
-    nodes: tuple[_Node, ...]
+    nodes: tuple[Node, ...]
     consts: dict[str, np.ndarray]   # static tensors (non-float initializers)
     input_names: tuple[str, ...]    # the graph inputs, in order
     input_shapes: tuple[tuple, ...]  # their shapes per example (ints)
@@ -70,614 +64,21 @@ class _Graph(NamedTuple):
     opset: int
 
 
-class _NeedVmap(Exception):
-    """The batch axis cannot be tracked through an op; fall back to per-example evaluation."""
-
-
-class _Unsupported(Exception):
-    """An op's attributes or inputs are outside what the importer handles."""
-
-
-def _is_static(v) -> bool:
-    return isinstance(v, np.ndarray)
-
-
-def _float32_if_float(a: np.ndarray) -> np.ndarray:
-    a = np.asarray(a)
-    return a.astype(np.float32) if a.dtype.kind == "f" else a
-
-
-# ----------------------------------------------------------------------------------------------
-# op handlers: fn(node, ins, bat, opset) -> output value or tuple of values.
-# ``ins`` are numpy arrays (static), jax arrays (dynamic) or None (omitted optional input);
-# ``bat[i]`` says input i carries the batch on axis 0 (then its declared axis-0 size is 1).
-# Handlers registered with static=True also compute all-static inputs with numpy themselves;
-# the others are folded by running them eagerly on the constants.
-# ----------------------------------------------------------------------------------------------
-_OPS: dict[str, tuple[Callable, bool]] = {}
-
-
-def _op(*names: str, static: bool = False):
-    def register(fn):
-        for n in names:
-            _OPS[n] = (fn, static)
-        return fn
-    return register
-
-
-def _attr(node: _Node, key: str, default=None):
-    return node.attrs.get(key, default)
-
-
-def _static_input(node: _Node, ins, i: int, what: str, default=None):
-    """Input ``i`` as a numpy array (must be constant); ``default`` when omitted."""
-    if i >= len(ins) or ins[i] is None:
-        return default
-    if not _is_static(ins[i]):
-        raise _Unsupported(f"{what} (input {i}) must be a constant, but is computed at run time")
-    return ins[i]
-
-
-def _dshape(v, batched: bool) -> tuple[int, ...]:
-    """Declared shape: the batch axis counts as size 1."""
-    return (1,) + tuple(v.shape[1:]) if batched else tuple(v.shape)
-
-
-def _check_broadcast(ins, bat):
-    """Elementwise broadcasting keeps the batch on axis 0 only if unbatched operands don't reach it."""
-    if not any(bat):
-        return
-    rank = max(v.ndim for v, b in zip(ins, bat) if b)
-    for v, b in zip(ins, bat):
-        if v is None:
-            continue
-        if b and v.ndim != rank:
-            raise _NeedVmap
-        if not b and (v.ndim > rank or (v.ndim == rank and v.shape[0] != 1)):
-            raise _NeedVmap
-
-
-def _is_neutral(c, x, value: float) -> bool:
-    """``c`` is a static all-``value`` tensor whose broadcasting leaves ``x``'s shape unchanged."""
-    return (_is_static(c) and not _is_static(x) and c.ndim <= x.ndim
-            and all(d == 1 for d in c.shape) and bool(np.all(c == value)))
-
-
-def _binary(node, ins, bat, np_fn, jnp_fn):
-    a, b = ins
-    if _is_static(a) and _is_static(b):
-        return np_fn(a, b)
-    _check_broadcast(ins, bat)
-    return jnp_fn(a, b)
-
-
-@_op("Add", static=True)
-def _add(node, ins, bat, opset):
-    a, b = ins
-    if _is_neutral(b, a, 0.0):
-        return a
-    if _is_neutral(a, b, 0.0):
-        return b
-    return _binary(node, ins, bat, np.add, lambda x, y: x + y)
-
-
-@_op("Sub", static=True)
-def _sub(node, ins, bat, opset):
-    a, b = ins
-    if _is_neutral(b, a, 0.0):
-        return a
-    return _binary(node, ins, bat, np.subtract, lambda x, y: x - y)
-
-
-@_op("Mul", static=True)
-def _mul(node, ins, bat, opset):
-    a, b = ins
-    if _is_neutral(b, a, 1.0):
-        return a
-    if _is_neutral(a, b, 1.0):
-        return b
-    return _binary(node, ins, bat, np.multiply, lambda x, y: x * y)
-
-
-def _np_div(a, b):
-    if a.dtype.kind in "iu" and b.dtype.kind in "iu":
-        return np.trunc(a / b).astype(np.result_type(a, b))
-    return a / b
-
-
-@_op("Div", static=True)
-def _div(node, ins, bat, opset):
-    a, b = ins
-    if _is_neutral(b, a, 1.0):
-        return a
-    if _is_static(b) and not _is_static(a) and b.dtype.kind == "f":
-        ins = [a, (np.float32(1.0) / b).astype(np.float32)]  # division by a constant -> mul
-        return _binary(node, ins, bat, np.multiply, lambda x, y: x * y)
-    return _binary(node, ins, bat, _np_div, lambda x, y: x / y)
-
-
-@_op("Relu")
-def _relu(node, ins, bat, opset):
-    return jnp.maximum(ins[0], 0)
-
-
-@_op("LeakyRelu")
-def _leaky_relu(node, ins, bat, opset):
-    x, alpha = ins[0], float(_attr(node, "alpha", 0.01))
-    if 0.0 <= alpha <= 1.0:
-        return jnp.maximum(x, alpha * x)
-    return jnp.where(x >= 0, x, alpha * x)
-
-
-@_op("Sigmoid")
-def _sigmoid(node, ins, bat, opset):
-    return jax.nn.sigmoid(ins[0])
-
-
-@_op("Tanh")
-def _tanh(node, ins, bat, opset):
-    return jnp.tanh(ins[0])
-
-
-@_op("Neg")
-def _neg(node, ins, bat, opset):
-    return -ins[0]
-
-
-@_op("Exp")
-def _exp(node, ins, bat, opset):
-    return jnp.exp(ins[0])
-
-
-@_op("Softmax", "LogSoftmax")
-def _softmax(node, ins, bat, opset):
-    x = ins[0]
-    if opset < 13:  # coerced to 2-D at `axis`: normalise over all trailing axes
-        axis = int(_attr(node, "axis", 1)) % x.ndim
-        axes = tuple(range(axis, x.ndim))
-    else:
-        axis = int(_attr(node, "axis", -1)) % x.ndim
-        axes = (axis,)
-    if bat[0] and 0 in axes:
-        raise _NeedVmap
-    fn = jax.nn.softmax if node.op == "Softmax" else jax.nn.log_softmax
-    return fn(x, axis=axes)
-
-
-@_op("Clip")
-def _clip(node, ins, bat, opset):
-    x = ins[0]
-    if opset < 11:
-        lo, hi = _attr(node, "min"), _attr(node, "max")
-    else:
-        lo = ins[1] if len(ins) > 1 else None
-        hi = ins[2] if len(ins) > 2 else None
-    if any(b for b in bat[1:]):
-        raise _NeedVmap
-    if lo is not None:
-        x = jnp.maximum(x, lo)
-    if hi is not None:
-        x = jnp.minimum(x, hi)
-    return x
-
-
-@_op("Identity", "Dropout", static=True)
-def _identity(node, ins, bat, opset):
-    if len(node.outputs) > 1 and node.outputs[1]:
-        raise _Unsupported("the mask output is not supported")
-    return ins[0]
-
-
-@_op("Constant", static=True)
-def _constant(node, ins, bat, opset):
-    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
-        if key in node.attrs:
-            v = np.asarray(node.attrs[key])
-            if key in ("value_float", "value_floats"):
-                v = v.astype(np.float32)
-            elif key in ("value_int", "value_ints"):
-                v = v.astype(np.int64)
-            return _float32_if_float(v)
-    raise _Unsupported(f"Constant attribute {sorted(node.attrs)} is not supported")
-
-
-@_op("ConstantOfShape", static=True)
-def _constant_of_shape(node, ins, bat, opset):
-    shape = _static_input(node, ins, 0, "shape")
-    value = _attr(node, "value", np.zeros(1, np.float32))
-    return np.full(tuple(int(d) for d in shape), _float32_if_float(value).reshape(-1)[0])
-
-
-@_op("MatMul")
-def _matmul(node, ins, bat, opset):
-    a, b = ins
-    ba, bb = bat
-    if ba or bb:
-        ok = ((ba and not bb and a.ndim == 2)
-              or (ba and a.ndim >= 3 and (b.ndim < a.ndim or (b.ndim == a.ndim and (bb or b.shape[0] == 1))))
-              or (bb and not ba and b.ndim >= 3 and (a.ndim < b.ndim or a.shape[0] == 1)))
-        if not ok:
-            raise _NeedVmap
-    return jnp.matmul(a, b, precision=_PRECISION)
-
-
-@_op("Gemm")
-def _gemm(node, ins, bat, opset):
-    a, b = ins[0], ins[1]
-    c = ins[2] if len(ins) > 2 else None
-    trans_a, trans_b = int(_attr(node, "transA", 0)), int(_attr(node, "transB", 0))
-    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
-    if bat[1] or (bat[0] and trans_a):
-        raise _NeedVmap
-    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
-    y = lax.dot_general(a, b, dims, precision=_PRECISION)
-    if alpha != 1.0:
-        y = y * np.float32(alpha)
-    if c is None or beta == 0.0:
-        return y
-    if beta != 1.0:
-        c = c * np.float32(beta)
-    _check_broadcast([y, c], [bat[0], len(bat) > 2 and bat[2]])
-    return y + c
-
-
-def _reshape(x, batched: bool, target: tuple[int, ...]):
-    """Reshape to a declared target shape; a batched tensor must keep the batch as axis 0."""
-    target = tuple(int(d) for d in target)
-    if not batched:
-        return x.reshape(target)
-    if target[0] != 1:
-        raise _NeedVmap
-    return x.reshape((x.shape[0],) + target[1:])
-
-
-@_op("Reshape", static=True)
-def _reshape_op(node, ins, bat, opset):
-    x = ins[0]
-    shape = [int(d) for d in _static_input(node, ins, 1, "target shape")] if opset >= 5 \
-        else list(_attr(node, "shape"))
-    dshape = _dshape(x, bat[0])
-    if not _attr(node, "allowzero", 0):
-        shape = [dshape[i] if d == 0 else d for i, d in enumerate(shape)]
-    if -1 in shape:
-        known = math.prod(d for d in shape if d != -1)
-        shape[shape.index(-1)] = math.prod(dshape) // known if known else 0
-    return _reshape(x, bat[0], tuple(shape))
-
-
-@_op("Flatten", static=True)
-def _flatten(node, ins, bat, opset):
-    x = ins[0]
-    dshape = _dshape(x, bat[0])
-    axis = int(_attr(node, "axis", 1))
-    axis = axis + len(dshape) if axis < 0 else axis
-    return _reshape(x, bat[0], (math.prod(dshape[:axis]), math.prod(dshape[axis:])))
-
-
-def _squeeze_axes(node, ins, opset, i: int = 1):
-    axes = _attr(node, "axes") if opset < 13 else _static_input(node, ins, i, "axes")
-    return None if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
-
-
-@_op("Unsqueeze", static=True)
-def _unsqueeze(node, ins, bat, opset):
-    x = ins[0]
-    axes = _squeeze_axes(node, ins, opset)
-    rank = x.ndim + len(axes)
-    axes = sorted(a % rank for a in axes)
-    shape = list(_dshape(x, bat[0]))
-    for a in axes:
-        shape.insert(a, 1)
-    if bat[0] and 0 in axes:
-        raise _NeedVmap
-    return _reshape(x, bat[0], tuple(shape))
-
-
-@_op("Squeeze", static=True)
-def _squeeze(node, ins, bat, opset):
-    x = ins[0]
-    dshape = _dshape(x, bat[0])
-    axes = _squeeze_axes(node, ins, opset)
-    axes = [i for i, d in enumerate(dshape) if d == 1] if axes is None else [a % x.ndim for a in axes]
-    if bat[0] and 0 in axes:
-        raise _NeedVmap
-    return _reshape(x, bat[0], tuple(d for i, d in enumerate(dshape) if i not in axes))
-
-
-@_op("Transpose", static=True)
-def _transpose(node, ins, bat, opset):
-    x = ins[0]
-    perm = tuple(int(p) for p in _attr(node, "perm", range(x.ndim - 1, -1, -1)))
-    if bat[0] and perm[0] != 0:
-        raise _NeedVmap
-    return np.transpose(x, perm) if _is_static(x) else lax.transpose(x, perm)
-
-
-@_op("Shape", static=True)
-def _shape(node, ins, bat, opset):
-    dshape = _dshape(ins[0], bat[0])
-    start, end = _attr(node, "start", 0), _attr(node, "end", None)
-    return np.asarray(dshape[slice(start, end)], dtype=np.int64)
-
-
-@_op("Size", static=True)
-def _size(node, ins, bat, opset):
-    return np.asarray(math.prod(_dshape(ins[0], bat[0])), dtype=np.int64)
-
-
-@_op("Gather", static=True)
-def _gather(node, ins, bat, opset):
-    x = ins[0]
-    idx = _static_input(node, ins, 1, "indices").astype(np.int64)
-    axis = int(_attr(node, "axis", 0)) % x.ndim
-    idx = np.where(idx < 0, idx + x.shape[axis], idx)
-    if _is_static(x):
-        return np.take(x, idx, axis=axis)
-    if bat[0] and axis == 0:
-        raise _NeedVmap
-    if idx.ndim == 0:
-        return lax.index_in_dim(x, int(idx), axis, keepdims=False)
-    flat = idx.reshape(-1)
-    if idx.ndim == 1 and flat.size and np.array_equal(flat, np.arange(flat[0], flat[0] + flat.size)):
-        return lax.slice_in_dim(x, int(flat[0]), int(flat[0]) + flat.size, axis=axis)
-    return jnp.take(x, idx, axis=axis)
-
-
-@_op("Slice", static=True)
-def _slice(node, ins, bat, opset):
-    x = ins[0]
-    if opset < 10:
-        starts, ends = _attr(node, "starts"), _attr(node, "ends")
-        axes, steps = _attr(node, "axes"), None
-    else:
-        starts = _static_input(node, ins, 1, "starts")
-        ends = _static_input(node, ins, 2, "ends")
-        axes = _static_input(node, ins, 3, "axes")
-        steps = _static_input(node, ins, 4, "steps")
-    starts, ends = [int(s) for s in starts], [int(e) for e in ends]
-    axes = list(range(len(starts))) if axes is None else [int(a) % x.ndim for a in axes]
-    steps = [1] * len(starts) if steps is None else [int(s) for s in steps]
-    dshape = _dshape(x, bat[0])
-    for axis, start, end, step in zip(axes, starts, ends, steps):
-        r = range(dshape[axis])[slice(start, end, step)]
-        if bat[0] and axis == 0:
-            if list(r) != [0]:
-                raise _NeedVmap
-            continue
-        if _is_static(x):
-            x = np.take(x, np.asarray(r, dtype=np.int64), axis=axis)
-        elif len(r) == 0:
-            x = lax.slice_in_dim(x, 0, 0, axis=axis)
-        elif step > 0:
-            x = lax.slice_in_dim(x, r.start, r[-1] + 1, step, axis)
-        else:
-            x = lax.rev(lax.slice_in_dim(x, r[-1], r.start + 1, -step, axis), (axis,))
-    return x
-
-
-_ONNX_DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
-                9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
-
-
-@_op("Cast", static=True)
-def _cast(node, ins, bat, opset):
-    x, to = ins[0], int(_attr(node, "to"))
-    if to not in _ONNX_DTYPES:
-        raise _Unsupported(f"Cast to ONNX dtype {to} is not supported")
-    dtype = np.dtype(_ONNX_DTYPES[to])
-    if dtype.kind == "f":
-        dtype = np.dtype(np.float32)  # computation is float32 throughout
-    if _is_static(x):
-        return x.astype(dtype)
-    return x if x.dtype == dtype else x.astype(dtype)
-
-
-@_op("Range", static=True)
-def _range(node, ins, bat, opset):
-    start, limit, delta = (_static_input(node, ins, i, n) for i, n in enumerate(("start", "limit", "delta")))
-    return np.arange(start, limit, delta).astype(np.result_type(start, limit, delta))
-
-
-@_op("Concat", static=True)
-def _concat(node, ins, bat, opset):
-    axis = int(_attr(node, "axis")) % ins[0].ndim
-    if all(_is_static(v) for v in ins):
-        return np.concatenate(ins, axis=axis)
-    if any(bat):
-        if axis == 0:
-            raise _NeedVmap
-        n = next(v.shape[0] for v, b in zip(ins, bat) if b)
-        ins = [v if b else jnp.broadcast_to(v, (n,) + v.shape[1:]) for v, b in zip(ins, bat)]
-    return jnp.concatenate(ins, axis=axis)
-
-
-def _spatial_pads(node, in_sp, kernel, strides, dilations, *, ceil_mode: bool = False):
-    """Per spatial axis ``(lo, hi, extra)``: explicit/auto pads and extra high padding for ceil_mode."""
-    n = len(in_sp)
-    auto_pad = _attr(node, "auto_pad", "NOTSET")
-    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        pads = []
-        for size, e, s in zip(in_sp, eff, strides):
-            total = max((-(-size // s) - 1) * s + e - size, 0)
-            small = total // 2
-            pads.append((small, total - small) if auto_pad == "SAME_UPPER" else (total - small, small))
-    elif auto_pad in ("NOTSET", "VALID"):
-        p = [0] * (2 * n) if auto_pad == "VALID" else list(_attr(node, "pads", [0] * (2 * n)))
-        pads = list(zip(p[:n], p[n:]))
-    else:
-        raise _Unsupported(f"auto_pad={auto_pad!r} is not supported")
-    out = []
-    for size, (lo, hi), e, s in zip(in_sp, pads, eff, strides):
-        extra = 0
-        if ceil_mode:
-            span = size + lo + hi - e
-            n_out = -(-span // s) + 1
-            if (n_out - 1) * s >= size + lo:  # the last window must start inside the input or left pad
-                n_out -= 1
-            extra = max((n_out - 1) * s + e - (size + lo + hi), 0)
-        out.append((int(lo), int(hi), int(extra)))
-    return out
-
-
-def _window_params(node, kernel):
-    n = len(kernel)
-    strides = tuple(int(s) for s in _attr(node, "strides", [1] * n))
-    dilations = tuple(int(d) for d in _attr(node, "dilations", [1] * n))
-    return strides, dilations
-
-
-@_op("Conv")
-def _conv(node, ins, bat, opset):
-    x, w = ins[0], ins[1]
-    b = ins[2] if len(ins) > 2 else None
-    if bat[1] or (len(bat) > 2 and bat[2]):
-        raise _NeedVmap
-    kernel = tuple(w.shape[2:])
-    strides, dilations = _window_params(node, kernel)
-    pads = _spatial_pads(node, x.shape[2:], kernel, strides, dilations)
-    y = lax.conv_general_dilated(x, w, strides, [(lo, hi) for lo, hi, _ in pads],
-                                 rhs_dilation=dilations,
-                                 feature_group_count=int(_attr(node, "group", 1)),
-                                 precision=_PRECISION)
-    if b is not None:
-        y = y + b.reshape((1, -1) + (1,) * len(kernel))
-    return y
-
-
-def _pool(node, ins):
-    x = ins[0]
-    if len(node.outputs) > 1 and node.outputs[1]:
-        raise _Unsupported("the Indices output is not supported")
-    kernel = tuple(int(k) for k in _attr(node, "kernel_shape"))
-    strides, dilations = _window_params(node, kernel)
-    pads = _spatial_pads(node, x.shape[2:], kernel, strides, dilations,
-                         ceil_mode=bool(_attr(node, "ceil_mode", 0)))
-    window = dict(window_dimensions=(1, 1) + kernel, window_strides=(1, 1) + strides,
-                  padding=((0, 0), (0, 0)) + tuple((lo, hi + extra) for lo, hi, extra in pads),
-                  window_dilation=(1, 1) + dilations)
-    return x, kernel, strides, dilations, pads, window
-
-
-@_op("MaxPool")
-def _max_pool(node, ins, bat, opset):
-    if int(_attr(node, "storage_order", 0)):
-        raise _Unsupported("storage_order=1 is not supported")
-    x, *_, window = _pool(node, ins)
-    return lax.reduce_window(x, np.array(-np.inf, x.dtype), lax.max, **window)
-
-
-def _window_counts(size, k, s, d, lo, hi, extra, include_pad):
-    """Number of counted elements in each window along one axis (pads counted if include_pad)."""
-    n_out = (size + lo + hi + extra - ((k - 1) * d + 1)) // s + 1
-    first, last = (-lo, size + hi) if include_pad else (0, size)
-    pos = np.arange(n_out)[:, None] * s - lo + np.arange(k)[None, :] * d
-    return ((pos >= first) & (pos < last)).sum(axis=1)
-
-
-@_op("AveragePool")
-def _average_pool(node, ins, bat, opset):
-    x, kernel, strides, dilations, pads, window = _pool(node, ins)
-    y = lax.reduce_window(x, np.array(0, x.dtype), lax.add, **window)
-    include_pad = bool(_attr(node, "count_include_pad", 0))
-    counts = [_window_counts(size, k, s, d, lo, hi, extra, include_pad)
-              for size, k, s, d, (lo, hi, extra) in zip(x.shape[2:], kernel, strides, dilations, pads)]
-    count = counts[0]
-    for c in counts[1:]:
-        count = np.multiply.outer(count, c)
-    if np.all(count == count.flat[0]):
-        return y * np.float32(1.0 / count.flat[0])
-    return y * (1.0 / count.astype(np.float32))[None, None]
-
-
-@_op("GlobalAveragePool", "GlobalMaxPool")
-def _global_pool(node, ins, bat, opset):
-    x = ins[0]
-    axes = tuple(range(2, x.ndim))
-    if node.op == "GlobalMaxPool":
-        return jnp.max(x, axis=axes, keepdims=True)
-    return jnp.sum(x, axis=axes, keepdims=True) * np.float32(1.0 / math.prod(x.shape[2:]))
-
-
-@_op("ReduceMean", "ReduceSum")
-def _reduce(node, ins, bat, opset):
-    x = ins[0]
-    axes_from_input = (node.op == "ReduceSum" and opset >= 13) or opset >= 18
-    axes = _squeeze_axes(node, ins, 13 if axes_from_input else 1)
-    if axes is None or not axes:
-        if _attr(node, "noop_with_empty_axes", 0):
-            return x
-        axes = list(range(x.ndim))
-    axes = tuple(sorted(a % x.ndim for a in axes))
-    if bat[0] and 0 in axes:
-        raise _NeedVmap
-    keepdims = bool(_attr(node, "keepdims", 1))
-    y = jnp.sum(x, axis=axes, keepdims=keepdims)
-    if node.op == "ReduceMean":
-        y = y * np.float32(1.0 / math.prod(x.shape[a] for a in axes))
-    return y
-
-
-@_op("BatchNormalization")
-def _batch_norm(node, ins, bat, opset):
-    x, scale, bias, mean, var = ins[:5]
-    if any(bat[1:5]):
-        raise _NeedVmap
-    if int(_attr(node, "training_mode", 0)) or (len(node.outputs) > 1 and any(node.outputs[1:])):
-        raise _Unsupported("only inference mode (a single output) is supported")
-    eps = np.float32(_attr(node, "epsilon", 1e-5))
-    mul = scale * lax.rsqrt(var + eps) if not _is_static(var) else scale / np.sqrt(var + eps)
-    shift = bias - mean * mul
-    shape = (1, -1) + (1,) * (x.ndim - 2)
-    return x * mul.reshape(shape) + shift.reshape(shape)
-
-
-@_op("Pad")
-def _pad(node, ins, bat, opset):
-    x = ins[0]
-    mode = _attr(node, "mode", "constant")
-    if opset < 11:
-        pads, axes = list(_attr(node, "pads")), None
-        value = np.asarray(_attr(node, "value", 0.0), x.dtype)
-    else:
-        pads = [int(p) for p in _static_input(node, ins, 1, "pads")]
-        v = ins[2] if len(ins) > 2 and ins[2] is not None and ins[2].size else np.zeros((), np.float32)
-        value = v.reshape(()).astype(x.dtype)  # a constant or a parameter
-        axes = _static_input(node, ins, 3, "axes")
-    axes = list(range(x.ndim)) if axes is None else [int(a) % x.ndim for a in axes]
-    n = len(axes)
-    widths = [(0, 0)] * x.ndim
-    for i, a in enumerate(axes):
-        widths[a] = (int(pads[i]), int(pads[i + n]))
-    if bat[0] and widths[0] != (0, 0):
-        raise _NeedVmap
-    if all(w == (0, 0) for w in widths):
-        return x
-    if mode == "constant":
-        return lax.pad(x, value, [(lo, hi, 0) for lo, hi in widths])
-    if mode in ("reflect", "edge", "wrap") and min(min(w) for w in widths) >= 0:
-        return jnp.pad(x, widths, mode=mode)
-    raise _Unsupported(f"Pad mode {mode!r} with pads {pads} is not supported")
-
-
-SUPPORTED_OPS = frozenset(_OPS)
-
-
 # ----------------------------------------------------------------------------------------------
 # interpreter
 # ----------------------------------------------------------------------------------------------
-def _eval_node(node: _Node, ins: list, bat: list[bool], opset: int) -> tuple:
+def _eval_node(node: Node, ins: list, bat: list[bool], opset: int) -> tuple:
     fn, handles_static = _OPS[node.op]
     try:
-        if not handles_static and ins and all(v is None or _is_static(v) for v in ins):
+        if not handles_static and ins and all(v is None or is_static(v) for v in ins):
             with jax.ensure_compile_time_eval():
                 out = fn(node, ins, bat, opset)
-            out = tuple(_float32_if_float(np.asarray(o)) for o in (out if isinstance(out, tuple) else (out,)))
+            out = tuple(float32_if_float(np.asarray(o)) for o in (out if isinstance(out, tuple) else (out,)))
         else:
             out = fn(node, ins, bat, opset)
-    except (_NeedVmap, UnsupportedOpError, FileFormatError):
+    except (NeedVmap, UnsupportedOpError, FileFormatError):
         raise
-    except _Unsupported as e:
+    except Unsupported as e:
         raise UnsupportedOpError(f"ONNX {node.op} {node.label}: {e}") from None
     except Exception as e:  # malformed graph: shape mismatch, missing attribute ...
         raise FileFormatError(f"ONNX {node.op} {node.label} could not be evaluated: "
@@ -700,11 +101,11 @@ def _run(g: _Graph, params: dict, xs: tuple, batched: bool) -> jax.Array:
         for name, value in zip(node.outputs, outs):
             if name:
                 env[name] = value
-                if any(bat) and not _is_static(value):
+                if any(bat) and not is_static(value):
                     in_batch.add(name)
     y = env[g.output_name]
     if batched and g.output_name not in in_batch:
-        raise _NeedVmap
+        raise NeedVmap
     return y
 
 
@@ -817,7 +218,7 @@ def _parse(model, where: str) -> tuple[_Graph, dict[str, np.ndarray]]:
             elif a.type == a.TENSOR:
                 v = numpy_helper.to_array(v)
             attrs[a.name] = v
-        nodes.append(_Node(n.op_type, label, tuple(n.input), tuple(n.output), attrs))
+        nodes.append(Node(n.op_type, label, tuple(n.input), tuple(n.output), attrs))
 
     params, consts = {}, {}
     for t in graph.initializer:
@@ -902,7 +303,7 @@ def load_onnx(path, *, mean=None, std=None, domain=(0.0, 1.0), name: str | None 
             try:
                 apply = _make_apply(g, norm_mean, inv_std, per_example=False)
                 out = jax.eval_shape(apply, *spec)
-            except _NeedVmap:
+            except NeedVmap:
                 apply = None
         if apply is None:
             apply = _make_apply(g, norm_mean, inv_std, per_example=True)
