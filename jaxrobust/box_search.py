@@ -200,19 +200,14 @@ def _refined_root(net: Network, brancher: Brancher, root, lo, hi, cfg: VerifyCon
     kink = [v for v, _, _, _ in brancher.layout.kink]
     if chain is None or [math.prod(root[v][0].shape) for v in kink] != list(chain.widths[1:-1]):
         return None
-    from .milp import refine_bounds, round32
-    bounds = [tuple(np.asarray(b, np.float64).reshape(-1) for b in root[v]) for v in kink]
+    from .milp import hidden_bounds, intersect_root, refine_bounds
+    bounds = hidden_bounds(root, kink)
     budget = cfg.refine * max(0.0, deadline - time.perf_counter())
     new = refine_bounds(chain, bounds, np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1),
                         layers=cfg.refine_layers, deadline=time.perf_counter() + budget)
     if all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(bounds, new)):
         return None
-    root = dict(root)
-    for v, (l, u) in zip(kink, new):
-        shape = root[v][0].shape
-        root[v] = (jnp.maximum(root[v][0], round32(l, -1).reshape(shape)),
-                   jnp.minimum(root[v][1], round32(u, 1).reshape(shape)))
-    return root
+    return intersect_root(root, kink, new)
 
 
 @functools.lru_cache(maxsize=4)

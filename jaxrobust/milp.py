@@ -172,14 +172,10 @@ class _Engine:
         self.lo, self.hi = round32(lo, -1)[None], round32(hi, 1)[None]
         self.root = self.brancher.root_bounds(self.lo, self.hi, ALPHA_STEPS)
         self.vars = [v for v, _, _, _ in self.brancher.layout.kink]
-        self.bounds = [tuple(np.asarray(b, np.float64).reshape(-1) for b in self.root[v]) for v in self.vars]
+        self.bounds = hidden_bounds(self.root, self.vars)
 
     def margins(self, c, bounds=None):
-        root = dict(self.root)
-        for v, (l, u) in zip(self.vars, bounds or ()):
-            shape = root[v][0].shape
-            root[v] = (jnp.maximum(root[v][0], round32(l, -1).reshape(shape)),
-                       jnp.minimum(root[v][1], round32(u, 1).reshape(shape)))
+        root = intersect_root(self.root, self.vars, bounds or ())
         sp = self.brancher.initial(root, len(c))
         r = self.brancher.bound(root, self.lo, self.hi, jnp.asarray(c, jnp.float32),
                                 Splits(*(jnp.asarray(a) for a in sp)), steps=ALPHA_STEPS, candidates=0)
@@ -207,6 +203,23 @@ def layer_bounds(chain: ReluChain, lo, hi, *, lp: bool = False, deadline: float 
         for k in range(1, len(out)):
             out[k] = _lp_tighten(ws[:k + 1], bs[:k + 1], out[:k], lo, hi, *out[k], deadline)
     return out
+
+
+def hidden_bounds(root: dict, kink_vars) -> list:
+    """The engine's root bounds ``root`` (var -> ``(l, u)`` float32) of the hidden layers ``kink_vars`` as
+    ``[(l, u), ...]``, each ``(n_k,)`` float64."""
+    return [tuple(np.asarray(b, np.float64).reshape(-1) for b in root[v]) for v in kink_vars]
+
+
+def intersect_root(root: dict, kink_vars, bounds) -> dict:
+    """``root`` with the float64 hidden-layer bounds ``bounds = [(l, u), ...]`` (each ``(n_k,)``, one pair per
+    var of ``kink_vars``) intersected in, rounded outward to float32 so the result stays sound."""
+    root = dict(root)
+    for v, (l, u) in zip(kink_vars, bounds):
+        shape = root[v][0].shape
+        root[v] = (jnp.maximum(root[v][0], round32(l, -1).reshape(shape)),
+                   jnp.minimum(root[v][1], round32(u, 1).reshape(shape)))
+    return root
 
 
 def round32(a, direction: int) -> jax.Array:

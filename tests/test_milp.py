@@ -241,3 +241,21 @@ def test_refined_bounds_are_sound_and_tighter():
         z = np.asarray(z, np.float64)
         assert np.all(l >= l0) and np.all(u <= u0)
         assert np.all(z >= l - 1e-5) and np.all(z <= u + 1e-5)
+
+
+def test_intersect_root_rounds_outward():
+    """float64 hidden-layer bounds intersected into float32 root bounds are rounded outward by at most one float32
+    step, never leave the root, keep its shapes and leave other vars alone; wider bounds change nothing."""
+    from jaxrobust.milp import hidden_bounds, intersect_root
+    rng = np.random.default_rng(0)
+    root = {"a": (jnp.full((1, 5), -1.0), jnp.full((1, 5), 1.0)), "b": (jnp.zeros((1, 2)), jnp.ones((1, 2)))}
+    l, u = rng.uniform(-1.5, -0.5, 5) + 1e-9, rng.uniform(0.5, 1.5, 5) + 1e-9
+    out = intersect_root(root, ["a"], [(l, u)])
+    assert out["b"] is root["b"] and out["a"][0].shape == (1, 5) and out["a"][0].dtype == jnp.float32
+    (lo, hi), = hidden_bounds(out, ["a"])
+    want_lo, want_hi = np.maximum(l, -1.0), np.minimum(u, 1.0)
+    step = float(np.spacing(np.float32(2)))
+    assert np.all(lo <= want_lo) and np.all(lo >= want_lo - step)
+    assert np.all(hi >= want_hi) and np.all(hi <= want_hi + step)
+    wide = intersect_root(root, ["a"], [(np.full(5, -5.0), np.full(5, 5.0))])
+    np.testing.assert_array_equal(hidden_bounds(wide, ["a"])[0], hidden_bounds(root, ["a"])[0])
