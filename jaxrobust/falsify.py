@@ -21,6 +21,7 @@ import numpy as np
 
 from .kernels.attacks import box_descent
 from .kernels.bab import Splits, network_brancher
+from .kernels.bounds import robustness_spec
 from .network import Network
 from .verdict import UNKNOWN, VIOLATED, Verdicts
 
@@ -79,8 +80,7 @@ def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20) -
     over the ε-box ∩ domain; from each bound's minimiser, ``steps`` signed-gradient steps of size ε/25 on that
     margin; a point a full-precision forward pass misclassifies is a counterexample."""
     brancher = network_brancher(net)
-    eye = np.eye(net.num_classes, dtype=np.float32)
-    rows = [jnp.asarray(np.delete(eye[y] - eye, y, axis=0)) for y in range(net.num_classes)]  # (C-1, C) each
+    rows = list(robustness_spec(np.arange(net.num_classes), net.num_classes))  # margin rows (C-1, C) of each label
     shape = (1,) + tuple(net.input_shape)
 
     def one(x, y, eps):

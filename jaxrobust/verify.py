@@ -31,6 +31,7 @@ from .box_search import _logits, decide_box
 from .errors import InputError
 from .falsify import attack_falsifier
 from .kernels.bab import network_brancher
+from .kernels.bounds import robustness_spec
 from .kernels.perturb import check_eps
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED
@@ -68,9 +69,9 @@ class VerifyResult(NamedTuple):
 
 
 def robustness_specs(label: int, num_classes: int):
-    """Rows ``C: (C-1, C)``, ``d: (C-1,)`` of ``logit_label - logit_j > 0``, ascending ``j != label``."""
-    eye = np.eye(num_classes, dtype=np.float32)
-    return np.stack([eye[label] - eye[j] for j in range(num_classes) if j != label]), np.zeros(num_classes - 1)
+    """Rows ``C: (C-1, C)`` float32, ``d: (C-1,)`` of ``logit_label - logit_j > 0``, ascending ``j != label``
+    (`kernels.bounds.robustness_spec` of one label)."""
+    return np.asarray(robustness_spec(np.array([label]), num_classes)[0]), np.zeros(num_classes - 1)
 
 
 def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None,
