@@ -9,6 +9,7 @@ themselves; the others are folded by running them eagerly on the constants.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -108,32 +109,22 @@ def _binary(node, ins, bat, np_fn, jnp_fn):
     return jnp_fn(a, b)
 
 
-@_op("Add", static=True)
-def _add(node, ins, bat, opset):
+# op -> (numpy function, jax function, neutral element, commutative)
+_ARITHMETIC = {"Add": (np.add, operator.add, 0.0, True), "Sub": (np.subtract, operator.sub, 0.0, False),
+               "Mul": (np.multiply, operator.mul, 1.0, True)}
+
+
+@_op(*_ARITHMETIC, static=True)
+def _arithmetic(node, ins, bat, opset):
+    """Add, Sub, Mul; a static operand of neutral elements (0, or 1 for Mul) that leaves the shape alone is
+    dropped."""
+    np_fn, jnp_fn, neutral, commutative = _ARITHMETIC[node.op]
     a, b = ins
-    if _is_neutral(b, a, 0.0):
+    if _is_neutral(b, a, neutral):
         return a
-    if _is_neutral(a, b, 0.0):
+    if commutative and _is_neutral(a, b, neutral):
         return b
-    return _binary(node, ins, bat, np.add, lambda x, y: x + y)
-
-
-@_op("Sub", static=True)
-def _sub(node, ins, bat, opset):
-    a, b = ins
-    if _is_neutral(b, a, 0.0):
-        return a
-    return _binary(node, ins, bat, np.subtract, lambda x, y: x - y)
-
-
-@_op("Mul", static=True)
-def _mul(node, ins, bat, opset):
-    a, b = ins
-    if _is_neutral(b, a, 1.0):
-        return a
-    if _is_neutral(a, b, 1.0):
-        return b
-    return _binary(node, ins, bat, np.multiply, lambda x, y: x * y)
+    return _binary(node, ins, bat, np_fn, jnp_fn)
 
 
 def _np_div(a, b):
@@ -149,8 +140,8 @@ def _div(node, ins, bat, opset):
         return a
     if is_static(b) and not is_static(a) and b.dtype.kind == "f":
         ins = [a, (np.float32(1.0) / b).astype(np.float32)]  # division by a constant -> mul
-        return _binary(node, ins, bat, np.multiply, lambda x, y: x * y)
-    return _binary(node, ins, bat, _np_div, lambda x, y: x / y)
+        return _binary(node, ins, bat, np.multiply, operator.mul)
+    return _binary(node, ins, bat, _np_div, operator.truediv)
 
 
 @_op("Relu")
