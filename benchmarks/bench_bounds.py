@@ -35,7 +35,8 @@ from common import matmul_peak, median_time, paired_times
 from onnx import numpy_helper
 
 from jaxrobust.kernels import crown, ibp
-from jaxrobust.kernels.bounds import _bind, _program
+from jaxrobust.kernels._walk import _bind
+from jaxrobust.kernels.bounds import _program
 from jaxrobust.onnx_import import load_onnx
 
 NETS = {

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxrobust.kernels._walk import _forward
 from jaxrobust.kernels.bab import Brancher, Splits, layout
-from jaxrobust.kernels.bounds import _forward, _program
+from jaxrobust.kernels.bounds import _program
 from jaxrobust.network import from_function
 from jaxrobust.oracles import ROBUST, UNKNOWN, VIOLATED
 from jaxrobust.verify import VerifyConfig, robustness_specs, verify

@@ -12,7 +12,7 @@ feed a relaxation (see `Layout`):
 Per subdomain, the bounds of every var are the root bounds of the box (CROWN intermediate bounds, see
 `root_bounds`) clamped by the splits and re-propagated by interval arithmetic through the graph (so a
 split also tightens the vars after it). The bound of a spec row ``c . out`` is CROWN's back-substitution
-(`bounds._backward_pass`) over these bounds with
+(`_walk._backward_pass`) over these bounds with
 
 * optimisable slopes ``alpha in [0, 1]`` of every ReLU-like unit and both lines of every sigmoid / tanh unit
   (α-CROWN);
@@ -42,10 +42,8 @@ from jax import lax
 
 from . import _relax
 from ._graph import Graph
-from .bounds import (
+from ._walk import (
     _EXAMPLES,
-    MARGIN_ABS,
-    MARGIN_REL,
     _backward_pass,
     _forward,
     _ibp_node,
@@ -53,12 +51,11 @@ from .bounds import (
     _Iv,
     _linear_prefix,
     _prefix_end,
-    _program,
     _pwl_consts,
     _window_relaxation,
-    full_precision,
     initial_slopes,
 )
+from .bounds import MARGIN_ABS, MARGIN_REL, _program, full_precision
 
 # Branch vars get α-CROWN intermediate bounds at the root where their bound rows times the size of the graph
 # before them stay within this many floats (256x6 MLPs: ~2e6; CIFAR ResNets: ~1e8, skipped: there the
@@ -202,7 +199,7 @@ def network_brancher(net) -> Brancher:
 
 def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
     """Bounds ``{var: (lo, hi)}`` (batch-1 shapes) of every var over the box ``lo, hi: (1, *in)``: CROWN
-    intermediate bounds (``pre``: `bounds._identity_prefixes`) intersected with interval ones; then, with
+    intermediate bounds (``pre``: `_walk._identity_prefixes`) intersected with interval ones; then, with
     ``steps``, the branch vars (inputs of ReLU-like, sigmoid / tanh and max-pool nodes) within `ALPHA_FLOATS`,
     in order, by α-CROWN (``steps`` Adam iterations on slopes per bound row), re-propagated forward by
     interval arithmetic."""
@@ -298,7 +295,7 @@ def _split_terms(g: Graph, lay: Layout, consts, root, s, ilo, ihi, beta):
 
 
 def _thetas(lay: Layout, g: Graph, alpha, rows: int = 1):
-    """Flat slopes ``alpha (rows, Ha)`` (or ``(Ha,)`` for one row) as the ``theta`` of `bounds._backward_pass`."""
+    """Flat slopes ``alpha (rows, Ha)`` (or ``(Ha,)`` for one row) as the ``theta`` of `_walk._backward_pass`."""
     alpha = alpha.reshape(rows, -1)
     out = {}
     for idx, v, off, n in lay.alpha:

@@ -34,24 +34,8 @@ from jax import lax
 from ..errors import InputError
 from . import _relax
 from ._graph import Graph, Node
-from .bounds import (
-    Bounds,
-    _backward,
-    _bind,
-    _box_ok,
-    _check_box,
-    _checked,
-    _crown_var,
-    _ibp_node,
-    _identity_prefix,
-    _Iv,
-    _linear_prefix,
-    _program,
-    _pwl_consts,
-    full_precision,
-    spec_interval,
-    widen,
-)
+from ._walk import _backward, _bind, _crown_var, _ibp_node, _identity_prefix, _Iv, _linear_prefix, _pwl_consts
+from .bounds import Bounds, _box_ok, _check_box, _checked, _program, full_precision, spec_interval, widen
 
 
 class _Affine(NamedTuple):
@@ -159,7 +143,7 @@ def _floats_per_example(g: Graph, in_shape, prefixes) -> int:
 
 
 def _small_prefixes(g: Graph, consts, dtype) -> dict:
-    """Backward-pass prefixes (`bounds._identity_prefix`) of the relaxed vars whose CROWN bounds fit in
+    """Backward-pass prefixes (`_walk._identity_prefix`) of the relaxed vars whose CROWN bounds fit in
     `BACKWARD_FLOATS`: ``2 · size(v) · (widest var before v)`` coefficients."""
     widest, out = 0, {}
     for node in g.nodes:

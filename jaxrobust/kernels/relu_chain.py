@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import UnsupportedOpError
 from ._graph import Graph, build_graph
-from .bounds import _bind
+from ._walk import _bind
 
 
 class ReluChain(NamedTuple):
