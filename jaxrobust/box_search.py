@@ -85,13 +85,23 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
     cmp = _compact(brancher, root)
+    sizes, seconds = (16, batch // 4, batch), {}     # padded batch shapes; the last call's time at each
+
+    def parents_that_fit() -> int:
+        """Parents for the next round: ``batch / 2``, or fewer where the time left would not bound all their
+        children, so that a query ends near its deadline. A shape's time is estimated by its last call or, if
+        less, linearly from another shape's (a first call may include compilation)."""
+        left = deadline - time.perf_counter()
+        fits = [s for s in sizes if min((seconds[m] * s / m for m in seconds), default=0.0) <= left]
+        return max(fits, default=sizes[0]) // 2
 
     def bound(sp: Splits, rows, init, steps):
         """Bounds of ``len(rows) <= batch`` subdomains stored compactly (`_Compact`): `DomainBounds` as numpy,
         compact, lower shifted by ``d``. Batches are padded to 16, batch / 4 or batch rows, so only three
         shapes are compiled."""
         n = len(rows)
-        size = next(s for s in (16, batch // 4, batch) if s >= n)
+        size = next(s for s in sizes if s >= n)
+        t0 = time.perf_counter()
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
         sp = sp._replace(s=cmp.expand(sp.s, cmp.free, lay.Hk))
         if init is not None:
@@ -100,6 +110,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
                            init, steps=steps, candidates=cfg.fsb)
         r = DomainBounds(*(np.asarray(a)[:n] for a in r))
+        seconds[size] = time.perf_counter() - t0
         lower = np.where(np.isnan(r.lower), -np.inf, r.lower)      # a NaN bound proves nothing
         return r._replace(lower=lower - d[rows], branch=cmp.branch(r.branch),
                           alpha=r.alpha[:, cmp.alpha_keep].astype(np.float16),
@@ -168,7 +179,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             stage = "lp"
             pool = {k: v[~exhausted] for k, v in pool.items()}
             continue
-        par, pool = _take_lowest(pool, batch // 2)
+        par, pool = _take_lowest(pool, parents_that_fit())
         children = _children(cmp, par)
         n_ch = len(children["t"])
         r = bound(Splits(children["s"], children["ilo"], children["ihi"]), children["t"],
