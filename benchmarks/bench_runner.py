@@ -1,15 +1,18 @@
-"""The runner's cost and its queue: Ray workers against one process, and a replay of real verifier times.
+"""The runner's cost and its queue: Ray workers and devices against one process, and a replay of real verifier times.
 
 (a) Overhead: a critical-ε run (attack oracle, bisection to 0.001 on [0, 0.4]) over ``--images`` MNIST test
-    images, each run in a fresh process: one process, then ``--workers`` local Ray workers (cluster start,
-    worker start and their compilations included); pairs alternate so both see the same load. Prints the
-    medians and the median of the per-pair ratios. The rows of both are compared (identical, no duplicate).
+    images, each run in a fresh process: one process on one device, then ``--workers`` local Ray workers (cluster
+    start, worker start and their compilations included), then with ``--devices N`` one process on N devices
+    (on a CPU host N forced host devices, ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; each device
+    compiles its own programs); the variants alternate so all see the same load. Prints the medians and the
+    median of the per-round ratios to one process. The rows of each are compared with one process's
+    (identical, no duplicate).
 (b) Scheduling: the per-image verifier times of the JAIR study (``total_time`` of
     ``../shared/reference/jair/results_JAIR_fomlas.csv``, 5480 images) replayed through the runner's queue
     (`runner.dynamic_queue`) with simulated workers; beside it the static split (each worker a contiguous
     block of the inputs, as a job array would give). Speed-up and its fraction of the ideal ``W``.
 
-    python benchmarks/bench_runner.py [--images 300] [--runs 3] [--workers 2] [--skip-overhead]
+    python benchmarks/bench_runner.py [--images 300] [--runs 3] [--workers 2] [--devices 0] [--skip-overhead]
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import argparse
 import csv
 import heapq
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -52,25 +56,33 @@ def rows(path) -> dict:
     return {k: v[order] for k, v in d.items() if k != "time_s"}
 
 
-def overhead(images: int, runs: int, workers: int) -> None:
-    times = {0: [], workers: []}
+def overhead(images: int, runs: int, workers: int, devices: int) -> None:
+    variants = {"one process": (0, {})}  # name: (Ray workers, environment)
+    if workers:
+        variants[f"{workers} Ray workers"] = (workers, {})
+    if devices > 1:
+        variants[f"{devices} devices"] = (0, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    times = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(runs):
-            for w in (0, workers):
-                out = f"{tmp}/w{w}_{r}.h5"
+            for k, (name, (w, env)) in enumerate(variants.items()):
+                out = f"{tmp}/v{k}_{r}.h5"
                 p = subprocess.run([sys.executable, __file__, "--one", str(w), "--images", str(images), "--out", out],
-                                   capture_output=True, text=True, cwd=Path(__file__).parent)
+                                   capture_output=True, text=True, cwd=Path(__file__).parent, env={**os.environ, **env})
                 if p.returncode:
                     sys.exit(p.stderr[-2000:])
-                times[w].append(json.loads(p.stdout.strip().splitlines()[-1])["wall_s"])
-                print(f"  run {r + 1}: {'one process' if w == 0 else f'{w} Ray workers'}: {times[w][-1]:.1f} s",
-                      flush=True)
-        a, b = rows(f"{tmp}/w0_0.h5"), rows(f"{tmp}/w{workers}_0.h5")
-        same = all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
-    ratio = np.median(np.array(times[workers]) / np.array(times[0]))
-    print(f"(a) critical ε of {images} images ({NETWORK.stem if NETWORK.exists() else 'mnist-mlp'}, attack oracle): "
-          f"one process {np.median(times[0]):.1f} s, {workers} Ray workers {np.median(times[workers]):.1f} s "
-          f"(medians of {runs}); median ratio {ratio:.2f} (+{(ratio - 1) * 100:.0f} %); rows identical: {same}")
+                times[name].append(json.loads(p.stdout.strip().splitlines()[-1])["wall_s"])
+                print(f"  run {r + 1}: {name}: {times[name][-1]:.1f} s", flush=True)
+        base = rows(f"{tmp}/v0_0.h5")
+        same = {name: all(np.array_equal(base[c], b[c], equal_nan=b[c].dtype.kind == "f") for c in base)
+                for k, name in enumerate(variants) if k for b in [rows(f"{tmp}/v{k}_0.h5")]}
+    net = NETWORK.stem if NETWORK.exists() else "mnist-mlp"
+    print(f"(a) critical ε of {images} images ({net}, attack oracle), medians of {runs}: one process "
+          f"{np.median(times['one process']):.1f} s")
+    for name in same:
+        ratio = np.median(np.array(times[name]) / np.array(times["one process"]))
+        print(f"    {name} {np.median(times[name]):.1f} s; median ratio {ratio:.2f} ({(ratio - 1) * 100:+.0f} %); "
+              f"rows identical: {same[name]}")
 
 
 def replay(times: np.ndarray, workers: int) -> float:
@@ -115,7 +127,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2, help="Ray workers (0: none)")
+    p.add_argument("--devices", type=int, default=0, help="also one process on this many devices (0: not)")
     p.add_argument("--skip-overhead", action="store_true")
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one timed run with this many workers (0: none)
     p.add_argument("--out", help=argparse.SUPPRESS)
@@ -124,7 +137,7 @@ def main():
         print(json.dumps({"wall_s": one_run(a.images, a.one, a.out)}))
         return
     if not a.skip_overhead:
-        overhead(a.images, a.runs, a.workers)
+        overhead(a.images, a.runs, a.workers, a.devices)
     scheduling()
 
 

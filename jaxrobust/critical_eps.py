@@ -216,13 +216,12 @@ def full_options(kind: str, options: dict | None = None) -> dict:
 
 
 class _Task:
-    """``compute(chunk) -> {TABLE: rows}`` of `run`; the oracle is built once per process, its attack and bound
-    batches sharded over the process's first ``devices`` devices (branch and bound runs per query)."""
+    """``compute(chunk) -> {TABLE: rows}`` of `run` on JAX's default device; the oracle is built once per
+    process."""
 
-    def __init__(self, net: Network, kind: str, options: dict, cfg: SearchConfig, batch_size: int, devices,
-                 dataset: tuple):
+    def __init__(self, net: Network, kind: str, options: dict, cfg: SearchConfig, batch_size: int, dataset: tuple):
         self.net, self.kind, self.options, self.cfg, self.batch_size = net, kind, options, cfg, batch_size
-        self.devices, self.dataset, self._oracle = devices, dataset, None  # dataset: (name, split, image_shape)
+        self.dataset, self._oracle = dataset, None  # dataset: (name, split, image_shape)
 
     def __getstate__(self):
         return {**self.__dict__, "_oracle": None}
@@ -236,14 +235,8 @@ class _Task:
     @property
     def oracle(self) -> Oracle:
         if self._oracle is None:
-            from .kernels.sharding import batch_mesh, shard_args
             from .oracles import make_oracle
-            from .runner import local_devices
-            o = make_oracle(self.net, self.kind, **self.options)
-            mesh = batch_mesh(local_devices(self.devices))
-            shard = lambda f: None if f is None else shard_args(f, mesh, batched=3)  # noqa: E731
-            self._oracle = o._replace(prove=o.prove if self.kind == "complete" else shard(o.prove),
-                                      falsify=shard(o.falsify), minimize=shard(o.minimize))
+            self._oracle = make_oracle(self.net, self.kind, **self.options)
         return self._oracle
 
     def __call__(self, chunk) -> dict:
@@ -269,8 +262,8 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
 
     Inputs are processed in chunks of ``chunk`` by `runner.ResumableRun`: each finished chunk is committed,
     so a killed run resumed with ``resume=True`` skips what is stored and adds exactly the missing rows.
-    ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray workers (see
-    `runner`). Returns the `ResultStore`.
+    ``devices``: local devices that run chunks side by side (default all); ``workers`` / ``ray_address``: Ray
+    workers (see `runner`). Returns the `ResultStore`.
     """
     from .runner import ResumableRun, check_scale
 
@@ -278,8 +271,7 @@ def run(net: Network, dataset, indices, oracle_kind: str, cfg: SearchConfig, out
     cfg, options = check_config(cfg), full_options(oracle_kind, oracle_options)
     if chunk < 1 or batch_size < 1:
         raise InputError(f"chunk and batch_size must be >= 1, got {chunk}, {batch_size}")
-    task = _Task(net, oracle_kind, options, cfg, batch_size, devices, (dataset.name, dataset.split,
-                                                                         tuple(dataset.image_shape)))
+    task = _Task(net, oracle_kind, options, cfg, batch_size, (dataset.name, dataset.split, tuple(dataset.image_shape)))
     config = task.config()      # an unsupported network or option fails here, before the file is touched
     run = ResumableRun(out, {TABLE: columns(dataset.image_shape)}, config, resume=resume, progress=progress,
                        desc=f"critical ε ({oracle_kind})", devices=devices, workers=workers, ray_address=ray_address)

@@ -191,13 +191,12 @@ def interval(k, n, confidence: float = 0.95) -> tuple[float, float]:
 def global_correctness(classifier: Network, generator: Generator, label: int | None, *, samples: int = 10_000,
                        key=None, reference: Network | None = None, confidence: float = 0.95,
                        latent_box: float = LATENT_BOX, chunk: int = 2000, max_saved: int = 100,
-                       on_chunk=None, devices=None) -> Correctness:
+                       on_chunk=None) -> Correctness:
     """Monte Carlo estimate of P(C(G(z)) = label), or, with ``reference``, of P(C(G(z)) = R(G(z))).
 
     ``on_chunk(m)`` is called after each chunk of ``m`` samples (progress bars). Sample ``i`` is latent
-    ``i`` of ``key`` (see `latents`). Each chunk is sharded over ``devices`` (local devices; default one).
+    ``i`` of ``key`` (see `latents`), on JAX's default device.
     """
-    from .kernels.sharding import batch_mesh, shard_batch
     if (label is None) == (reference is None):
         raise InputError("give exactly one of a class label (class generator) or a reference classifier "
                          "(unconditional generator)")
@@ -215,9 +214,8 @@ def global_correctness(classifier: Network, generator: Generator, label: int | N
     chunk = min(chunk, samples)
     starts = range(0, samples, chunk)
     # every chunk is dispatched before the first result is read, so the device never waits on Python
-    mesh = batch_mesh(devices or jax.local_devices()[:1])
-    pending = [_sample_predictions(gen, nets, key, shard_batch(jnp.arange(start, start + chunk), mesh)[0],
-                                   float(latent_box)) for start in starts]
+    pending = [_sample_predictions(gen, nets, key, jnp.arange(start, start + chunk), float(latent_box))
+               for start in starts]
     preds, expected = [], []
     for start, p in zip(starts, pending):
         p = np.asarray(p)
@@ -372,7 +370,7 @@ def _bound_margins(net: Network, z, labels, eps, method: str) -> np.ndarray:
 def global_robustness(classifier: Network, generator: Generator, label: int | None, eps: float, *,
                       samples: int = 1000, key=None, bounds: str = "ibp", attack_steps: int = 40,
                       restarts: int = 1, confidence: float = 0.95, latent_box: float = LATENT_BOX,
-                      chunk: int = 250, on_chunk=None, devices=None,
+                      chunk: int = 250, on_chunk=None,
                       complete_timeout: float = COMPLETE_TIMEOUT) -> Robustness:
     """Classify the latent ε-box around each of ``samples`` latents as ROBUST / VIOLATED / UNKNOWN.
 
@@ -381,10 +379,8 @@ def global_robustness(classifier: Network, generator: Generator, label: int | No
     (see `_bound_margins`), ``"complete"`` (``"crown"``, then `verify.verify` by input splitting of the latent
     box, ``complete_timeout`` seconds per latent the bounds and the attack leave undecided) or ``"none"``
     (falsification only). A latent is never both proved and falsified; if it were, the bounds would be
-    unsound and a `JaxRobustError` is raised. Each chunk of latents is sharded over ``devices`` (local
-    devices; default one).
+    unsound and a `JaxRobustError` is raised. Runs on JAX's default device.
     """
-    from .kernels.sharding import batch_mesh, shard_batch
     if bounds not in BOUND_METHODS:
         raise InputError(f"unknown bound method {bounds!r}; choose one of {BOUND_METHODS}")
     if not eps >= 0:
@@ -395,10 +391,9 @@ def global_robustness(classifier: Network, generator: Generator, label: int | No
     key = jax.random.PRNGKey(0) if key is None else key
     net = compose(classifier, generator, latent_box=latent_box)
     chunk = min(chunk, samples)
-    mesh = batch_mesh(devices or jax.local_devices()[:1])
     status, reasons, pairs = [], [], []
     for start in range(0, samples, chunk):
-        idx, _ = shard_batch(jnp.arange(start, start + chunk), mesh)  # fixed shape; rows past `samples` dropped
+        idx = jnp.arange(start, start + chunk)  # fixed shape; rows past `samples` dropped
         z = latents(key, idx, generator.latent_dim, float(latent_box))
         r = latent_attack(classifier, generator, z, eps, key=jax.random.fold_in(jax.random.fold_in(key, 1), start),
                           steps=attack_steps, restarts=restarts, latent_box=latent_box)
@@ -480,25 +475,22 @@ class _Unit(NamedTuple):
 
 
 class _Task:
-    """``compute(unit) -> {table: rows}`` of `run_global` (rows without the ``config`` column)."""
+    """``compute(unit) -> {table: rows}`` of `run_global` (rows without the ``config`` column), on JAX's default
+    device."""
 
-    def __init__(self, classifier: Network, generators: Mapping, reference: Network | None, options: dict,
-                 devices):
+    def __init__(self, classifier: Network, generators: Mapping, reference: Network | None, options: dict):
         self.classifier, self.generators, self.reference = classifier, dict(generators), reference
-        self.options, self.devices = options, devices
+        self.options = options
 
     def __call__(self, unit: _Unit) -> dict:
-        from .runner import local_devices
         o, clf, g = self.options, self.classifier, self.generators[unit.cls]
         i = unit.index
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(o["seed"]), i + 1), int(unit.stage == "robustness"))
         keys = lambda n, split: {"network": [clf.hash] * n, "dataset": [g.hash] * n, "split": [split] * n}  # noqa: E731
-        devices = local_devices(self.devices)
         if unit.stage == "correctness":
             r = global_correctness(clf, g, unit.cls, samples=o["samples"], key=key,
                                    reference=self.reference if unit.cls is None else None,
-                                   confidence=o["confidence"], latent_box=o["latent_box"], max_saved=o["max_saved"],
-                                   devices=devices)
+                                   confidence=o["confidence"], latent_box=o["latent_box"], max_saved=o["max_saved"])
             m = len(r.wrong_index)
             return {"global_misclassified": {**keys(m, f"class{i}"), "index": r.wrong_index, "label": [i] * m,
                                              "predicted": r.wrong_predicted, "expected": r.wrong_expected,
@@ -509,8 +501,7 @@ class _Task:
                                            "generator_name": [g.name],
                                            "reference": ["" if self.reference is None else self.reference.name]}}
         r = global_robustness(clf, g, unit.cls, o["eps"], samples=o["robust_samples"], key=key, bounds=o["bounds"],
-                              attack_steps=o["attack_steps"], confidence=o["confidence"], latent_box=o["latent_box"],
-                              devices=devices)
+                              attack_steps=o["attack_steps"], confidence=o["confidence"], latent_box=o["latent_box"])
         p = AdversarialPairs(*(a[:o["max_saved"]] for a in r.pairs))
         m = len(p.z)
         counts = {f"{name}{suffix}": [v[k]] for k, name in enumerate(COUNTS[::3])
@@ -535,9 +526,9 @@ def run_global(classifier: Network, generators: Mapping, out, *, classes=None, s
     (tables ``global_correctness``, ``global_misclassified``, ``global_robustness``,
     ``global_adversarial``), keyed by (classifier hash, generator hash, class, configuration); each stage of
     each class is one unit of `runner.ResumableRun`, committed when done, so ``resume=True`` continues a
-    stopped run. ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray
-    workers. With ``image_dir``, PNG grids of misclassified samples and of adversarial pairs (top row
-    original, bottom row adversarial) are written.
+    stopped run. ``devices``: local devices that run units side by side (default all); ``workers`` /
+    ``ray_address``: Ray workers. With ``image_dir``, PNG grids of misclassified samples and of adversarial
+    pairs (top row original, bottom row adversarial) are written.
     Returns a JSON-able summary ``{"correctness": [...], "robustness": [...]}``; a robustness entry counts
     the latents per verdict (``robust``, ``violated``, ``unknown``, each with ``_low`` / ``_high``).
     """
@@ -586,7 +577,7 @@ def run_global(classifier: Network, generators: Mapping, out, *, classes=None, s
                 save_png(images, Path(image_dir) / f"{name}_{split}.png", ncols=10 if name == "misclassified" else k)
 
     run.map([u for u, t in zip(units, todo) if t], _Task(classifier, generators, reference,
-                                                          {**options, "max_saved": max_saved}, devices),
+                                                          {**options, "max_saved": max_saved}),
             size=size, done=sum(size(u) for u, t in zip(units, todo) if not t),
             after=None if image_dir is None else save_images)
     summary = {"classifier": classifier.name, "classifier_hash": classifier.hash, "config": options,

@@ -122,14 +122,13 @@ def check_config(net: Network, cfg: RomaConfig) -> None:
 
 
 def roma(net: Network, x, y, cfg: RomaConfig | None = None, *, indices: Sequence[int] | None = None,
-         batch: int | None = None, devices=None) -> RomaResult:
+         batch: int | None = None) -> RomaResult:
     """RoMA statistics of every input ``x: (N, *input_shape)`` with labels ``y: (N,)``.
 
     ``cfg`` defaults to ``RomaConfig()``; ``indices`` are the inputs' global ids (they seed the
     samples); ``batch`` inputs are processed at a time (default: as many as keep ``batch · samples``
-    under 2^25 confidences), sharded over ``devices`` (a list of local devices; default one).
+    under 2^25 confidences), on JAX's default device.
     """
-    from .kernels.sharding import batch_mesh, shard_args
     cfg = RomaConfig() if cfg is None else cfg
     x = net.check_inputs(x)
     n = len(x)
@@ -137,8 +136,6 @@ def roma(net: Network, x, y, cfg: RomaConfig | None = None, *, indices: Sequence
     check_config(net, cfg)
     indices = np.arange(n) if indices is None else np.asarray(indices)
     batch = batch or max(1, min(256, (1 << 25) // cfg.samples))
-    sample = shard_args(lambda xs, ys, ids: confidences(net, xs, ys, cfg, indices=ids),
-                        batch_mesh(devices or jax.local_devices()[:1]), batched=3)
     floor = -math.log10(cfg.samples)  # the smallest tail that n samples resolve: 1/n
     parts = []
     for s in range(0, n, batch):
@@ -146,7 +143,7 @@ def roma(net: Network, x, y, cfg: RomaConfig | None = None, *, indices: Sequence
         m = min(batch, n - s)
         p = min(batch, 1 << (m - 1).bit_length())  # pad to a power of two: few compiled shapes
         rows = np.concatenate([np.arange(s, s + m), np.full(p - m, s)])
-        conf = sample(x[rows], y[rows], indices[rows])
+        conf = confidences(net, x[rows], y[rows], cfg, indices=indices[rows])
         st = roma_statistics(conf, cfg.delta, cfg.significance)
         st = st._replace(**{f: np.asarray(v)[:m] for f, v in st._asdict().items()})
         wrong = np.asarray(net(x[s:s + m])).argmax(-1) != y[s:s + m]
@@ -178,16 +175,15 @@ COLUMNS = {"label": ("i8", ()), "eps": ("f8", ()), "delta": ("f8", ()), "samples
 
 
 class _Task:
-    """``compute(chunk) -> {TABLE: rows}`` of `run` (a `runner.Chunk`), sharded over ``devices``."""
+    """``compute(chunk) -> {TABLE: rows}`` of `run` (a `runner.Chunk`) on JAX's default device."""
 
-    def __init__(self, net: Network, cfg: RomaConfig, devices, dataset: tuple):
-        self.net, self.cfg, self.devices, self.dataset = net, cfg, devices, dataset  # dataset: (name, split)
+    def __init__(self, net: Network, cfg: RomaConfig, dataset: tuple):
+        self.net, self.cfg, self.dataset = net, cfg, dataset  # dataset: (name, split)
 
     def __call__(self, chunk) -> dict:
-        from .runner import local_devices
         with warnings.catch_warnings():  # `run` has given the configuration's warnings once
             warnings.simplefilter("ignore", UserWarning)
-            r = roma(self.net, chunk.x, chunk.y, self.cfg, indices=chunk.ids, devices=local_devices(self.devices))
+            r = roma(self.net, chunk.x, chunk.y, self.cfg, indices=chunk.ids)
         m, cfg = len(chunk), self.cfg
         return {TABLE: {"network": [self.net.hash] * m, "dataset": [self.dataset[0]] * m,
                         "split": [self.dataset[1]] * m, "index": chunk.ids, "label": chunk.y, "eps": [cfg.eps] * m,
@@ -203,8 +199,8 @@ def run(net: Network, dataset, indices, cfg: RomaConfig, out, *, resume: bool = 
         ray_address: str | None = None):
     """RoMA for ``dataset`` rows ``indices`` (positions), one row per input appended to the HDF5 ``out``
     (table ``roma``) by `runner.ResumableRun`, committed every ``chunk`` inputs; ``resume`` skips stored rows.
-    ``devices``: local devices per process (default all); ``workers`` / ``ray_address``: Ray workers.
-    Returns the store."""
+    ``devices``: local devices that run chunks side by side (default all); ``workers`` / ``ray_address``: Ray
+    workers. Returns the store."""
     from .runner import ResumableRun, check_scale
 
     check_scale(devices, workers, ray_address)
@@ -214,7 +210,7 @@ def run(net: Network, dataset, indices, cfg: RomaConfig, out, *, resume: bool = 
     run = ResumableRun(out, {TABLE: COLUMNS}, {"method": "roma", **cfg._asdict()}, resume=resume, progress=progress,
                        desc=f"RoMA ε={cfg.eps:g}", devices=devices, workers=workers, ray_address=ray_address)
     chunks, done = run.input_chunks(net, dataset, indices, chunk)
-    run.map(chunks, _Task(net, cfg, devices, (dataset.name, dataset.split)), done=done)
+    run.map(chunks, _Task(net, cfg, (dataset.name, dataset.split)), done=done)
     return run.stores[TABLE]
 
 

@@ -7,22 +7,28 @@ A driver (critical ε, RoMA, global robustness, batch verification) describes it
   are stored already (`pending`: a resumed run skips them, a fresh run refuses to mix with them);
 * chunks: each chunk's rows are committed in one transaction by this process, the only writer, so a run
   stopped at any moment (Ctrl-C, a killed job) resumes without losing or duplicating a row;
-* where chunks run: here, on the local devices the driver shards its batches over (`local_devices`), or in
-  Ray worker processes (``workers=N`` starts a local cluster, kept for later runs of the process;
-  ``ray_address`` joins a running one). Workers take chunks from a dynamic queue (`dynamic_queue`: a slow
-  chunk holds up one worker, not the run); each worker unpickles ``compute`` once and keeps its compiled
-  programs warm across chunks; one that dies loses only its chunk in flight, which a fresh worker takes first;
+* where chunks run: here, one chunk per local device at a time (`local_devices`; with several, a thread per
+  chunk in flight, its device JAX's default device), or in Ray worker processes, one device each (``workers=N``
+  starts a local cluster, kept for later runs of the process; ``ray_address`` joins a running one). Devices and
+  workers take chunks from a dynamic queue (`dynamic_queue`: a slow chunk holds up one of them, not the run);
+  each Ray worker unpickles ``compute`` once and keeps its compiled programs warm across chunks; one that dies
+  loses only its chunk in flight, which a fresh worker takes first;
 * progress (tqdm), a line naming the devices and workers, and a record of them in the file (`store.runs`).
 
-``compute`` must be a picklable callable whose result depends only on the chunk (randomness keyed by data
-indices), so rows do not depend on the worker, the device count or the order in which chunks finish.
+``compute`` must be a picklable callable, safe to call from several threads at once, whose result depends only
+on the chunk (randomness keyed by data indices). A chunk is never split over devices: each runs whole on one
+device, with the shapes it has on one device, so rows do not depend on the worker, the device count or the
+order in which chunks finish, bit for bit. (Splitting a batch over devices would change the shapes XLA
+multiplies, and with them the rounding of every row.)
 """
 from __future__ import annotations
 
 import collections
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -34,6 +40,7 @@ from .store import ResultStore, commit
 
 Key = tuple  # (network, dataset, split, index)
 MAX_TRIES = 3  # attempts per chunk when workers die
+_CHUNK = threading.local()  # .device: the device of the chunk this thread runs (`_DevicePool`)
 
 
 class Chunk(NamedTuple):
@@ -48,13 +55,17 @@ class Chunk(NamedTuple):
 
 def check_scale(devices=None, workers=None, ray_address=None) -> None:
     """Validate the scale-out options (before anything is written): ``devices`` and ``workers`` are None or
-    integers >= 1; ``workers`` / ``ray_address`` need Ray (``pip install 'jaxrobust[ray]'``)."""
+    integers >= 1, ``devices`` only without Ray workers (each of those runs on one device); ``workers`` /
+    ``ray_address`` need Ray (``pip install 'jaxrobust[ray]'``)."""
     for name, v in (("devices", devices), ("workers", workers)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
             raise InputError(f"{name} must be an integer >= 1, got {v!r}")
     if ray_address is not None and not (isinstance(ray_address, str) and ray_address.strip()):
         raise InputError(f"ray_address must be an address such as 10.0.0.1:6379 or 'auto', got {ray_address!r}")
     if workers is not None or ray_address is not None:
+        if devices is not None:
+            raise InputError("devices counts the devices of this process; Ray workers run on one device each "
+                             "(the GPU Ray gives them): leave devices out")
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -62,8 +73,11 @@ def check_scale(devices=None, workers=None, ray_address=None) -> None:
 
 
 def local_devices(devices: int | None = None) -> list:
-    """The first ``devices`` of `jax.local_devices()` (all of them when None)."""
+    """The first ``devices`` of `jax.local_devices()` (all of them when None); in a chunk that `ResumableRun`
+    runs on one of several devices, that device alone."""
     import jax
+    if getattr(_CHUNK, "device", None) is not None:
+        return [_CHUNK.device]
     devs = jax.local_devices()
     if devices is None:
         return devs
@@ -83,9 +97,10 @@ def describe(devices: int | None = None) -> dict:
 class ResumableRun:
     """Tables ``{name: columns}`` of the HDF5 file ``path`` (see `store.ResultStore`), keyed by ``config``.
 
-    The scale-out options are checked before the file is created: ``devices`` limits the local devices of
-    each process, ``workers`` runs chunks in that many Ray workers (a local cluster unless ``ray_address``
-    names a running one; with an address and no count, one worker per GPU of the cluster, else per node).
+    The scale-out options are checked before the file is created: ``devices`` limits the local devices that
+    run chunks side by side, ``workers`` runs chunks in that many Ray workers (a local cluster unless
+    ``ray_address`` names a running one; with an address and no count, one worker per GPU of the cluster, else
+    per node).
     """
 
     def __init__(self, path, tables: Mapping[str, Mapping], config: Mapping, *, resume: bool = False,
@@ -160,10 +175,14 @@ class ResumableRun:
             return
         if not self._remote:
             self._log([describe(self.devices)])
+            devices = local_devices(self.devices)
+            if len(devices) > 1:
+                yield from _DevicePool(compute, devices).imap(chunks)
+                return
             for c in chunks:
                 yield c, compute(c)
             return
-        pool = _RayPool(compute, self.devices, self.workers, self.ray_address)
+        pool = _RayPool(compute, self.workers, self.ray_address)
         try:
             self._log(pool.hosts)
             yield from pool.imap(chunks)
@@ -229,20 +248,54 @@ def dynamic_queue(n: int, workers: list, submit: Callable, wait: Callable, repla
         yield i, result
 
 
+class _DevicePool:
+    """Chunks on several devices of this process, fed from `dynamic_queue`: each chunk in a thread of its own
+    (a daemon: an interrupted run does not wait for it) with its device as JAX's default device and as
+    `local_devices`. Arrays made in ``compute`` land on that device; uncommitted ones made before (network
+    parameters) are copied there by each program that takes them."""
+
+    def __init__(self, compute, devices: list):
+        self.compute, self.devices, self.done = compute, devices, queue.SimpleQueue()
+
+    def _run(self, device, i: int, chunk) -> None:
+        import jax
+        _CHUNK.device = device
+        try:
+            with jax.default_device(device):
+                self.done.put((i, self.compute(chunk), None))
+        except BaseException as e:  # noqa: BLE001  raised again by the thread that reads the results
+            self.done.put((i, None, e))
+
+    def imap(self, chunks: Sequence) -> Iterable[tuple[Any, Any]]:
+        """``(chunk, compute(chunk))`` in order of completion; a chunk's exception is raised here."""
+        def submit(device, i):
+            threading.Thread(target=self._run, args=(device, i, chunks[i]), daemon=True).start()
+            return i
+
+        def wait(_):
+            i, rows, error = self.done.get()
+            if error is not None:
+                raise error
+            return i, rows, False
+
+        for i, rows in dynamic_queue(len(chunks), self.devices, submit, wait, replace=None):
+            yield chunks[i], rows
+
+
 # --- Ray -----------------------------------------------------------------------------------------------
 class _Worker:
-    """One Ray actor: pinned to the GPUs Ray gave it, then ``compute`` is unpickled once, so its compiled
-    programs stay warm across chunks."""
+    """One Ray actor: pinned to the GPU Ray gave it, then ``compute`` is unpickled once, so its compiled
+    programs stay warm across chunks (which run on its first device)."""
 
-    def __init__(self, blob: bytes, devices):
+    def __init__(self, blob: bytes):
         import ray
         gpus = ray.get_gpu_ids()
         if gpus:  # before JAX starts its backend: this worker sees its own GPUs only
             os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-        self.compute, self.devices = ray.cloudpickle.loads(blob), devices
+        self.compute = ray.cloudpickle.loads(blob)
 
     def describe(self) -> dict:
-        return describe(self.devices)
+        return describe(1)
 
     def run(self, chunk):
         return self.compute(chunk)
@@ -251,7 +304,7 @@ class _Worker:
 class _RayPool:
     """Ray workers fed from a dynamic queue of chunks; a dead worker is replaced and its chunk retried."""
 
-    def __init__(self, compute, devices, workers, address):
+    def __init__(self, compute, workers, address):
         import warnings
 
         import ray
@@ -259,8 +312,9 @@ class _RayPool:
         if not ray.is_initialized():
             with warnings.catch_warnings():  # Ray's fork() of its daemons, which never run JAX
                 warnings.simplefilter("ignore", (DeprecationWarning, RuntimeWarning))
-                if address is None:
-                    ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+                if address is None:  # "local": a new cluster, even where `ray start` left an address behind
+                    ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False,
+                             logging_level="ERROR")
                 else:
                     ray.init(address=address, log_to_driver=False, logging_level="ERROR")
         res = ray.cluster_resources()
@@ -268,13 +322,13 @@ class _RayPool:
         if workers is None:
             workers = gpus or len([n for n in ray.nodes() if n["Alive"]])
         opts = {"num_gpus": min(1.0, gpus / workers)} if gpus else {"num_cpus": min(1.0, res.get("CPU", 1) / workers)}
-        self.actor_class, self.devices = ray.remote(**opts)(_Worker), devices
+        self.actor_class = ray.remote(**opts)(_Worker)
         self.compute = ray.put(ray.cloudpickle.dumps(compute))
         self.actors = [self._start() for _ in range(workers)]
         self.hosts = self._get([a.describe.remote() for a in self.actors])
 
     def _start(self):
-        return self.actor_class.remote(self.compute, self.devices)
+        return self.actor_class.remote(self.compute)
 
     def _get(self, refs):
         """``ray.get`` that raises a failed task's own jaxrobust error (one line in the CLI)."""

@@ -1,4 +1,4 @@
-"""The resumable runner: pending rows, one writer, devices and Ray workers give the rows of one process.
+"""The resumable runner: pending rows, one writer, devices and Ray workers give the rows of one process, bit for bit.
 
 Drivers run on a 784-16-10 zoo MLP whose labels are its own predictions (every input is searched) and
 on small class generators of `jaxrobust.gan`, so the work units are cheap and every query is decided well
@@ -6,9 +6,11 @@ inside its budgets (results cannot depend on timing).
 """
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from jaxrobust import critical_eps, gan, generative, instances, roma, zoo
 from jaxrobust.data import from_arrays, load_dataset
 from jaxrobust.errors import FileFormatError, InputError
 from jaxrobust.runner import Chunk, ResumableRun, check_scale
+from jaxrobust.store import ResultStore
 from jaxrobust.weights import save_network
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,20 +58,16 @@ def rows_of(store) -> dict:
     return {k: v[order] for k, v in d.items() if k != "time_s"}
 
 
-def assert_same_rows(a: dict, b: dict, rtol: dict | None = None):
-    """Equal rows; with ``rtol``, float columns within ``rtol.get(column, 1e-5)`` instead of bit for bit.
-    NaN equals NaN."""
+def assert_same_rows(a: dict, b: dict):
+    """Equal rows, every column bit for bit (NaN equals NaN)."""
     assert a.keys() == b.keys()
     for k in a:
-        if rtol is not None and a[k].dtype.kind == "f":
-            np.testing.assert_allclose(a[k], b[k], rtol=rtol.get(k, 1e-5), err_msg=k, strict=True)
-        else:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k, strict=True)
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k, strict=True)
 
 
 def drivers(tmp, name: str, **scale) -> dict:
-    """Rows of each driver (critical ε with the attack and the complete oracle, RoMA, global robustness)
-    written to files ``tmp/name_*.h5`` with the scale-out options ``scale``."""
+    """Rows of each driver (critical ε with the attack and the complete oracle, RoMA, and every table of global
+    correctness and robustness) written to files ``tmp/name_*.h5`` with the scale-out options ``scale``."""
     net = tiny_net()
     ds = tiny_data(net)
     out = {}
@@ -79,16 +78,19 @@ def drivers(tmp, name: str, **scale) -> dict:
         out[oracle] = rows_of(s)
     out["roma"] = rows_of(roma.run(net, ds, range(8), ROMA, tmp / f"{name}_roma.h5", chunk=4, progress=False, **scale))
     gens = generators()
-    summary = generative.run_global(net, gens, tmp / f"{name}_global.h5", samples=64, eps=0.2, robust_samples=16,
-                                    attack_steps=5, max_saved=10, progress=False, **scale)
-    out["global"] = summary["correctness"] + summary["robustness"]
+    generative.run_global(net, gens, tmp / f"{name}_global.h5", samples=64, eps=0.2, robust_samples=16,
+                          attack_steps=5, max_saved=10, progress=False, **scale)
+    g = gens[3]
+    for table, cols in generative._tables(g.latent_dim, g.output_shape).items():
+        out[table] = rows_of(ResultStore(tmp / f"{name}_global.h5", table, cols))
     return out
 
 
-def compare(a: dict, b: dict, rtol: dict | None = None):
-    for k in ("attack", "complete", "roma"):
-        assert_same_rows(a[k], b[k], rtol)
-    assert a["global"] == b["global"]
+def compare(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert_same_rows(a[k], b[k])
+    assert len(a["global_adversarial"]["index"]) and len(a["global_misclassified"]["index"])  # latents compared
 
 
 # --- the runner itself ---------------------------------------------------------------------------------
@@ -144,7 +146,8 @@ def test_interrupted_run_keeps_its_chunks_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("bad, match", [({"devices": 0}, "devices"), ({"workers": 0}, "workers"),
                                         ({"devices": 99}, "devices=99"), ({"workers": 1.5}, "workers"),
-                                        ({"ray_address": ""}, "ray_address")])
+                                        ({"ray_address": ""}, "ray_address"),
+                                        ({"devices": 1, "workers": 2}, "leave devices out")])
 def test_bad_scale_options_write_nothing(tmp_path, bad, match):
     net = tiny_net()
     with pytest.raises(InputError, match=match):
@@ -174,7 +177,6 @@ def test_oracle_options_key_the_rows_explicitly():
 def test_rows_name_the_attacks_that_ran(tmp_path):
     """A censored input means every attack of its configuration failed up to eps_max: the stored configuration
     names them, and switching the bound-guided attack off is another configuration."""
-    from jaxrobust.store import ResultStore
     net = tiny_net()
     ds = tiny_data(net, 4)
     for guided in (True, False):
@@ -236,32 +238,64 @@ def test_bad_instances_files_write_nothing(tmp_path):
 
 
 # --- all local devices -----------------------------------------------------------------------------------
+class WhereRun(Square):
+    """`Square` with the device each chunk ran on: of an array it makes, and `runner.local_devices`; fails at
+    id ``fail``."""
+
+    def __init__(self, fail: int = -1):
+        self.fail = fail
+
+    def __call__(self, ids):
+        import jax.numpy as jnp
+
+        from jaxrobust.runner import local_devices
+        if self.fail in ids:
+            raise InputError(f"chunk of id {self.fail}")
+        rows = super().__call__(ids)
+        rows["t"]["device"] = [f"{jnp.zeros(1).device} {local_devices()[0]}"] * len(ids)
+        return rows
+
+
 FOUR_DEVICES = textwrap.dedent("""
     import pickle, sys
     from pathlib import Path
     import jax
-    from tests.test_runner import drivers
+    from jaxrobust.errors import InputError
+    from jaxrobust.runner import ResumableRun
+    from tests.test_runner import WhereRun, drivers
     assert jax.local_device_count() == 4, jax.devices()
     tmp = Path(sys.argv[1])
-    pickle.dump({"all": drivers(tmp, "all"), "one": drivers(tmp, "one", devices=1)}, open(tmp / "rows.pkl", "wb"))
+    cols = {"t": {"value": ("f8", ()), "device": ("str", ())}}
+    run = ResumableRun(tmp / "where.h5", cols, {"k": 1}, progress=False)
+    assert run.map([[i] for i in range(8)], WhereRun()) == 8
+    where = sorted(run.read("t")["device"])
+    try:
+        ResumableRun(tmp / "where.h5", cols, {"k": 2}, progress=False).map([[i] for i in range(8)], WhereRun(5))
+        failed = ""
+    except InputError as e:
+        failed = str(e)
+    pickle.dump({"all": drivers(tmp, "all"), "one": drivers(tmp, "one", devices=1), "where": where,
+                 "failed": failed}, open(tmp / "rows.pkl", "wb"))
 """)
 
 
 @pytest.mark.slow
 def test_four_devices_give_the_rows_of_one(tmp_path):
+    """Each chunk runs whole on one of the four devices (never split over them), so every column of every
+    driver's rows, distances and statistics included, equals the one-device run's bit for bit."""
     import pickle
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     p = subprocess.run([sys.executable, "-c", FOUR_DEVICES, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = pickle.load(open(tmp_path / "rows.pkl", "rb"))
-    # statuses, labels, counts and brackets are equal; distances and statistics equal to float32 rounding (XLA:CPU
-    # multiplies a shard of one row with another kernel than a batch of four). The Box-Cox λ maximises a flat
-    # likelihood: that rounding of the confidences moves it in the third digit (and plr not at all).
-    compare(rows["all"], rows["one"], rtol={"lambda": 1e-2, "lambda_yj": 1e-2, "ad_before": 1e-3, "ad_after": 1e-3})
-    from jaxrobust.store import ResultStore
+    compare(rows["all"], rows["one"])
     run = ResultStore(tmp_path / "all_roma.h5", roma.TABLE, roma.COLUMNS).runs()[-1]
     assert run["hosts"][0]["devices"] == ["cpu:0", "cpu:1", "cpu:2", "cpu:3"]
+    # the first four chunks went to the four devices at once; each chunk's arrays lived on its device
+    assert {d.split()[0] for d in rows["where"]} == {"cpu:0", "cpu:1", "cpu:2", "cpu:3"}
+    assert all(d.split()[0] == d.split()[1] for d in rows["where"])
+    assert rows["failed"] == "chunk of id 5"  # a chunk's error reaches the caller
 
 
 # --- Ray workers -----------------------------------------------------------------------------------------
@@ -271,7 +305,7 @@ def ray_cluster():
     ray = pytest.importorskip("ray")
     with warnings.catch_warnings():  # Ray's fork() of its daemons, which never run JAX
         warnings.simplefilter("ignore", (DeprecationWarning, RuntimeWarning))
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
     ray.shutdown()
 
@@ -279,9 +313,69 @@ def ray_cluster():
 @pytest.mark.slow
 def test_two_ray_workers_give_the_rows_of_one_process(tmp_path, ray_cluster):
     compare(drivers(tmp_path, "ray", workers=2), drivers(tmp_path, "local"))
-    from jaxrobust.store import ResultStore
     run = ResultStore(tmp_path / "ray_roma.h5", roma.TABLE, roma.COLUMNS).runs()[-1]
     assert run["workers"] == 2 and len({h["pid"] for h in run["hosts"]}) == 2
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """``(127.0.0.1:PORT, environment)`` of a Ray head node of two CPUs, started for one test by ``ray start --head
+    --block`` in a temporary directory of its own (where it leaves its address for ``ray.init()``) and stopped
+    by ending that process, which ends the node's processes and no other Ray processes. Token authentication,
+    on by default for ``ray start`` in Ray 2.60, is off (``RAY_AUTH_MODE=disabled``, also for the driver): a
+    driver without ``RAY_AUTH_MODE=token`` and the head's token would be refused."""
+    import shutil
+    import tempfile
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    temp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths lie below it
+    log = open(tmp_path / "head.log", "w")
+    head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+                             "--num-cpus=2", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={temp}", "--block"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(240):
+            text = (tmp_path / "head.log").read_text()
+            if "Ray runtime started" in text or head.poll() is not None:
+                break
+            time.sleep(0.5)
+        if "Ray runtime started" not in text:
+            pytest.skip(f"the Ray head node did not start: {text[-1000:]}")
+        yield f"127.0.0.1:{port}", env
+    finally:
+        head.terminate()
+        head.wait(timeout=120)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+RAY_ADDRESS_RUN = textwrap.dedent("""
+    import pickle, sys
+    from pathlib import Path
+    from tests.test_runner import drivers
+    tmp, address = Path(sys.argv[1]), sys.argv[2]
+    pickle.dump({"cluster": drivers(tmp, "cluster", ray_address=address), "local": drivers(tmp, "local")},
+                open(tmp / "rows.pkl", "wb"))
+""")
+
+
+@pytest.mark.slow
+def test_ray_address_joins_a_running_cluster(tmp_path, ray_head):
+    """Every driver with ``ray_address="127.0.0.1:PORT"`` of a head node started apart gives the rows of one process
+    (a fresh process drives it: this one may hold the module's own cluster)."""
+    import pickle
+    address, env = ray_head
+    p = subprocess.run([sys.executable, "-c", RAY_ADDRESS_RUN, str(tmp_path), address], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = pickle.load(open(tmp_path / "rows.pkl", "rb"))
+    compare(rows["cluster"], rows["local"])
+    run = ResultStore(tmp_path / "cluster_roma.h5", roma.TABLE, roma.COLUMNS).runs()[-1]
+    assert run["ray_address"] == address and run["workers"] == 1
 
 
 class KillOnce:
@@ -304,7 +398,7 @@ def test_killed_worker_loses_only_its_chunk(tmp_path, ray_cluster):
     net = tiny_net()
     ds = tiny_data(net)
     options = critical_eps.full_options("attack", ATTACK)
-    task = critical_eps._Task(net, "attack", options, SEARCH, 256, None, (ds.name, ds.split, ds.image_shape))
+    task = critical_eps._Task(net, "attack", options, SEARCH, 256, (ds.name, ds.split, ds.image_shape))
     config = task.config()
     tables = {critical_eps.TABLE: critical_eps.columns(ds.image_shape)}
     results = {}

@@ -1,17 +1,19 @@
-"""Data parallelism over all local devices with `jax.sharding` (Mesh + NamedSharding).
+"""Data parallelism within one batch over local devices with `jax.sharding` (Mesh + NamedSharding).
 
 Kernels are written for one global batch; placing their batched arguments with `shard_batch`
 lets `jit` split the work over the devices (GSPMD) with no hand-written parallel code. Batches
 are padded to a multiple of the device count by repeating the last row (so padded rows are valid
 inputs, labels and radii) and the padding is cut off again with `unpad`. Random kernels
 (`perturb`, `attacks`) derive randomness from each input's global batch index, so a sharded run
-gives the same results as a single-device run.
+draws the same samples and random starts as a single-device run. Results agree with it to float
+rounding, not bit for bit: each device runs the program on ``B / D`` rows, and XLA's matrix products
+round by shape (on CPU, rows of a 784x256 product differ in the last bits between 16 and 64 rows).
+The drivers therefore never split a batch: `runner` runs whole chunks, one per device.
 
     mesh = batch_mesh()
     (xs, ys), n = shard_batch((x, y), mesh)
     res = unpad(pgd(net, xs, ys, 0.1, key=key), n)
-or in one call: ``res = map_sharded(lambda x, y: pgd(net, x, y, 0.1, key=key), x, y)``; `shard_args` wraps a
-function once (the drivers' oracles and samplers: ``shard_args(falsify, mesh, batched=3)(x, y, eps, key)``).
+or in one call: ``res = map_sharded(lambda x, y: pgd(net, x, y, 0.1, key=key), x, y)``.
 """
 from __future__ import annotations
 
@@ -81,19 +83,6 @@ def _pad(a: jax.Array, rows: int) -> jax.Array:
 def unpad(tree: Any, n: int) -> Any:
     """Keep the first ``n`` rows of every leaf (undo the padding of `shard_batch`)."""
     return jax.tree_util.tree_map(lambda a: a[:n], tree)
-
-
-def shard_args(fn: Callable[..., Any], mesh: Mesh, batched: int = 1) -> Callable[..., Any]:
-    """``fn`` with its first ``batched`` positional arguments (common leading batch ``B``) sharded over ``mesh``
-    and every output leaf cut back to ``B`` rows; the other arguments pass unchanged. ``fn`` itself on one device."""
-    if mesh.size == 1:
-        return fn
-
-    def sharded(*args, **kwargs):
-        placed, n = shard_batch(tuple(args[:batched]), mesh)
-        return unpad(fn(*placed, *args[batched:], **kwargs), n)
-
-    return sharded
 
 
 def map_sharded(fn: Callable[..., Any], *batched: Any, mesh: Mesh | None = None) -> Any:
