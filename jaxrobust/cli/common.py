@@ -155,7 +155,7 @@ def fmt(v, spec=".4f"):
 
 def scale_options(p):
     """Where a driver runs (`runner.ResumableRun`): local devices, Ray workers or a running Ray cluster."""
-    p.add_argument("--devices", type=positive_int, help="local devices to shard batches over (default: all)")
+    p.add_argument("--devices", type=positive_int, help="local devices that run chunks side by side (default: all)")
     p.add_argument("--workers", type=positive_int, help="start a local Ray cluster of this many worker processes")
     p.add_argument("--ray-address", help="join a running Ray cluster (e.g. auto, or HOST:PORT of `ray start --head`)")
 
