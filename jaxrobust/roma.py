@@ -37,6 +37,9 @@ from .errors import InputError
 from .kernels.perturb import map_samples
 from .kernels.stats import RomaStatus, clopper_pearson, roma_statistics
 from .network import Network
+from .rare_events import COLUMNS as ESTIMATE_COLUMNS
+from .rare_events import EstimatorConfig, config_entries, estimate_columns
+from .rare_events import check_config as check_estimators
 
 # sample coordinates drawn and evaluated per step, all inputs together (16 MiB of float32): enough work to
 # amortise the two dispatches of a step, few enough for the samples to stay in the last-level cache
@@ -171,14 +174,20 @@ COLUMNS = {"label": ("i8", ()), "eps": ("f8", ()), "delta": ("f8", ()), "samples
            "plr": ("f8", ()), "log10_tail": ("f8", ()), "tail_bound": ("bool", ()), "lambda": ("f8", ()),
            "lambda_yj": ("f8", ()), "ad_before": ("f8", ()), "ad_after": ("f8", ()), "status": ("str", ()),
            "n_adversarial": ("i8", ()), "mc_estimate": ("f8", ()), "mc_upper": ("f8", ()), "mean": ("f8", ()),
-           "std": ("f8", ()), "time_s": ("f8", ()), "network_name": ("str", ())}
+           "std": ("f8", ()), "time_s": ("f8", ()), "network_name": ("str", ()), **ESTIMATE_COLUMNS}
+
+
+def config_key(cfg: RomaConfig, estimators: EstimatorConfig | None = None) -> dict:
+    """The stored configuration of a run: RoMA's options, and those of the other estimators when there are any
+    (RoMA alone keeps the key of rows stored before they existed)."""
+    return {"method": "roma", **cfg._asdict(), **config_entries(estimators or EstimatorConfig())}
 
 
 class _Task:
     """``compute(chunk) -> {TABLE: rows}`` of `run` (a `runner.Chunk`) on JAX's default device."""
 
-    def __init__(self, net: Network, cfg: RomaConfig, dataset: tuple):
-        self.net, self.cfg, self.dataset = net, cfg, dataset  # dataset: (name, split)
+    def __init__(self, net: Network, cfg: RomaConfig, dataset: tuple, estimators: EstimatorConfig):
+        self.net, self.cfg, self.dataset, self.estimators = net, cfg, dataset, estimators  # dataset: (name, split)
 
     def __call__(self, chunk) -> dict:
         with warnings.catch_warnings():  # `run` has given the configuration's warnings once
@@ -191,26 +200,33 @@ class _Task:
                         "log10_tail": r.log10_tail, "tail_bound": r.tail_bound, "lambda": r.lmbda,
                         "lambda_yj": r.lmbda_yj, "ad_before": r.ad_before, "ad_after": r.ad_after, "status": r.status,
                         "n_adversarial": r.n_adversarial, "mc_estimate": r.mc_estimate, "mc_upper": r.mc_upper,
-                        "mean": r.mean, "std": r.std, "time_s": r.time_s, "network_name": [self.net.name] * m}}
+                        "mean": r.mean, "std": r.std, "time_s": r.time_s, "network_name": [self.net.name] * m,
+                        **estimate_columns(self.net, chunk.x, chunk.y, cfg.eps, cfg.delta, self.estimators,
+                                           samples_per_step(cfg, m, math.prod(chunk.x.shape[1:])),
+                                           sampler=cfg.sampler, seed=cfg.seed, indices=chunk.ids,
+                                           confidence=cfg.confidence)}}
 
 
 def run(net: Network, dataset, indices, cfg: RomaConfig, out, *, resume: bool = False, chunk: int = 64,
         progress: bool = True, devices: int | None = None, workers: int | None = None,
-        ray_address: str | None = None):
+        ray_address: str | None = None, estimators: EstimatorConfig | None = None):
     """RoMA for ``dataset`` rows ``indices`` (positions), one row per input appended to the HDF5 ``out``
     (table ``roma``) by `runner.ResumableRun`, committed every ``chunk`` inputs; ``resume`` skips stored rows.
+    ``estimators`` (`rare_events.EstimatorConfig`) adds Monte Carlo and AMLS estimates of ``P(c > δ)`` to the rows.
     ``devices``: local devices that run chunks side by side (default all); ``workers`` / ``ray_address``: Ray
     workers. Returns the store."""
     from .runner import ResumableRun, check_scale
 
     check_scale(devices, workers, ray_address)
     check_config(net, cfg)
+    estimators = estimators or EstimatorConfig()
+    check_estimators(estimators)
     if chunk < 1:
         raise InputError(f"chunk must be >= 1, got {chunk}")
-    run = ResumableRun(out, {TABLE: COLUMNS}, {"method": "roma", **cfg._asdict()}, resume=resume, progress=progress,
+    run = ResumableRun(out, {TABLE: COLUMNS}, config_key(cfg, estimators), resume=resume, progress=progress,
                        desc=f"RoMA ε={cfg.eps:g}", devices=devices, workers=workers, ray_address=ray_address)
     chunks, done = run.input_chunks(net, dataset, indices, chunk)
-    run.map(chunks, _Task(net, cfg, (dataset.name, dataset.split)), done=done)
+    run.map(chunks, _Task(net, cfg, (dataset.name, dataset.split), estimators), done=done)
     return run.stores[TABLE]
 
 

@@ -1,6 +1,8 @@
-"""``jaxrobust roma``: RoMA probabilistic robustness per input, per class and across ε and networks."""
+"""``jaxrobust roma``: RoMA probabilistic robustness per input, per class and across ε and networks; with
+``--estimator``, Monte Carlo and adaptive multilevel splitting estimates of the same ``P(c > δ)`` beside it."""
 from __future__ import annotations
 
+import argparse
 import json
 
 from .common import (
@@ -37,7 +39,18 @@ def _options(p):
     p.add_argument("--sampler", default="linf", choices=["linf", "l2", "gaussian"])
     p.add_argument("--significance", type=float, default=0.05, choices=[0.15, 0.10, 0.05, 0.025, 0.01],
                    help="Anderson–Darling level (0.15, 0.10, 0.05, 0.025, 0.01)")
-    p.add_argument("--confidence", type=open_unit, default=0.95, help="Clopper–Pearson level of the Monte Carlo bound")
+    p.add_argument("--confidence", type=open_unit, default=0.95,
+                   help="Clopper–Pearson level of the Monte Carlo bounds and level of the AMLS interval")
+    p.add_argument("--estimator", type=_estimators, default=("roma",),
+                   help="comma list of roma, mc (plain Monte Carlo with --mc-samples samples) and amls (adaptive "
+                        "multilevel splitting): estimates of P(c > δ) stored in each row; RoMA's fit always runs "
+                        "(default roma)")
+    p.add_argument("--mc-samples", type=positive_int, default=1_000_000, help="samples per input of --estimator mc")
+    p.add_argument("--amls-particles", type=positive_int, default=1000, help="AMLS particles N")
+    p.add_argument("--amls-rho", type=open_unit, default=0.1, help="AMLS fraction of particles kept per level ρ")
+    p.add_argument("--amls-steps", type=positive_int, default=100, help="AMLS Metropolis–Hastings moves per level M")
+    p.add_argument("--amls-max-levels", type=positive_int, default=50,
+                   help="AMLS levels before a run stops with an upper bound")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", "-o", required=True, help="HDF5 results file (appended to)")
     p.add_argument("--resume", action="store_true")
@@ -47,6 +60,16 @@ def _options(p):
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
+def _estimators(text) -> tuple:
+    """``--estimator``: a comma list of `rare_events.ESTIMATORS`, RoMA always among them."""
+    from ..errors import InputError
+    from ..rare_events import parse_estimators
+    try:
+        return parse_estimators(f"roma,{text}")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 @command("roma", "RoMA probabilistic robustness: sampling, Anderson–Darling, Box-Cox, categorical robustness",
          _options)
 def roma_cmd(args):
@@ -54,12 +77,20 @@ def roma_cmd(args):
 
     from ..data import parse_indices
     from ..errors import InputError
-    from ..roma import CSV_COLUMNS, RomaConfig, categorical, compare_models, run
+    from ..kernels.amls import AmlsConfig
+    from ..rare_events import COLUMNS as ESTIMATE_COLUMNS
+    from ..rare_events import EstimatorConfig
+    from ..rare_events import check_config as check_estimators
+    from ..roma import CSV_COLUMNS, RomaConfig, categorical, compare_models, config_key, run
     check_results_file(args.out, "--out")
     check_output(args.csv, "--csv")
     check_output(args.plot, "--plot", folder=True)
     if args.samples < 3:
         raise InputError(f"--samples must be at least 3, got {args.samples}")
+    est = EstimatorConfig(args.estimator, args.mc_samples,
+                          AmlsConfig(args.amls_particles, args.amls_rho, args.amls_steps, args.amls_max_levels,
+                                     args.confidence))
+    check_estimators(est)
     ds = load_data(args)
     idx = parse_indices(args.indices, len(ds.y))
     nets = [load_net(n, args) for n in (args.network or ["mnist-mlp"])]
@@ -73,12 +104,12 @@ def roma_cmd(args):
         for eps in args.eps:
             cfg = RomaConfig(eps=eps, delta=args.delta, samples=args.samples, sampler=args.sampler,
                              significance=args.significance, confidence=args.confidence, seed=args.seed)
-            store = run(net, ds, idx, cfg, args.out, resume=args.resume, **scale(args))
+            store = run(net, ds, idx, cfg, args.out, resume=args.resume, estimators=est, **scale(args))
             rows = store.read()
-            m = ((rows["network"] == net.hash) & (rows["config"] == store.save_config({"method": "roma", **cfg._asdict()}))
+            m = ((rows["network"] == net.hash) & (rows["config"] == store.save_config(config_key(cfg, est)))
                  & np.isin(rows["index"], ds.indices[idx]))
             r = {k: v[m] for k, v in rows.items()}
-            summary["networks"].append(_summary(net.name, eps, r, categorical))
+            summary["networks"].append(_summary(net.name, eps, r, categorical, est.estimators))
             tails[(net.name, eps)] = dict(zip(r["index"].tolist(), r["log10_tail"].tolist()))
     for eps in args.eps:
         for a in range(len(nets)):
@@ -90,7 +121,8 @@ def roma_cmd(args):
     if args.csv:
         from ..roma import COLUMNS, TABLE
         from ..store import ResultStore
-        ResultStore(args.out, TABLE, COLUMNS).to_csv(args.csv, CSV_COLUMNS)
+        extra = tuple(ESTIMATE_COLUMNS) if len(est.estimators) > 1 else ()
+        ResultStore(args.out, TABLE, COLUMNS).to_csv(args.csv, CSV_COLUMNS + extra)
     if args.plot:
         summary["plots"] = _plots(summary, nets, args)
     if args.json:
@@ -99,8 +131,9 @@ def roma_cmd(args):
     print(format_roma(summary))
 
 
-def _summary(name, eps, r, categorical) -> dict:
-    """One network at one ε: status counts by name, plr aggregates over the fitted inputs only, per class."""
+def _summary(name, eps, r, categorical, estimators=("roma",)) -> dict:
+    """One network at one ε: status counts by name, plr aggregates over the fitted inputs only, per class; with
+    other estimators, their aggregates over the correctly classified inputs."""
     import numpy as np
     st = r["status"].astype(str)
     fitted = ~np.isin(st, SET_ASIDE)
@@ -119,7 +152,25 @@ def _summary(name, eps, r, categorical) -> dict:
             "mc_upper_mean": float(r["mc_upper"].mean()) if len(st) else None,
             "n_adversarial_total": int(r["n_adversarial"].sum()),
             "tail_bound": int(np.sum(r["tail_bound"][fitted])) if "tail_bound" in r else 0,
-            "median_time_s": float(np.median(r["time_s"])) if len(st) else None, "per_class": classes}
+            "median_time_s": float(np.median(r["time_s"])) if len(st) else None, "per_class": classes,
+            **_estimates(r, st != "misclassified", estimators)}
+
+
+def _estimates(r, seen, estimators) -> dict:
+    """Aggregates of the Monte Carlo and AMLS columns over the rows ``seen``."""
+    import numpy as np
+    med = lambda a: float(np.median(a)) if len(a) else None
+    out = {}
+    if "mc" in estimators:
+        out["mc"] = {"samples": int(r["mc_samples"][seen][0]) if seen.any() else None,
+                     "inputs_with_hits": int((r["mc_count"][seen] > 0).sum()),
+                     "median_p": med(r["mc_p"][seen]), "median_high": med(r["mc_high"][seen])}
+    if "amls" in estimators:
+        lp = r["amls_log10_p"][seen]
+        out["amls"] = {"median_log10_p": med(lp), "capped": int(r["amls_capped"][seen].sum()),
+                       "zero": int(np.isneginf(lp).sum()), "mean_acceptance": med(r["amls_acceptance"][seen]),
+                       "median_forward": med(r["amls_forward"][seen])}
+    return out
 
 
 def _half_width(var, k, level=0.95) -> float:
@@ -165,6 +216,16 @@ def format_roma(summary) -> str:
                          f"{fmt(c['complete'], '8.3f')}  "
                          f"{fmt(c['plr_mean'], '.6f'):>8}   [{fmt(c['plr_low'], '.6f')}, {fmt(c['plr_high'], '.6f')}]  "
                          f"{fmt(c['plr_var'], '.2e'):>8}  {fmt(c['t_p'], '.3g'):>8}  {fmt(c['binom_p'], '.3g'):>7}")
+        if "mc" in e:
+            m = e["mc"]
+            lines.append(f"   Monte Carlo ({m['samples']} samples/input): {m['inputs_with_hits']} inputs with samples "
+                         f"c > δ, median estimate {fmt(m['median_p'], '.2e')}, median Clopper–Pearson upper end "
+                         f"{fmt(m['median_high'], '.2e')}")
+        if "amls" in e:
+            a = e["amls"]
+            lines.append(f"   AMLS: median log10 P(c>δ) {fmt(a['median_log10_p'], '.2f')} ({a['capped']} capped: upper "
+                         f"bounds; {a['zero']} with no particle past a level), median acceptance "
+                         f"{fmt(a['mean_acceptance'], '.2f')}, median {fmt(a['median_forward'], '.3g')} forward passes")
     for c in summary["comparisons"]:
         lines.append(f"{c['a']} vs {c['b']} at ε={c['eps']:g}: mean log10 P(c>δ) {fmt(c['mean_a'], '.1f')} vs "
                      f"{fmt(c['mean_b'], '.1f')} on {c['n']} inputs, Wilcoxon p={c['wilcoxon_p']:.3g}")
