@@ -1,10 +1,14 @@
-"""``jaxrobust train``: a zoo network, standard or PGD adversarial training; preprocessing goes to ``OUT.json``."""
+"""``jaxrobust train``: a zoo network, standard, PGD adversarial or certified (IBP, CROWN-IBP) training;
+preprocessing goes to ``OUT.json``."""
 from __future__ import annotations
+
+import argparse
 
 from .common import (
     check_output,
     command,
     download_option,
+    float_list,
     load_data,
     nonneg_float,
     nonneg_int,
@@ -13,6 +17,14 @@ from .common import (
     preprocessing_options,
     warn_if_inaccurate,
 )
+
+
+def unit_pair(text) -> tuple[float, float]:
+    """``"1,0.5"`` -> ``(1.0, 0.5)``: two numbers in [0, 1]."""
+    values = float_list(text)
+    if len(values) != 2 or not all(0 <= v <= 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected START,END in [0, 1], got {text!r}")
+    return values
 
 
 def _options(p):
@@ -26,9 +38,17 @@ def _options(p):
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--eps", type=nonneg_float, default=0.0, help="PGD adversarial training radius (0 = standard)")
+    p.add_argument("--method", choices=["standard", "pgd", "ibp", "crown-ibp"],
+                   help="training method (default pgd when --eps > 0, else standard)")
+    p.add_argument("--eps", type=nonneg_float, default=0.0, help="training radius of pgd, ibp and crown-ibp")
     p.add_argument("--pgd-steps", type=positive_int, default=10)
-    p.add_argument("--warmup", type=nonneg_int, default=0, help="standard epochs before adversarial training")
+    p.add_argument("--warmup", type=nonneg_int, default=0, help="standard epochs before robust training")
+    p.add_argument("--ramp", type=nonneg_int, default=0,
+                   help="ibp / crown-ibp: epochs over which eps grows linearly from 0 (with kappa and beta)")
+    p.add_argument("--kappa", type=unit_pair, metavar="START,END",
+                   help="ibp / crown-ibp: weight of the clean loss over the ramp (default 1,0.5)")
+    p.add_argument("--beta", type=unit_pair, metavar="START,END",
+                   help="crown-ibp: weight of CROWN-IBP against IBP bounds over the ramp (default 1,0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", "-o", required=True, help="output weights file (.msgpack); preprocessing goes to OUT.json")
 
@@ -47,7 +67,20 @@ def _arch(args):
         raise InputError(f"--arch {args.arch}: {e}") from None
 
 
-@command("train", "train a zoo network (standard or PGD adversarial) and save its weights", _options)
+def _method_options(args) -> dict:
+    """The method options of `training.train`, checked (`InputError` naming the offending option)."""
+    from ..errors import InputError
+    from ..training import check_method_options
+    kw = {"eps": args.eps, "eps_warmup": args.warmup, "eps_ramp": args.ramp,
+          "kappa": args.kappa or (1.0, 0.5), "beta": args.beta or (1.0, 0.0)}
+    kw["method"] = check_method_options(args.method, epochs=args.epochs, **kw)
+    for option, value, methods in (("--kappa", args.kappa, ("ibp", "crown-ibp")), ("--beta", args.beta, ("crown-ibp",))):
+        if value and kw["method"] not in methods:
+            raise InputError(f"{option} applies to --method {' or '.join(methods)}, not {kw['method']}")
+    return kw
+
+
+@command("train", "train a zoo network (standard, PGD adversarial, IBP or CROWN-IBP) and save its weights", _options)
 def train_cmd(args):
     from pathlib import Path
 
@@ -59,6 +92,7 @@ def train_cmd(args):
     from ..training import train
     from ..weights import save_network
     check_output(args.out, "--out")
+    method = _method_options(args)
     a = _arch(args)
     tr, te = load_data(args, "train"), load_data(args, "test")
     a["input_shape"] = list(tr.x.shape[1:])
@@ -67,8 +101,9 @@ def train_cmd(args):
     net = with_preprocessing(plain, mean=args.mean, std=args.std, domain=args.domain)
     net.check_inputs(tr.x[:1], f"{tr.id} images")
     net, hist = train(net, tr.x, tr.y, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                      eps=args.eps, eps_warmup=args.warmup, pgd_steps=args.pgd_steps, seed=args.seed)
-    print(f"trained {net.name} on {tr.id} ({len(tr.y)} images), final loss {hist[-1]:.4f}")
+                      pgd_steps=args.pgd_steps, seed=args.seed, **method)
+    print(f"trained {net.name} on {tr.id} ({len(tr.y)} images, {method['method']}"
+          + (f" at eps {args.eps}" if args.eps else "") + f"), final loss {hist[-1]:.4f}")
     acc = warn_if_inaccurate(net, te.x, te.y, f"{te.id} ({len(te.y)} images)")
     print(f"test accuracy {acc:.4f} on {te.id} ({len(te.y)} images)")
     digest = save_network(plain.replace(params=net.params, domain=net.domain), args.out)
