@@ -22,6 +22,7 @@ BUNDLED_DIR = Path(__file__).parent / "_data"
 BUNDLED = {
     "mnist-mlp": "mnist-mlp.msgpack",
     "mnist-mlp-pgd": "mnist-mlp-pgd.msgpack",
+    "mnist-certified": "mnist-certified.msgpack",
 }
 DEFAULT_NETWORK = "mnist-mlp"
 

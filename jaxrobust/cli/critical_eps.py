@@ -25,7 +25,7 @@ ORACLES = ("attack", "ibp", "crown", "alpha-crown", "complete")
 
 def _options(p):
     p.add_argument("--network", "-n", default="mnist-mlp",
-                   help="bundled name (mnist-mlp, mnist-mlp-pgd), .onnx file or .msgpack weights")
+                   help="bundled name (mnist-mlp, mnist-mlp-pgd, mnist-certified), .onnx file or .msgpack weights")
     preprocessing_options(p)
     data_options(p)
     p.add_argument("--oracle", default="crown", choices=ORACLES)

@@ -7,7 +7,7 @@ from .common import command, download_option, load_data, load_net, preprocessing
 
 
 def _options(p):
-    p.add_argument("network", help="bundled name (mnist-mlp, mnist-mlp-pgd), .onnx file or .msgpack weights")
+    p.add_argument("network", help="bundled name (mnist-mlp, mnist-mlp-pgd, mnist-certified), .onnx file or .msgpack weights")
     preprocessing_options(p)
     p.add_argument("--dataset", "-d", help="dataset spec (mnist, mnist:PATH, cifar10, ...) to measure accuracy on")
     p.add_argument("--split", default="test", choices=["train", "test"])
