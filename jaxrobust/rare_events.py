@@ -19,13 +19,14 @@ import numpy as np
 from jax.tree_util import Partial
 
 from .errors import InputError
-from .kernels.amls import AmlsConfig, AmlsResult, amls
+from .kernels.amls import LATENT_MAPS, AmlsConfig, AmlsResult, amls, latent_size
 from .kernels.amls import check_config as check_amls
-from .kernels.perturb import map_samples
+from .kernels.perturb import check_eps, check_x, map_samples
 from .kernels.stats import clopper_pearson
 from .network import Network
 
 ESTIMATORS = ("roma", "mc", "amls")
+GROUP_FLOATS = 1 << 24  # latent coordinates of the AMLS particles of the inputs run at once: 64 MiB per array
 
 
 class EstimatorConfig(NamedTuple):
@@ -134,12 +135,25 @@ def monte_carlo(net: Network, x, y, eps, delta: float | None, n: int, chunk: int
 def amls_estimate(net: Network, x, y, eps, delta: float | None, cfg: AmlsConfig | None = None, *,
                   sampler: str = "linf", seed: int = 0, indices=None) -> AmlsResult:
     """AMLS estimate of ``P(c > δ)`` (``delta=None``: of misclassification) for every input ``x: (B, *shape)``
-    with labels ``y: (B,)`` (see `kernels.amls.amls`); ``indices``: the inputs' global ids (default ``0..B-1``)."""
+    with labels ``y: (B,)`` (see `kernels.amls.amls`); ``indices``: the inputs' global ids (default ``0..B-1``).
+    Inputs run in groups whose particles hold at most ``GROUP_FLOATS`` latent coordinates (the last group
+    padded, so every group has one compiled shape)."""
     t = _threshold(delta, seed)
+    cfg = AmlsConfig() if cfg is None else cfg
+    x = check_x(x)
+    b = x.shape[0]
+    eps, y = check_eps(eps, b), jnp.asarray(y, jnp.int32)
+    ids = jnp.arange(b) if indices is None else jnp.asarray(indices, jnp.int32)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 2)
-    offset = 0 if indices is None else jnp.asarray(indices, jnp.int32)
-    return amls(_scorer(net, delta), key, x, eps, t, jnp.asarray(y, jnp.int32),
-                cfg=cfg, sampler=sampler, domain=net.domain, offset=offset)
+    size = latent_size(sampler, math.prod(x.shape[1:])) if sampler in LATENT_MAPS else 1
+    g = max(1, min(b, GROUP_FLOATS // (int(cfg.particles) * size)))
+    parts = []
+    for s in range(0, b, g):
+        rows = jnp.minimum(jnp.arange(s, s + g), b - 1)
+        r = amls(_scorer(net, delta), key, x[rows], eps[rows], t, y[rows], cfg=cfg, sampler=sampler,
+                 domain=net.domain, offset=ids[rows])
+        parts.append(jax.tree_util.tree_map(lambda a: a[:min(g, b - s)], r))
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
 
 
 # --- rows of the RoMA table ---------------------------------------------------------------------------------------

@@ -238,3 +238,14 @@ def test_cli_estimators(tmp_path, capsys):
     e = json.loads(capsys.readouterr().out)["networks"][0]
     assert e["mc"]["samples"] == 500 and e["amls"]["median_forward"] > 0
     assert "amls_log10_p" in (tmp_path / "r.csv").read_text().splitlines()[0]
+
+
+def test_amls_estimate_in_memory_bounded_groups_equals_one_batch(cube_net, monkeypatch):
+    import jaxrobust.rare_events as rare_events
+    x = np.random.default_rng(2).uniform(0.3, 0.7, (3, 2, 3)).astype(np.float32)
+    net, cfg = cube_net.replace(params=jnp.float32(4.4)), AmlsConfig(particles=100, steps=3, max_levels=10)
+    one = jax.device_get(amls_estimate(net, x, [0, 0, 0], 0.3, 0.5, cfg, indices=[4, 5, 6]))
+    monkeypatch.setattr(rare_events, "GROUP_FLOATS", 2 * 100 * 6)  # groups of two inputs, the last one padded
+    grouped = jax.device_get(amls_estimate(net, x, [0, 0, 0], 0.3, 0.5, cfg, indices=[4, 5, 6]))
+    for a, b in zip(one, grouped):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
