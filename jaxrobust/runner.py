@@ -9,7 +9,8 @@ A driver (critical ε, RoMA, global robustness, batch verification) describes it
   stopped at any moment (Ctrl-C, a killed job) resumes without losing or duplicating a row;
 * where chunks run: here, one chunk per local device at a time (`local_devices`; with several, a thread per
   chunk in flight, its device JAX's default device), or in Ray worker processes, one device each (``workers=N``
-  starts a local cluster, kept for later runs of the process; ``ray_address`` joins a running one). Devices and
+  starts a local cluster, kept for later runs of the process; on a CPU host this process computes chunks while
+  that cluster starts; ``ray_address`` joins a running one). Devices and
   workers take chunks from a dynamic queue (`dynamic_queue`: a slow chunk holds up one of them, not the run);
   each Ray worker unpickles ``compute`` once and keeps its compiled programs warm across chunks; one that dies
   loses only its chunk in flight, which a fresh worker takes first;
@@ -182,10 +183,17 @@ class ResumableRun:
             for c in chunks:
                 yield c, compute(c)
             return
+        ahead = _Ahead(compute, chunks) if self.ray_address is None and _starts_cpu_cluster() else None
         pool = _RayPool(compute, self.workers, self.ray_address)
         try:
-            self._log(pool.hosts)
-            yield from pool.imap(chunks)
+            done, running = ahead.stop() if ahead else ([], None)
+            here = [dict(describe(1), role="driver")] if done or running is not None else []
+            self._log(pool.hosts + here)
+            yield from ((chunks[i], rows) for i, rows in done)
+            taken = {i for i, _ in done} | ({running} if running is not None else set())
+            yield from pool.imap([c for i, c in enumerate(chunks) if i not in taken])
+            if running is not None:
+                yield chunks[running], ahead.last()
         finally:
             pool.close()
 
@@ -283,6 +291,57 @@ class _DevicePool:
 
 
 # --- Ray -----------------------------------------------------------------------------------------------
+def _starts_cpu_cluster() -> bool:
+    """Whether the workers will be a local cluster that this process starts on a CPU host: then it computes
+    chunks while they start (a GPU is left to them)."""
+    import jax
+    import ray
+    return not ray.is_initialized() and jax.default_backend() == "cpu"
+
+
+class _Ahead:
+    """Chunks computed in this process, in order, in a thread of their own, while a local Ray cluster and its
+    workers start (seconds each: on short runs most of the cost of the workers). `stop` hands the rest to them."""
+
+    def __init__(self, compute, chunks: Sequence):
+        self.compute, self.chunks = compute, chunks
+        self.done, self.running, self.error = [], None, None
+        self.halt, self.lock = threading.Event(), threading.Lock()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        for i, chunk in enumerate(self.chunks):
+            with self.lock:
+                if self.halt.is_set():
+                    return
+                self.running = i
+            try:
+                rows = self.compute(chunk)
+            except BaseException as e:  # noqa: BLE001  raised again by `last` or `stop`
+                self.error = e
+                return
+            with self.lock:
+                self.done.append((i, rows))
+                self.running = None
+
+    def stop(self) -> tuple[list, int | None]:
+        """``(done, running)``: the ``(index, rows)`` finished here, and the index still being computed (or None),
+        whose rows `last` returns."""
+        with self.lock:
+            self.halt.set()
+            if self.error is not None:
+                raise self.error
+            return list(self.done), self.running
+
+    def last(self):
+        """The rows of the chunk that was running at `stop`."""
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.done[-1][1]
+
+
 class _Worker:
     """One Ray actor: pinned to the GPU Ray gave it, then ``compute`` is unpickled once, so its compiled
     programs stay warm across chunks (which run on its first device)."""

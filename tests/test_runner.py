@@ -378,6 +378,38 @@ def test_ray_address_joins_a_running_cluster(tmp_path, ray_head):
     assert run["ray_address"] == address and run["workers"] == 1
 
 
+OWN_CLUSTER_RUN = textwrap.dedent("""
+    import pickle, sys
+    from pathlib import Path
+    from jaxrobust import critical_eps
+    from tests.test_runner import ATTACK, SEARCH, rows_of, tiny_data, tiny_net
+    tmp = Path(sys.argv[1])
+    net = tiny_net()
+    ds = tiny_data(net)
+    rows = {name: rows_of(critical_eps.run(net, ds, range(8), "attack", SEARCH, tmp / f"{name}.h5", chunk=1,
+                                           progress=False, oracle_options=ATTACK, **scale))
+            for name, scale in (("ray", {"workers": 2}), ("local", {}))}
+    pickle.dump(rows, open(tmp / "rows.pkl", "wb"))
+""")
+
+
+@pytest.mark.slow
+def test_workers_starting_their_cluster_leave_the_rows_of_one_process(tmp_path):
+    """While ``workers=2`` start a local cluster, this process computes chunks itself: the rows are those of one
+    process, and the run record names the driver beside the workers."""
+    import pickle
+    pytest.importorskip("ray")
+    p = subprocess.run([sys.executable, "-c", OWN_CLUSTER_RUN, str(tmp_path)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = pickle.load(open(tmp_path / "rows.pkl", "rb"))
+    assert_same_rows(rows["local"], rows["ray"])
+    shape = tiny_data(tiny_net()).image_shape
+    run = ResultStore(tmp_path / "ray.h5", critical_eps.TABLE, critical_eps.columns(shape)).runs()[-1]
+    roles = [h.get("role", "worker") for h in run["hosts"]]
+    assert roles.count("worker") == 2 and roles.count("driver") == 1, run
+
+
 class KillOnce:
     """The critical-ε compute, except that the first process to reach the chunk starting at id ``at``
     kills itself (SIGKILL) in the middle of it."""
