@@ -67,7 +67,7 @@ class AmlsResult(NamedTuple):
     """Per-input arrays ``(B,)``, per-level ``(B, max_levels)`` (NaN past the last level)."""
     log10_p: jax.Array         # log10 p̂ (-inf when no particle passes the threshold; an upper bound if capped)
     log10_low: jax.Array       # interval (see the module docstring); -inf when capped
-    log10_high: jax.Array
+    log10_high: jax.Array      # NaN where log10_p is -inf
     levels: jax.Array          # int: levels computed, the last one included
     capped: jax.Array          # bool: stopped at max_levels below the threshold
     forward_passes: jax.Array  # int: score evaluations, N (1 + M (levels − 1))
