@@ -127,8 +127,7 @@ def monte_carlo(net: Network, x, y, eps, delta: float | None, n: int, chunk: int
     k = map_samples(Partial(_exceeds, _scorer(net, delta), y, jnp.float32(t)), key, x, eps, int(n), chunk,
                     sampler=sampler, domain=net.domain, offset=offset, reduce="sum")
     k = np.asarray(k, np.int64)
-    with jax.enable_x64(True):  # in float32 the Beta quantiles drift by 10 % and more once n exceeds ~10^6
-        low, high = clopper_pearson(k.astype(np.float64), np.float64(n), confidence)
+    low, high = clopper_pearson(k, n, confidence)     # float64 on the host
     return MonteCarloResult(k, k / n, np.asarray(low, np.float64), np.asarray(high, np.float64))
 
 
