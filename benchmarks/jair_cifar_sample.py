@@ -8,7 +8,7 @@ labels, and VERONA numbers the images by their position in that sample. Every cl
 train) images, so the draws depend only on the class counts: class-sorted labels give the same picks as
 ``(class, rank of the image within its class in the official order)``, which is what the file stores.
 
-    python benchmarks/jair_cifar_sample.py
+    python benchmarks/jair_cifar_sample.py        # scikit-learn: pip install ".[bench]"
 """
 from __future__ import annotations
 
