@@ -5,8 +5,8 @@ call per step (every input has its own brackets):
 
 * proof bracket  ``[lower, p_hi]``: ``lower`` is the largest ε proved ROBUST, ``p_hi`` the smallest ε
   where a proof failed;
-* falsification bracket ``[c_lo, upper]``: ``upper`` is the L∞ distance of the closest confirmed
-  counterexample, ``c_lo`` the largest ε where the search for one failed.
+* falsification bracket ``[c_lo, upper]``: ``upper`` is the distance (in the oracle's norm: L∞, L2 or L1) of the
+  closest confirmed counterexample, ``c_lo`` the largest ε where the search for one failed.
 
 Robustness is monotone in ε, so a proof at ε holds below it and a counterexample at distance d
 is one for every ε >= d. With a complete oracle both brackets meet; with an incomplete one a gap
@@ -29,8 +29,9 @@ import numpy as np
 
 from .errors import InputError, JaxRobustError
 from .falsify import padded_call
+from .kernels.norms import check_norm
 from .network import Network
-from .oracles import Oracle, linf_distance
+from .oracles import Oracle, distance
 from .verdict import ROBUST, VIOLATED
 
 STATUSES = ("exact", "gap", "censored", "misclassified", "error")
@@ -108,7 +109,7 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
     def found(bv, points, closes_bracket: bool):
         """Counterexamples ``points`` of the inputs ``bv``: the closer ones become the upper bounds; a
         minimising attack's also close the falsify bracket."""
-        d = linf_distance(points, x[bv])
+        d = distance(points, x[bv], oracle.norm)
         if cfg.grid is not None:  # on a grid, upper is the smallest grid value holding a counterexample
             g = np.asarray(cfg.grid)
             d = g[np.minimum(np.searchsorted(g, d - 1e-6), len(g) - 1)]
@@ -188,7 +189,8 @@ TABLE = "critical_eps"
 CSV_COLUMNS = ("network", "dataset", "split", "index", "label", "eps_lower", "eps_upper", "status", "oracle",
                "time_s", "network_name", "predicted", "queries", "config")
 # the attack options of every oracle (`oracles.make_oracle`), stated here so that the rows' key names each one
-ATTACK_OPTIONS = {"attack_steps": 40, "restarts": 1, "targets": 9, "min_norm_steps": 60, "guided": True}
+ATTACK_OPTIONS = {"attack_steps": 40, "restarts": 1, "targets": 9, "min_norm_steps": 60, "guided": True,
+                  "norm": "linf"}
 ORACLES = ("attack", "ibp", "crown", "alpha-crown", "complete")
 
 
@@ -212,7 +214,9 @@ def full_options(kind: str, options: dict | None = None) -> dict:
     unknown = sorted(set(options or {}) - set(full))
     if unknown:
         raise InputError(f"unknown option {unknown[0]!r} of the {kind} oracle; known: {', '.join(sorted(full))}")
-    return {**full, **(options or {})}
+    full = {**full, **(options or {})}
+    full["norm"] = check_norm(full["norm"])
+    return full
 
 
 class _Task:

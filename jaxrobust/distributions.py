@@ -267,10 +267,13 @@ def read_results(path) -> tuple[dict, dict]:
 
 
 def describe_config(config: Mapping) -> str:
-    """A short name of a stored critical-ε configuration, e.g. ``crown tol=0.001 eps_max=0.5``."""
+    """A short name of a stored critical-ε configuration, e.g. ``crown tol=0.001 eps_max=0.5`` (``crown L2 ...``
+    for another norm than L∞)."""
     step = (f"grid {config['grid'][0]:g}..{config['grid'][-1]:g}" if config.get("grid")
             else f"tol={config.get('tol', float('nan')):g}")
-    return f"{config.get('oracle', '?')} {step} eps_max={config.get('eps_max', float('nan')):g}"
+    norm = (config.get("options") or {}).get("norm", "linf")
+    return (f"{config.get('oracle', '?')}{'' if norm == 'linf' else ' ' + norm.upper()} {step} "
+            f"eps_max={config.get('eps_max', float('nan')):g}")
 
 
 def summarize(path, *, by: tuple = ("network_name", "split"), bootstrap: int = 1000, plot_dir=None) -> dict:

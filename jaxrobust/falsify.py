@@ -26,19 +26,21 @@ from .network import Network
 from .verdict import UNKNOWN, VIOLATED, Verdicts
 
 
-def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, targets: int = 9) -> Callable:
-    """PGD as a falsifier: a margin-loss attack (``restarts`` random starts), then for the inputs it did not
-    break a multi-targeted attack on the ``targets`` most likely wrong classes (0 = skip). Successes are
+def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, targets: int = 9,
+                     norm: str = "linf") -> Callable:
+    """PGD in ``norm`` as a falsifier: a margin-loss attack (``restarts`` random starts), then for the inputs it did
+    not break a multi-targeted attack on the ``targets`` most likely wrong classes (0 = skip). Successes are
     confirmed by a forward pass."""
     from .kernels.attacks import pgd
     targets = min(targets, net.num_classes - 1)
 
     def falsify(x, y, eps, key) -> Verdicts:
-        r = pgd(net, x, y, eps, key=key, steps=steps, restarts=restarts, loss="margin")
+        r = pgd(net, x, y, eps, key=key, steps=steps, restarts=restarts, loss="margin", norm=norm)
         found, x_adv = np.array(r.success), np.array(r.x_adv)
         rest = np.flatnonzero(~found)
         if targets > 0 and len(rest):
-            t = padded_call(lambda *a: pgd(net, *a[:3], key=a[3], steps=steps, restarts=targets, loss="targeted"),
+            t = padded_call(lambda *a: pgd(net, *a[:3], key=a[3], steps=steps, restarts=targets, loss="targeted",
+                                           norm=norm),
                             x[rest], y[rest], eps[rest], jax.random.fold_in(key, 1), size=len(x))
             found[rest], x_adv[rest] = np.asarray(t.success), np.asarray(t.x_adv)
         return _verdicts(found, x_adv)
@@ -46,13 +48,13 @@ def attack_falsifier(net: Network, *, steps: int = 40, restarts: int = 1, target
     return falsify
 
 
-def min_norm_falsifier(net: Network, *, steps: int = 60) -> Callable:
-    """`kernels.minnorm.min_norm` (margin loss, ``steps`` steps) as a ``minimize`` oracle: the closest
+def min_norm_falsifier(net: Network, *, steps: int = 60, norm: str = "linf") -> Callable:
+    """`kernels.minnorm.min_norm` (margin loss, ``steps`` steps, ``norm``) as a ``minimize`` oracle: the closest
     counterexample found within ``eps`` per input, confirmed by a forward pass."""
     from .kernels.minnorm import min_norm
 
     def minimize(x, y, eps, key) -> Verdicts:
-        r = min_norm(net, x, y, eps, key=key, steps=steps)
+        r = min_norm(net, x, y, eps, key=key, steps=steps, norm=norm)
         return _verdicts(np.asarray(r.success), np.asarray(r.x_adv))
 
     return minimize

@@ -11,10 +11,12 @@ An oracle answers two kinds of query on a batch ``x: (B, *shape)``, ``y: (B,)``,
 
 All return `verdict.Verdicts` ``(status (B,) int8, counterexample (B, *shape), reason)``; counterexample rows are NaN
 unless the status is VIOLATED, in which case a plain forward pass classifies them wrongly and they
-lie in the ε-ball around ``x`` inside the network's domain.
+lie in the ε-ball around ``x`` inside the network's domain. Balls are those of the oracle's ``norm`` (``"linf"``,
+``"l2"`` or ``"l1"``, `kernels.norms`).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from .errors import InputError, UnsupportedOpError
 from .falsify import attack_falsifier, guided_minimizer, min_norm_falsifier
+from .kernels.norms import check_norm, row_norm
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED, Verdicts  # noqa: F401  (the vocabulary, re-exported)
 from .verify import VerifyConfig, network_brancher, verify
@@ -35,23 +38,25 @@ class Oracle(NamedTuple):
     """``prove(x, y, eps, key)``, ``falsify(x, y, eps, key)`` and ``minimize(x, y, eps_max, key)`` -> `Verdicts`;
     ``prove`` is None when the oracle cannot prove anything (attack only), ``minimize`` when it has no
     minimum-norm attack, ``last_resort`` when it has none; ``attacks`` names the attacks that run before an
-    input is called censored."""
+    input is called censored; ``norm`` the norm of its balls (and of the distances the search measures)."""
     name: str
     prove: Callable | None
     falsify: Callable
     minimize: Callable | None = None
     attacks: tuple[str, ...] = ()
     last_resort: Callable | None = None
+    norm: str = "linf"
 
 
-def bound_prover(net: Network, method: str = "crown") -> Callable:
-    """Incomplete verification: ROBUST where the lower bound of every margin ``logit_y - logit_j`` is > 0."""
+def bound_prover(net: Network, method: str = "crown", norm: str = "linf") -> Callable:
+    """Incomplete verification: ROBUST where the lower bound of every margin ``logit_y - logit_j`` over the
+    ``norm`` ball is > 0."""
     if method not in BOUND_METHODS:
         raise InputError(f"unknown bound method {method!r}; choose one of {BOUND_METHODS}")
     from .kernels.bounds import margin_bounds
 
     def prove(x, y, eps, key) -> Verdicts:
-        lower = np.asarray(margin_bounds(net, x, eps, method=method, labels=y))
+        lower = np.asarray(margin_bounds(net, x, eps, method=method, labels=y, norm=norm))
         ok = np.all(lower > 0, axis=-1) & np.all(np.isfinite(lower), axis=-1)
         return Verdicts(np.where(ok, ROBUST, UNKNOWN).astype(np.int8),
                         np.full(np.shape(x), np.nan, np.float32))
@@ -60,26 +65,33 @@ def bound_prover(net: Network, method: str = "crown") -> Callable:
 
 
 def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: int = 1, targets: int = 9,
-                min_norm_steps: int = 60, guided: bool = True, **options) -> Oracle:
+                min_norm_steps: int = 60, guided: bool = True, norm: str = "linf", **options) -> Oracle:
     """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
     bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
-    bound). ``guided``: the bound-guided attack (`falsify.guided_minimizer`) is the last resort for inputs the
-    gradient attacks leave without a counterexample up to ``eps_max`` (not for ``complete``, whose branch and
-    bound searches the same minimisers)."""
+    bound), over balls of ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). ``guided``: the bound-guided attack
+    (`falsify.guided_minimizer`, L∞ only) is the last resort for inputs the gradient attacks leave without a
+    counterexample up to ``eps_max`` (not for ``complete``, whose branch and bound searches the same minimisers)."""
     if kind not in ("attack", "complete", *BOUND_METHODS):
         raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
+    norm = check_norm(norm)
     if kind == "complete":
+        if norm != "linf":
+            raise InputError(f"the complete oracle decides L∞ balls only; for --norm {norm[1:]} choose crown or "
+                             "alpha-crown (sound lower bounds) beside the attacks")
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
                                **options)
-    guided = guided and _boundable(net)
+    guided = guided and norm == "linf" and _boundable(net)
     last = guided_minimizer(net) if guided else None
-    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets)
+    falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, norm=norm)
     tail = ("bound-guided",) if guided else ()
     attacks = ("pgd-margin",) + (("pgd-targeted",) if targets else ()) + tail
+    if norm != "linf":
+        attacks = tuple(f"{a}-{norm}" for a in attacks)
     if kind == "attack" and min_norm_steps:
-        return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps), ("min-norm",) + tail,
-                      last)
-    return Oracle(kind, None if kind == "attack" else bound_prover(net, kind), falsify, None, attacks, last)
+        return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps, norm=norm),
+                      ("min-norm" + ("" if norm == "linf" else f"-{norm}"),) + tail, last, norm)
+    return Oracle(kind, None if kind == "attack" else bound_prover(net, kind, norm), falsify, None, attacks, last,
+                  norm)
 
 
 def _boundable(net: Network) -> bool:
@@ -91,14 +103,14 @@ def _boundable(net: Network) -> bool:
     return True
 
 
-@jax.jit
-def _linf_dist(a, b):
-    return jnp.max(jnp.abs(a - b).reshape(a.shape[0], -1), axis=1)
+@functools.partial(jax.jit, static_argnums=(2,))
+def _dist(a, b, norm):
+    return row_norm(a - b, norm)
 
 
-def linf_distance(a, b) -> np.ndarray:
-    """``max |a - b|`` per row: ``(B, *shape), (B, *shape) -> (B,)``."""
-    return np.asarray(_linf_dist(jnp.asarray(a), jnp.asarray(b)))
+def distance(a, b, norm: str = "linf") -> np.ndarray:
+    """``||a - b||_p`` per row: ``(B, *shape), (B, *shape) -> (B,)``."""
+    return np.asarray(_dist(jnp.asarray(a), jnp.asarray(b), check_norm(norm)))
 
 
 def complete_oracle(net: Network, **options) -> Oracle:

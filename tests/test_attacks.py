@@ -138,7 +138,7 @@ def test_input_errors():
     with pytest.raises(InputError, match="domain"):
         attacks.pgd(NET, X + 20.0, Y, 0.1, key=KEY)
     with pytest.raises(InputError, match="norm"):
-        attacks.pgd(NET, X, Y, 0.1, key=KEY, norm="l1")
+        attacks.pgd(NET, X, Y, 0.1, key=KEY, norm="l3")
     with pytest.raises(InputError, match="schedule"):
         attacks.pgd(NET, X, Y, 0.1, key=KEY, schedule="linear")
 

@@ -29,6 +29,9 @@ def _options(p):
     preprocessing_options(p)
     data_options(p)
     p.add_argument("--oracle", default="crown", choices=ORACLES)
+    p.add_argument("--norm", default="inf", choices=["inf", "2", "1"],
+                   help="norm of the perturbation balls (default inf; 2 and 1: CROWN over the ball by its dual "
+                        "norm, L2 / L1 attacks; the complete oracle decides L∞ balls only)")
     p.add_argument("--tol", type=positive_float, default=0.001, help="bisection tolerance (default 0.001)")
     p.add_argument("--grid-step", type=positive_float,
                    help="search the grid step, 2·step, ... ≤ eps-max instead (paper: 0.002)")
@@ -69,7 +72,7 @@ def critical_eps_cmd(args):
     check_results_file(args.out, "--out")
     check_output(args.csv, "--csv")
     cfg = _search_config(args)
-    options = {"attack_steps": args.attack_steps, "targets": args.targets}
+    options = {"attack_steps": args.attack_steps, "targets": args.targets, "norm": args.norm}
     if args.oracle == "complete":
         options.update(timeout=args.timeout, **bab_config(args))
     net = load_net(args.network, args)

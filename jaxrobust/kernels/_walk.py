@@ -21,6 +21,7 @@ from jax import lax
 
 from . import _conv, _relax
 from ._graph import Graph, Node
+from .norms import dual_norm
 
 # Intermediate CROWN bounds are computed only for the units whose interval bounds straddle a kink, in
 # blocks of at least 1/BLOCKS of the layer, as many as the example with most such units in a chunk needs
@@ -36,21 +37,30 @@ COARSE = 8
 _EXAMPLES = "examples"  # vmap axis of the examples in a chunk
 
 
-def _kinks(g: Graph):
+def _bounded_vars(g: Graph, ball: bool = False) -> set:
+    """The vars that get CROWN bounds: those that need bounds, less those whose interval bounds are exact
+    (with a ``ball``, the box hull's interval bounds are not: only the input itself is left out)."""
+    return g.needs_bounds - ({g.input} if ball else g.exact)
+
+
+def _kinks(g: Graph, ball: bool = False):
     """``{var: const index of k}`` for the vars that need CROWN bounds and feed kinks at one ``k``."""
     out = {}
     for n in g.nodes:
         if n.kind == "pwl":
             v = n.bounded()[0]
             out[v] = n.extra["k"] if out.get(v, n.extra["k"]) == n.extra["k"] else None
-    return {v: k for v, k in out.items() if k is not None and v in g.needs_bounds - g.exact}
+    return {v: k for v, k in out.items() if k is not None and v in _bounded_vars(g, ball)}
 
 
 class _Iv:
-    """An interval held as ``(lo, hi)`` and/or ``(mid, rad)``; the other form is derived on demand."""
+    """An interval held as ``(lo, hi)`` and/or ``(mid, rad)``; the other form is derived on demand. The input's may
+    also hold ``ball = (center, eps, norm)``: the set is then the box ∩ that Lp ball (`norms`), over which the
+    backward pass concretises with both the box and the dual norm."""
 
-    def __init__(self, lo=None, hi=None, mid=None, rad=None):
+    def __init__(self, lo=None, hi=None, mid=None, rad=None, ball=None):
         self._lo, self._hi, self._mid, self._rad = lo, hi, mid, rad
+        self.ball = ball
 
     @property
     def lo(self):
@@ -138,14 +148,14 @@ def _ibp_node(node: Node, consts, ivs):
     raise AssertionError(kind)
 
 
-def _forward(g: Graph, consts, lo, hi, prefixes=None):
-    """Bounds of every var for one example (``lo, hi: (1, *in)``), with CROWN bounds for the vars in
-    ``prefixes`` (see `_identity_prefixes`). Returns ``(ivs, rel)``: ``ivs`` the tightest bounds
-    (interval and CROWN intersected), propagated forward; ``rel`` the bounds the relaxations use (see
-    `_refine_var`)."""
-    ivs = {g.input: _Iv(lo=lo, hi=hi)}
+def _forward(g: Graph, consts, lo, hi, prefixes=None, ball=None):
+    """Bounds of every var for one example (``lo, hi: (1, *in)``; ``ball``: None or ``(center (1, *in), eps,
+    norm)``, the input set is then the box ∩ the ball), with CROWN bounds for the vars in ``prefixes`` (see
+    `_identity_prefixes`). Returns ``(ivs, rel)``: ``ivs`` the tightest bounds (interval and CROWN
+    intersected), propagated forward; ``rel`` the bounds the relaxations use (see `_refine_var`)."""
+    ivs = {g.input: _Iv(lo=lo, hi=hi, ball=ball)}
     rel = dict(ivs)
-    kinks = _kinks(g) if prefixes else {}
+    kinks = _kinks(g, ball is not None) if prefixes else {}
     for node in g.nodes:
         for v, iv in zip(node.outs, _ibp_node(node, consts, [ivs[b] for b in node.bounded()])):
             ivs[v] = rel[v] = iv
@@ -154,10 +164,11 @@ def _forward(g: Graph, consts, lo, hi, prefixes=None):
     return ivs, rel
 
 
-def _identity_prefixes(g: Graph, consts, dtype):
+def _identity_prefixes(g: Graph, consts, dtype, ball: bool = False):
     """Backward-pass prefixes ``{var: (acc, bias)}`` (see `_linear_prefix`) from the identity on each var
-    that needs CROWN bounds; they depend on the weights only, so they are shared by every example."""
-    return {v: _identity_prefix(g, consts, v, dtype)[:2] for v in g.needs_bounds - g.exact}
+    that needs CROWN bounds (`_bounded_vars`); they depend on the weights only, so they are shared by every
+    example."""
+    return {v: _identity_prefix(g, consts, v, dtype)[:2] for v in _bounded_vars(g, ball)}
 
 
 def _identity_prefix(g: Graph, consts, v, dtype):
@@ -372,7 +383,13 @@ def _backward_pass(g: Graph, consts, ivs, state, theta=None, extra=None, record=
     flat = lam_x.reshape(R, -1)
     mid, rad = x.mid.reshape(-1), x.rad.reshape(-1)
     lin = flat @ mid - jnp.abs(flat) @ rad
-    return Backward(bias + lin, mag + jnp.abs(flat) @ (jnp.abs(mid) + rad), lam_x, rec)
+    mag = mag + jnp.abs(flat) @ (jnp.abs(mid) + rad)
+    if x.ball is not None:  # min of lam . x over the ball: lam . center - eps ||lam||_dual
+        center, eps, norm = x.ball
+        q = eps * dual_norm(flat, norm)
+        lin = jnp.maximum(lin, flat @ center.reshape(-1) - q)
+        mag = mag + jnp.abs(flat) @ jnp.abs(center.reshape(-1)) + q
+    return Backward(bias + lin, mag, lam_x, rec)
 
 
 def _window_relaxation(node: Node, iv):

@@ -45,6 +45,7 @@ from jax.scipy.special import ndtr, ndtri
 from jax.tree_util import Partial
 
 from ..errors import InputError
+from .norms import l1_ball
 from .perturb import RNGS, SAMPLERS, check_domain, check_eps, check_x, random_normal
 
 TARGET_ACCEPTANCE = 0.25
@@ -98,7 +99,12 @@ def _l2(z, x, eps, domain):
     return _clip(x + r * g, domain)
 
 
-LATENT_MAPS: dict[str, tuple[Callable, int]] = {"linf": (_linf, 0), "gaussian": (_gaussian, 0), "l2": (_l2, 1)}
+def _l1(z, x, eps, domain):
+    return _clip(x + eps * l1_ball(z), domain)
+
+
+LATENT_MAPS: dict[str, tuple[Callable, int]] = {"linf": (_linf, 0), "gaussian": (_gaussian, 0), "l2": (_l2, 1),
+                                                 "l1": (_l1, 1)}
 
 
 def latent_size(sampler: str, input_size: int) -> int:
@@ -227,7 +233,7 @@ def amls(score: Callable[[jax.Array, Any], jax.Array], key, x, eps, threshold, a
         `jax.tree_util.Partial` (or a pytree function) so the compiled kernel is reused across calls.
       key: PRNG key.  x: inputs ``(B, *shape)``.  eps: radius (σ for ``"gaussian"``), scalar or ``(B,)``.
       threshold: scalar or ``(B,)``.  aux: pytree of arrays with leading dimension ``B`` (e.g. labels).
-      cfg: `AmlsConfig` (default ``AmlsConfig()``).  sampler: ``"linf"``, ``"l2"`` or ``"gaussian"``.
+      cfg: `AmlsConfig` (default ``AmlsConfig()``).  sampler: ``"linf"``, ``"l2"``, ``"l1"`` or ``"gaussian"``.
       domain: ``(lo, hi)`` samples are clipped to, or None.
       offset: global index of ``x[0]``, or an int array ``(B,)`` of the inputs' global indices (seeds).
     Returns an `AmlsResult` of device arrays.

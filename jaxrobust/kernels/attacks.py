@@ -1,4 +1,4 @@
-"""Adversarial attacks (falsifiers): FGSM, PGD (L∞ / L2) and a black-box random search.
+"""Adversarial attacks (falsifiers): FGSM, PGD (L∞ / L2 / L1) and a black-box random search.
 
 Uniform call shape ``attack(fn, x, y, eps, *, key=..., ...) -> AttackResult``:
 
@@ -36,9 +36,9 @@ from jax import lax
 
 from ..errors import InputError
 from ..network import Network
-from .perturb import check_domain, check_eps, check_values, check_x, draw, uniform_l2, uniform_linf
+from .norms import ascent, check_norm, project
+from .perturb import SAMPLERS, check_domain, check_eps, check_values, check_x, draw
 
-NORMS = ("linf", "l2")
 LOSSES = ("margin", "ce", "targeted")
 SCHEDULES = ("constant", "cosine", "step")
 
@@ -79,19 +79,6 @@ def attack_loss(logits: jax.Array, y: jax.Array, kind: str, target: jax.Array | 
 def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
     """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable against ``like: (B, *shape)``."""
     return v.reshape(v.shape + (1,) * (like.ndim - 1))
-
-
-def project(x_adv, x, eps, norm: str = "linf", domain=None) -> jax.Array:
-    """Project ``x_adv: (B, *shape)`` onto the ``norm`` ball of radius ``eps: (B,)`` around ``x``,
-    then onto the domain box (``x`` inside the domain keeps the result inside the ball)."""
-    e = _bcast(eps, x)
-    if norm == "linf":
-        out = jnp.clip(x_adv, x - e, x + e)
-    else:
-        d = x_adv - x
-        n = jnp.sqrt(jnp.sum(d.reshape(d.shape[0], -1) ** 2, axis=1))
-        out = x + d * _bcast(jnp.minimum(1.0, eps / jnp.maximum(n, 1e-30)), x)
-    return out if domain is None else jnp.clip(out, domain[0], domain[1])
 
 
 def step_sizes(alpha: jax.Array, steps: int, schedule: str) -> jax.Array:
@@ -217,7 +204,8 @@ def pgd(fn, x, y, eps, *, key, steps: int = 40, step_size=None, restarts: int = 
       steps: gradient steps per restart.
       step_size: scalar or ``(B,)``; default ``2.5 * eps / steps``.
       restarts: independent random starts, run side by side as one batch of ``restarts * B``.
-      norm: ``"linf"`` (signed-gradient steps) or ``"l2"`` (normalised-gradient steps).
+      norm: ``"linf"`` (signed-gradient steps), ``"l2"`` (normalised-gradient steps) or ``"l1"`` (sparse steps on
+        the largest 1 % of the gradient's coordinates the domain does not block; `norms.ascent`).
       loss: ``"margin"`` (CW), ``"ce"`` (cross-entropy) or ``"targeted"`` (multi-targeted: restart ``r``
         maximises ``logit_t - logit_y`` for the ``(r mod (C-1))``-th most likely wrong class ``t`` at ``x``;
         it escapes the local optima a single margin loss locks into, so use ``restarts`` ≈ classes to try).
@@ -238,7 +226,7 @@ def pgd(fn, x, y, eps, *, key, steps: int = 40, step_size=None, restarts: int = 
     alpha = 2.5 * eps / steps if step_size is None else check_eps(step_size, x.shape[0], "step_size")
     if unroll is None:
         unroll = steps if has_conv else 1
-    return _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, _option(norm, NORMS, "norm"),
+    return _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, check_norm(norm),
                 _option(loss, LOSSES, "loss"), _option(schedule, SCHEDULES, "schedule"), int(unroll),
                 bool(keep_best))
 
@@ -249,7 +237,7 @@ def _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, norm, lo
     B, R = x.shape[0], restarts
     tile = lambda a: jnp.concatenate([a] * R, axis=0)  # noqa: E731  (R*B, ...)
     xr, yr, er = tile(x), tile(y), tile(eps)
-    sampler = uniform_linf if norm == "linf" else uniform_l2
+    sampler = SAMPLERS[norm]
     b_idx, zero = jnp.arange(B), jnp.zeros((1,), jnp.int32)
     x0 = jnp.concatenate([draw(sampler, jax.random.fold_in(key, r), x, eps, b_idx, zero, domain)[:, 0]
                           for r in range(R)], axis=0)
@@ -275,12 +263,7 @@ def _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, norm, lo
             better = m < best_m
             best_x = jnp.where(_bcast(better, xa), xa, best_x)
             best_m = jnp.where(better, m, best_m)
-        if norm == "linf":
-            d = jnp.sign(g)
-        else:
-            gn = jnp.sqrt(jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1))
-            d = g / _bcast(jnp.maximum(gn, 1e-30), g)
-        xa = project(xa + _bcast(lr[t], xa) * d, xr, er, norm, domain)
+        xa = project(xa + _bcast(lr[t], xa) * ascent(g, norm, xa, domain), xr, er, norm, domain)
         return xa, best_x, best_m
 
     init = (x0, x0 if keep_best else None, jnp.full((R * B,), jnp.inf, jnp.float32))

@@ -59,6 +59,7 @@ from ._walk import (
     _prefix_end,
     initial_slopes,
 )
+from .norms import check_norm
 
 MARGIN_REL = 1e-5
 MARGIN_ABS = 1e-6
@@ -88,8 +89,8 @@ def ibp(fn: Callable, lo, hi, *, sound_margin: bool = True) -> Bounds:
 
 
 def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha: bool = False,
-          alpha_steps: int = 20, alpha_lr: float = 0.1, sound_margin: bool = True) -> Bounds:
-    """CROWN / alpha-CROWN bounds of ``spec @ fn(x)`` over the boxes ``[lo, hi]: (B, *in)``.
+          alpha_steps: int = 20, alpha_lr: float = 0.1, sound_margin: bool = True, ball=None) -> Bounds:
+    """CROWN / alpha-CROWN bounds of ``spec @ fn(x)`` over the boxes ``[lo, hi]: (B, *in)`` (∩ ``ball``).
 
     Args:
       spec: ``(B, K, C)`` with ``C = prod(out)``; bounds are on ``spec[b] @ fn(x)[b].ravel()``,
@@ -101,6 +102,9 @@ def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha
         best bounds found over all iterations (each is sound for any slope in range).
       alpha_steps, alpha_lr: Adam iterations and learning rate.
       sound_margin: see `ibp`.
+      ball: None, or ``(center (B, *in), eps (B,) or scalar, norm)`` with ``norm`` in `norms.NORMS`: the bounds hold
+        over each box ∩ its Lp ball; every linear bound, intermediate ones included, is concretised over both
+        the box and the ball (dual norm) and the larger taken. Pass the ball's box hull ∩ the domain as the box.
 
     Final bounds are also intersected with the interval bounds, so they are never looser than IBP.
     """
@@ -116,8 +120,17 @@ def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha
     if spec is not None and spec.shape[2] != n_out:
         raise InputError(f"spec has {spec.shape[2]} columns but the network has {n_out} outputs")
     steps = int(alpha_steps) if alpha else 0
-    pre = prog.prefixes() if intermediate == "crown" else {}
-    return _checked(*prog.crown(prog.consts, pre, lo, hi, spec, steps, float(alpha_lr), sound_margin))
+    pre = prog.prefixes(ball is not None) if intermediate == "crown" else {}
+    norm = None
+    if ball is not None:
+        center, eps, norm = ball
+        norm = check_norm(norm)
+        center = jnp.asarray(center, lo.dtype)
+        if center.shape != lo.shape:
+            raise InputError(f"the ball's center must have the box's shape {lo.shape}, got {center.shape}")
+        eps = _round_to(jnp.broadcast_to(jnp.asarray(eps), (lo.shape[0],)), lo.dtype, down=False)
+        ball = (center, eps)
+    return _checked(*prog.crown(prog.consts, pre, lo, hi, spec, ball, steps, float(alpha_lr), sound_margin, norm))
 
 
 def robustness_spec(labels, num_classes: int) -> jax.Array:
@@ -133,12 +146,13 @@ def robustness_spec(labels, num_classes: int) -> jax.Array:
     return eye[labels][:, None, :] - eye[j]
 
 
-def margin_bounds(net, x, eps, method: str = "ibp", *, labels=None) -> jax.Array:
-    """Lower bounds ``(B, C-1)`` of ``logit_y - logit_j`` (j != y) over the eps-box around ``x``.
+def margin_bounds(net, x, eps, method: str = "ibp", *, labels=None, norm: str = "linf") -> jax.Array:
+    """Lower bounds ``(B, C-1)`` of ``logit_y - logit_j`` (j != y) over the ``norm`` ball of radius eps around ``x``.
 
     ``x`` must lie in ``net.domain`` (InputError otherwise, as for integer images: scale them first);
-    the box ``[x - eps, x + eps]`` (eps scalar or ``(B,)``) is clipped to ``net.domain``, so it still
-    contains ``x``. ``labels`` default to the network's predictions at ``x``. ``method``: "ibp",
+    the ball (eps scalar or ``(B,)``) is intersected with ``net.domain``, so it still contains ``x``. ``norm``:
+    ``"linf"``, ``"l2"`` or ``"l1"`` (`norms.check_norm`); IBP bounds the ball's box hull, CROWN concretises
+    over the ball too. ``labels`` default to the network's predictions at ``x``. ``method``: "ibp",
     "crown" or "alpha-crown". All margins positive proves robustness of every example.
     """
     if not isinstance(x, jax.core.Tracer):
@@ -156,7 +170,9 @@ def margin_bounds(net, x, eps, method: str = "ibp", *, labels=None) -> jax.Array
         b = ibp(net, lo, hi)
         return spec_interval(spec, b.lower.reshape(len(x), -1), b.upper.reshape(len(x), -1)).lower
     if method in ("crown", "alpha-crown"):
-        return crown(net, lo, hi, spec, alpha=method == "alpha-crown").lower
+        norm = check_norm(norm)
+        ball = None if norm == "linf" else (x, eps.reshape(-1) * jnp.ones(len(x), x.dtype), norm)
+        return crown(net, lo, hi, spec, alpha=method == "alpha-crown", ball=ball).lower
     raise InputError(f"method must be 'ibp', 'crown' or 'alpha-crown', got {method!r}")
 
 
@@ -185,7 +201,7 @@ class _Program:
         self.graph = build_graph(lambda x: fn(x), in_shape, dtype)
         self.consts = [jnp.asarray(c) for c in self.graph.consts]
         self.dtype = jnp.dtype(dtype)
-        self._prefixes = None
+        self._prefixes = {}
         try:
             self.arch = _Arch(self.graph)
         except TypeError:  # unhashable primitive parameters: programs of this graph only
@@ -194,12 +210,12 @@ class _Program:
         else:
             self.ibp, self.crown, self._prefix_program = _compiled(self.arch)
 
-    def prefixes(self) -> dict:
-        """`_identity_prefixes` of these constants, computed on first use and kept (they depend on the
-        weights only; at batch 1 they cost more than the rest of a CROWN call)."""
-        if self._prefixes is None:
-            self._prefixes = self._prefix_program(self.consts, self.dtype)
-        return self._prefixes
+    def prefixes(self, ball: bool = False) -> dict:
+        """`_identity_prefixes` of these constants (for box ∩ ball inputs with ``ball``), computed on first use
+        and kept (they depend on the weights only; at batch 1 they cost more than the rest of a CROWN call)."""
+        if ball not in self._prefixes:
+            self._prefixes[ball] = self._prefix_program(self.consts, self.dtype, ball)
+        return self._prefixes[ball]
 
 
 class _Arch:
@@ -255,8 +271,8 @@ def full_precision(fn):
 def _programs(g: Graph):
     """Jitted ``(ibp, crown, prefixes)`` of ``g`` with its constants as the first argument."""
     return (full_precision(jax.jit(functools.partial(_ibp_batch, g), static_argnums=(3,))),
-            full_precision(jax.jit(functools.partial(_crown_batch, g), static_argnums=(5, 6, 7))),
-            full_precision(jax.jit(functools.partial(_identity_prefixes, g), static_argnums=(1,))))
+            full_precision(jax.jit(functools.partial(_crown_batch, g), static_argnums=(6, 7, 8, 9))),
+            full_precision(jax.jit(functools.partial(_identity_prefixes, g), static_argnums=(1, 2))))
 
 
 @functools.lru_cache(maxsize=64)
@@ -351,23 +367,25 @@ def _ibp_batch(g: Graph, consts, lo, hi, margin):
     return (widen(b) if margin else b), _box_ok(lo, hi)
 
 
-def _crown_batch(g: Graph, consts, pre, lo, hi, spec, steps, lr, margin):
-    """CROWN bounds; ``pre``: `_identity_prefixes` for CROWN intermediate bounds, ``{}`` for interval ones."""
+def _crown_batch(g: Graph, consts, pre, lo, hi, spec, ball, steps, lr, margin, norm):
+    """CROWN bounds; ``pre``: `_identity_prefixes` for CROWN intermediate bounds, ``{}`` for interval ones;
+    ``ball``: None or ``(center (B, *in), eps (B,))`` of a ``norm`` ball (see `crown`)."""
     out_shape = g.shape(g.output)[1:]
     n_out = math.prod(out_shape)
     rows = 2 * (n_out if spec is None else spec.shape[1])
     prefixes = {v: (acc, bias, _prefix_end(g, v)) for v, (acc, bias) in pre.items()}
 
-    def one(l, h, s):
+    def one(l, h, s, b):
         s = jnp.eye(n_out, dtype=l.dtype) if s is None else s
-        return _crown_one(g, consts, l[None], h[None], s, prefixes, steps, lr)
+        b = None if b is None else (b[0][None], b[1], norm)
+        return _crown_one(g, consts, l[None], h[None], s, prefixes, steps, lr, b)
 
     chunk = min(lo.shape[0], max(1, MEMORY_BUDGET // _bytes_per_example(g, rows, prefixes, steps)))
     chunk = -(-lo.shape[0] // -(-lo.shape[0] // chunk))  # as many chunks, evenly filled (least padding)
     order = None
     if prefixes and _kinks(g) and lo.shape[0] > chunk:  # with one chunk, its order changes nothing
         order = jnp.argsort(jax.vmap(functools.partial(_unstable_fraction, g, consts))(lo, hi))
-    lower, upper = _chunked(one, (lo, hi, spec), chunk, order)
+    lower, upper = _chunked(one, (lo, hi, spec, ball), chunk, order)
     if spec is None:
         lower, upper = lower.reshape((-1,) + out_shape), upper.reshape((-1,) + out_shape)
     b = Bounds(lower, upper)
@@ -404,9 +422,10 @@ def _unstable_fraction(g: Graph, consts, lo, hi):
                               for v, k in _kinks(g).items()]))
 
 
-def _crown_one(g: Graph, consts, lo, hi, spec, prefixes, steps, lr):
-    """Bounds ``(K,), (K,)`` of ``spec @ out`` for one example ``lo, hi: (1, *in)``, ``spec: (K, C)``."""
-    ivs, rel = _forward(g, consts, lo, hi, prefixes)
+def _crown_one(g: Graph, consts, lo, hi, spec, prefixes, steps, lr, ball=None):
+    """Bounds ``(K,), (K,)`` of ``spec @ out`` for one example ``lo, hi: (1, *in)``, ``spec: (K, C)`` (∩ ``ball``,
+    see `_walk._forward`)."""
+    ivs, rel = _forward(g, consts, lo, hi, prefixes, ball)
     shape = g.shape(g.output)
     K = spec.shape[0]
     state = _linear_prefix(g, consts, g.output, jnp.concatenate([spec, -spec]).reshape((2 * K,) + shape))

@@ -1,9 +1,9 @@
-"""Minimum-norm L∞ attack: the closest counterexample found in one batched pass with an adaptive radius.
+"""Minimum-norm attack in L∞, L2 or L1: the closest counterexample found in one batched pass with an adaptive radius.
 
-A variant of Fast Minimum-Norm (Pintor et al., NeurIPS 2021) for L∞. Every row keeps a point ``x_t`` and a
-radius ``eps_t``, starting from the first-order estimate of the distance to the decision boundary and a
-uniform random point in that ball. Each step is a signed-gradient step of size ``a_t * eps_t`` projected onto
-the ``eps_t`` ball ∩ domain, after which the radius changes: while ``x_t`` is misclassified it shrinks by
+A variant of Fast Minimum-Norm (Pintor et al., NeurIPS 2021). Every row keeps a point ``x_t`` and a
+radius ``eps_t``, starting from the first-order estimate of the distance to the decision boundary (the loss over
+the dual norm of the gradient) and a uniform random point in that ball. Each step is a steepest-ascent step of
+the norm (`norms.ascent`) of size ``a_t * eps_t`` projected onto the ``eps_t`` ball ∩ domain, after which the radius changes: while ``x_t`` is misclassified it shrinks by
 ``1 - gamma_t``; otherwise it grows by ``1 + gamma_t``, never beyond the closest counterexample found, or by
 ``1 + GROW`` while none was found (a row with a zero gradient and no counterexample restarts at a random
 point). ``a_t`` and ``gamma_t`` decay along a half cosine to 1 % of their start. With ``targets = k > 0`` the
@@ -23,7 +23,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..errors import InputError
-from .attacks import _bcast, _prepare, attack_loss, margin, project
+from .attacks import _bcast, _prepare, attack_loss, margin
+from .norms import ascent, check_norm, dual_norm, project, row_norm
+from .perturb import SAMPLERS
 
 GROW = 0.15  # relative growth of the radius per step while no counterexample was found
 
@@ -34,7 +36,7 @@ class MinNormResult(NamedTuple):
     Attributes:
       x_adv: ``(B, *shape)`` closest misclassified point found (some point of the ball where none).
       success: ``(B,)`` bool, ``x_adv`` is misclassified (confirmed by a forward pass).
-      distance: ``(B,)`` ``max |x_adv - x|`` where ``success``, else ``inf``.
+      distance: ``(B,)`` ``||x_adv - x||_p`` where ``success``, else ``inf``.
       margin: ``(B,)`` ``logit_y - max_{j != y} logit_j`` at ``x_adv``.
     """
 
@@ -45,8 +47,9 @@ class MinNormResult(NamedTuple):
 
 
 def min_norm(fn, x, y, eps_max, *, key, steps: int = 60, targets: int = 0, step_size: float = 0.25,
-             gamma: float = 0.3, domain=None, unroll=None) -> MinNormResult:
-    """Closest L∞ counterexample found within radius ``eps_max`` (scalar or ``(B,)``).
+             gamma: float = 0.3, domain=None, unroll=None, norm: str = "linf") -> MinNormResult:
+    """Closest counterexample in ``norm`` (``"linf"``, ``"l2"``, ``"l1"``) found within radius ``eps_max`` (scalar
+    or ``(B,)``).
 
     Args:
       fn, x, y, domain: as for `kernels.attacks.pgd`.
@@ -68,7 +71,7 @@ def min_norm(fn, x, y, eps_max, *, key, steps: int = 60, targets: int = 0, step_
     if unroll is None:
         unroll = steps if has_conv else 1
     return _min_norm(apply, params, x, y, eps_max, domain, key, steps, targets, float(step_size), float(gamma),
-                     int(unroll))
+                     int(unroll), check_norm(norm))
 
 
 def _cosine(start: float, t, steps: int):
@@ -76,9 +79,9 @@ def _cosine(start: float, t, steps: int):
     return start * (0.01 + 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * t / steps)))
 
 
-def _rows(fn, x, y, targets, domain):
+def _rows(fn, x, y, targets, domain, norm):
     """``(targets (R*B,) or None for the margin loss, R)``: row ``r * B + b`` attacks the wrong class of input
-    ``b`` with the ``r``-th smallest first-order estimate of the L∞ distance to its decision boundary."""
+    ``b`` with the ``r``-th smallest first-order estimate of the distance to its decision boundary."""
     if targets == 0:
         return None, 1
     z, vjp = jax.vjp(fn, x)
@@ -86,18 +89,18 @@ def _rows(fn, x, y, targets, domain):
     onehot = jax.nn.one_hot(y, C, dtype=z.dtype)
     gaps = jax.vmap(lambda j: jax.nn.one_hot(jnp.full(y.shape, j), C, dtype=z.dtype) - onehot)(jnp.arange(C))
     grads = jax.vmap(lambda c: vjp(c)[0])(gaps)  # (C, B, *shape): gradients of logit_j - logit_y
-    est = jax.vmap(lambda g, c: _boundary(g, jnp.sum(c * z, axis=-1), x, domain))(grads, gaps)  # (C, B)
+    est = jax.vmap(lambda g, c: _boundary(g, jnp.sum(c * z, axis=-1), x, domain, norm))(grads, gaps)  # (C, B)
     est = jnp.where(onehot.T > 0, jnp.inf, est)
     order = jnp.argsort(est, axis=0)
     k = min(targets, C - 1)
     return jnp.concatenate([order[r] for r in range(k)]), k
 
 
-@partial(jax.jit, static_argnames=("apply", "steps", "targets", "step_size", "gamma", "unroll"))
-def _min_norm(apply, params, x, y, eps_max, domain, key, steps, targets, step_size, gamma, unroll):
+@partial(jax.jit, static_argnames=("apply", "steps", "targets", "step_size", "gamma", "unroll", "norm"))
+def _min_norm(apply, params, x, y, eps_max, domain, key, steps, targets, step_size, gamma, unroll, norm):
     fn = partial(apply, params)
     B = x.shape[0]
-    tr, R = _rows(fn, x, y, targets, domain)
+    tr, R = _rows(fn, x, y, targets, domain, norm)
     tile = lambda a: jnp.concatenate([a] * R, axis=0)
     xr, yr, cap = tile(x), tile(y), tile(eps_max)
     loss = "margin" if tr is None else "targeted"
@@ -109,11 +112,15 @@ def _min_norm(apply, params, x, y, eps_max, domain, key, steps, targets, step_si
 
     grad_fn = jax.grad(objective, has_aux=True)
     g, (_, l) = grad_fn(xr)
-    e = jnp.minimum(cap, _boundary(g, l, xr, domain))
+    e = jnp.minimum(cap, _boundary(g, l, xr, domain, norm))
+    sampler = SAMPLERS[norm]
 
     def start(k, e):
-        u = jax.random.uniform(k, xr.shape, xr.dtype, -1.0, 1.0)
-        return project(xr + _bcast(e, xr) * u, xr, e, "linf", domain)
+        if norm == "linf":
+            u = jax.random.uniform(k, xr.shape, xr.dtype, -1.0, 1.0)
+            return project(xr + _bcast(e, xr) * u, xr, e, "linf", domain)
+        return jax.vmap(lambda i, xb, eb: sampler(jax.random.fold_in(k, i), xb, eb, domain))(
+            jnp.arange(xr.shape[0]), xr, e)
 
     def body(t, carry):
         xa, e, best_x, best_d = carry
@@ -123,7 +130,8 @@ def _min_norm(apply, params, x, y, eps_max, domain, key, steps, targets, step_si
         gam = _cosine(gamma, t, steps)
         grow = jnp.where(jnp.isfinite(best_d), jnp.minimum(e * (1 + gam), best_d), e * (1 + GROW))
         e = jnp.minimum(jnp.where(adv, e * (1 - gam), grow), cap)
-        xa = project(xa + _bcast(_cosine(step_size, t, steps) * e, xa) * jnp.sign(g), xr, e, "linf", domain)
+        xa = project(xa + _bcast(_cosine(step_size, t, steps) * e, xa) * ascent(g, norm, xa, domain), xr, e, norm,
+                     domain)
         stuck = ~jnp.isfinite(best_d) & ~jnp.any((g != 0).reshape(g.shape[0], -1), axis=1)
         xa = lax.cond(jnp.any(stuck), lambda: jnp.where(_bcast(stuck, xa), start(jax.random.fold_in(key, t), e), xa),
                       lambda: xa)
@@ -133,9 +141,9 @@ def _min_norm(apply, params, x, y, eps_max, domain, key, steps, targets, step_si
     xa, e, best_x, best_d = lax.fori_loop(0, steps, body, init, unroll=unroll)
     best_x, best_d = _record(margin(fn(xa), yr) < 0, xa, e, best_x, best_d)
     pick = jnp.argmin(best_d.reshape(R, B), axis=0)  # (B,)
-    best_x = project(best_x.reshape((R, B) + x.shape[1:])[pick, jnp.arange(B)], x, eps_max, "linf", domain)
+    best_x = project(best_x.reshape((R, B) + x.shape[1:])[pick, jnp.arange(B)], x, eps_max, norm, domain)
     m = margin(fn(best_x), y)
-    dist = jnp.max(jnp.abs(best_x - x).reshape(B, -1), axis=1)
+    dist = row_norm(best_x - x, norm)
     return MinNormResult(best_x, m < 0, jnp.where(m < 0, dist, jnp.inf), m)
 
 
@@ -146,9 +154,9 @@ def _record(adv, xa, e, best_x, best_d):
     return jnp.where(_bcast(better, xa), xa, best_x), jnp.where(better, e, best_d)
 
 
-def _boundary(g, loss, x, domain):
-    """``(R*B,)`` first-order estimate of the L∞ distance to the decision boundary from ``x`` (coordinates
-    the domain blocks in the gradient's direction excluded)."""
+def _boundary(g, loss, x, domain, norm):
+    """``(R*B,)`` first-order estimate of the ``norm`` distance to the decision boundary from ``x``: the loss over
+    the dual norm of the gradient (coordinates the domain blocks in the gradient's direction excluded)."""
     free = jnp.ones_like(g, bool) if domain is None else jnp.where(g > 0, x < domain[1], x > domain[0])
-    g1 = jnp.sum(jnp.where(free, jnp.abs(g), 0.0).reshape(g.shape[0], -1), axis=1)
-    return jnp.maximum(-loss, 0.0) / jnp.maximum(g1, 1e-12)
+    gq = dual_norm(jnp.where(free, g, 0.0).reshape(g.shape[0], -1), norm)
+    return jnp.maximum(-loss, 0.0) / jnp.maximum(gq, 1e-12)

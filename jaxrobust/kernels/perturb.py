@@ -6,6 +6,7 @@ Samplers (one input ``x: shape``, one key, one radius ``eps``; ``domain = (lo, h
 * ``"l2"``       uniform in the L2 ball: Gaussian direction normalised, radius ``eps * U^(1/d)``,
                  then clipped to the domain (clipping only moves coordinates toward ``x``, so the
                  norm stays ``<= eps``);
+* ``"l1"``       uniform in the L1 ball (`norms.l1_ball` of ``n + 1`` normals), then clipped to the domain;
 * ``"gaussian"`` ``x + eps * N(0, I)`` clipped to the domain (``eps`` is the standard deviation).
 
 Randomness scheme
@@ -41,6 +42,7 @@ from jax.tree_util import Partial
 
 from ..errors import InputError
 from ..network import Network
+from .norms import l1_ball
 
 Sampler = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
 REDUCTIONS = ("sum", "mean", "min", "max", "any", "all")
@@ -199,12 +201,18 @@ def uniform_l2(key, x, eps, domain=None, rng: str = "threefry"):
     return _clip(x + r * g, domain)
 
 
+def uniform_l1(key, x, eps, domain=None, rng: str = "threefry"):
+    """Uniform sample of the L1 ball of radius ``eps`` around ``x``, clipped to the domain."""
+    z = random_normal(key, (1, x.size + 1), x.dtype, rng)
+    return _clip(x + eps * l1_ball(z).reshape(x.shape), domain)
+
+
 def gaussian(key, x, sigma, domain=None, rng: str = "threefry"):
     """``x + sigma * N(0, I)`` clipped to the domain."""
     return _clip(x + sigma * random_normal(key, x.shape, x.dtype, rng), domain)
 
 
-SAMPLERS: dict[str, Sampler] = {"linf": uniform_linf, "l2": uniform_l2, "gaussian": gaussian}
+SAMPLERS: dict[str, Sampler] = {"linf": uniform_linf, "l2": uniform_l2, "l1": uniform_l1, "gaussian": gaussian}
 ELEMENTWISE = ("linf", "gaussian")  # coordinate j of a sample depends on coordinate j of the input only
 _BOUND = {(name, rng): partial(f, rng=rng) for name, f in SAMPLERS.items() for rng in RNGS}
 _BOUND.update({(name, None): f for name, f in SAMPLERS.items()})
