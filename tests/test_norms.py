@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from jaxrobust import load_network
-from jaxrobust.data import load_dataset, to_network_input
 from jaxrobust.critical_eps import SearchConfig, search
+from jaxrobust.data import load_dataset, to_network_input
 from jaxrobust.errors import InputError
 from jaxrobust.kernels import attacks, crown, margin_bounds, min_norm, perturb, robustness_spec
 from jaxrobust.kernels.norms import ascent, check_norm, l1_ball, project, row_norm
