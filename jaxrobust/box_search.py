@@ -4,6 +4,11 @@
 MILP-refined root bounds on deep ReLU MLPs and an exact LP at leaves) or input splitting (`verify_box_inputs`,
 for networks of few inputs). Both return a `BoxResult`; `verify.verify` and `verify.verify_property` build
 the boxes and specs. ``cfg`` is a `verify.VerifyConfig`.
+
+With ``ball = (center (n_0,), eps, norm)``, an L2 or L1 ball, the set is the box ∩ the ball: every bound
+concretises over both, candidate points are projected into the ball, and the LP of a leaf holds the ball's
+constraints (L1 exactly, as linear constraints; L2 by tangent cuts at the LP's minimiser until it lies in the
+ball, UNKNOWN if `L2_CUTS` do not get there).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .errors import UnsupportedOpError
 from .kernels.attacks import box_descent
 from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits, split_point
 from .kernels.bounds import MARGIN_ABS, MARGIN_REL, crown
+from .kernels.norms import project
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED
 
@@ -32,6 +38,8 @@ DESCENT_STEPS = 5
 REFINE_MIN_LAYERS = 3
 # Networks with at most this many inputs are verified by input splitting under ``split="auto"``.
 INPUT_SPLIT_DIMS = 20
+# Tangent cuts of an L2 ball added to the LP of a leaf before it is left undecided.
+L2_CUTS = 50
 
 
 class BoxResult(NamedTuple):
@@ -44,18 +52,30 @@ class BoxResult(NamedTuple):
 
 
 def decide_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None, report=None) -> BoxResult:
+               inner=None, report=None, ball=None) -> BoxResult:
     """`verify_box_inputs` when ``cfg.split`` asks for input splitting (``"auto"``: networks with at most
     `INPUT_SPLIT_DIMS` inputs), else `verify_box` (neuron splitting). ``report(domains, lower)``, if given,
     is called after every round of the search with the subdomains bounded so far and the lowest pending bound."""
     n_in = math.prod(net.input_shape)
     if cfg.split == "inputs" or (cfg.split == "auto" and n_in <= INPUT_SPLIT_DIMS):
-        return verify_box_inputs(net, box, C, d, cfg, deadline=deadline, inner=inner, report=report)
-    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner, report=report)
+        return verify_box_inputs(net, box, C, d, cfg, deadline=deadline, inner=inner, report=report, ball=ball)
+    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner, report=report, ball=ball)
+
+
+def _into(xs, in_lo, in_hi, ball):
+    """Points ``xs: (k, n_0)`` moved into the inner box (and the ball, if any: projected onto it, then clipped to the
+    box, which holds the ball's center, so the points stay in the ball)."""
+    xs = np.clip(xs, in_lo, in_hi)
+    if ball is None:
+        return xs
+    center, eps, norm = ball
+    c = np.broadcast_to(center, xs.shape)
+    moved = project(jnp.asarray(xs), jnp.asarray(c), jnp.full(len(xs), eps * (1 - 1e-6), jnp.float32), norm)
+    return np.clip(np.asarray(moved), in_lo, in_hi)
 
 
 def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None, report=None) -> BoxResult:
+               inner=None, report=None, ball=None) -> BoxResult:
     """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``box = (lo, hi)``, each ``(n_0,)``, or find
     ``x`` in ``inner`` (default the box itself) violating a row.
 
@@ -66,7 +86,8 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
     in_lo, in_hi = (np.asarray(b, np.float32).reshape(-1) for b in (box if inner is None else inner))
     box_lo, box_hi = (jnp.asarray(b).reshape(shape[1:]) for b in (in_lo, in_hi))
     C, d = np.asarray(C, np.float32), np.asarray(d, np.float32)
-    root = brancher.root_bounds(lo, hi, cfg.intermediate_steps)
+    bb = None if ball is None else (jnp.asarray(ball[0], jnp.float32).reshape(shape), ball[1], ball[2])
+    root = brancher.root_bounds(lo, hi, cfg.intermediate_steps, ball=bb)
     lay = brancher.layout
     batch = cfg.batch
 
@@ -75,12 +96,13 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         those rows take them to (`box_descent`), rounded into the inner box; returns ``(points, bad)``, ``bad``
         marking those a plain forward pass maps into the unsafe region (any spec row)."""
         n = len(xs)
+        size, within = ((box_hi - box_lo) / 8, {}) if ball is None else (
+            ball[1] / 8, {"ball": (bb[0][0], ball[1]), "norm": ball[2]})
         step = lambda x, c: np.asarray(box_descent(net, jnp.asarray(x).reshape((-1,) + shape[1:]), jnp.asarray(c),
-                                                   box_lo, box_hi, (box_hi - box_lo) / 8, steps=DESCENT_STEPS,
-                                                   decay=0.7))
+                                                   box_lo, box_hi, size, steps=DESCENT_STEPS, decay=0.7, **within))
         moved = np.concatenate([step(x, c).reshape(len(x), -1)
                                 for x, c in zip(_batches(xs, batch), _batches(C[rows], batch))])[:n]
-        xs = np.clip(np.concatenate([xs, moved]), in_lo, in_hi)
+        xs = _into(np.concatenate([xs, moved]), in_lo, in_hi, ball)
         out = np.concatenate([_logits(net, x.reshape((-1,) + shape[1:])) for x in _batches(xs, batch)])[:len(xs)]
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
@@ -108,7 +130,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             init = (cmp.expand(init[0], cmp.alpha_keep, lay.Ha), cmp.expand(init[1], cmp.beta_keep, lay.Hk + 2 * lay.Hi))
             init = tuple(jnp.asarray(pad(a), jnp.float32) for a in init)
         r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
-                           init, steps=steps, candidates=cfg.fsb)
+                           init, steps=steps, candidates=cfg.fsb, ball=bb)
         r = DomainBounds(*(np.asarray(a)[:n] for a in r))
         seconds[size] = time.perf_counter() - t0
         lower = np.where(np.isnan(r.lower), -np.inf, r.lower)      # a NaN bound proves nothing
@@ -168,7 +190,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
                     return stop(UNKNOWN, "timeout")
                 t = pool["t"][j]
                 s_full = cmp.expand(pool["s"][j][None], cmp.free, lay.Hk)[0]
-                verdict, xs = (_lp_leaf(brancher, root, lo, hi, s_full, C[t], d[t])
+                verdict, xs = (_lp_leaf(brancher, root, lo, hi, s_full, C[t], d[t], ball)
                                if brancher.pure_kink else (UNKNOWN, None))
                 if verdict == VIOLATED:
                     xs, bad = violating(xs, np.full(len(xs), t))
@@ -233,7 +255,7 @@ def _deep_chain(net: Network):
 
 
 def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: float, inner=None,
-                      report=None) -> BoxResult:
+                      report=None, ball=None) -> BoxResult:
     """`verify_box` by input splitting: every sub-box is bounded by CROWN (α-CROWN on the whole box) with its
     own intermediate bounds; the open sub-box with the lowest bound is halved along the coordinate with the
     largest width times |gradient| of its spec row at its centre. Its centre and the vertex the gradient
@@ -249,12 +271,14 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
         n = len(rows)
         size = next(s for s in (16, batch // 4, batch) if s >= n)
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
+        sub = None if ball is None else (np.broadcast_to(ball[0], (size, ball[0].size)).reshape((-1,) + shape),
+                                         ball[1], ball[2])
         b = crown(net, pad(los).reshape((-1,) + shape), pad(his).reshape((-1,) + shape), pad(C[rows])[:, None],
-                  alpha=steps > 0, alpha_steps=max(steps, 1)).lower
+                  alpha=steps > 0, alpha_steps=max(steps, 1), ball=sub).lower
         mid = pad((los + his) / 2)
         g = np.asarray(grad(jnp.asarray(mid).reshape((-1,) + shape), jnp.asarray(pad(C[rows]))))[:n].reshape(n, -1)
         cands = np.concatenate([mid[:n], np.where(g > 0, los, his)])
-        cands = np.clip(cands, in_lo, in_hi)
+        cands = _into(cands, in_lo, in_hi, ball)
         out = _logits(net, cands.reshape((-1,) + shape))
         viol = np.any(out @ C.T.astype(np.float64) <= d, axis=1)
         width = his - los
@@ -408,14 +432,12 @@ def _children(lay, par: dict) -> dict:
     return ch
 
 
-def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d):
+def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d, ball=None):
     """Exact ``min c . out - d`` over a subdomain whose kink units are all stable (the network is affine on it):
-    an LP (HiGHS) in the input over the box and the split constraints, loosened by the round-off margin.
-    Returns ``(ROBUST | VIOLATED | UNKNOWN, candidates (k, n_0) or None)``: for VIOLATED the minimiser and
-    that of the LP with the constraints tightened by the margin instead (a point strictly inside the
-    subdomain, for where round-off puts the first just outside)."""
-    from scipy.optimize import linprog
-
+    an LP (HiGHS) in the input over the box (∩ ``ball``, see the module doc) and the split constraints, loosened by
+    the round-off margin. Returns ``(ROBUST | VIOLATED | UNKNOWN, candidates (k, n_0) or None)``: for VIOLATED
+    the minimiser and that of the LP with the constraints tightened by the margin instead (a point strictly
+    inside the subdomain, for where round-off puts the first just outside)."""
     units, (A_out, a_out) = brancher.leaf(root, lo, hi, jnp.asarray(s))
     lo64, hi64 = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
     top = np.maximum(np.abs(lo64), np.abs(hi64))
@@ -432,21 +454,56 @@ def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d):
             slacks.append(slack[m])
     obj = np.asarray(c, np.float64) @ np.asarray(A_out, np.float64)
     const = float(np.asarray(c, np.float64) @ np.asarray(a_out, np.float64)) - float(d)
-    A_ub = np.concatenate(rows) if rows else None
-    res = linprog(obj, A_ub=A_ub, b_ub=np.concatenate(rhs) if rows else None, bounds=np.stack([lo64, hi64], 1),
-                  method="highs")
+    A_ub = np.concatenate(rows) if rows else np.zeros((0, len(lo64)))
+    b_ub = np.concatenate(rhs) if rows else np.zeros(0)
+    scale = np.abs(obj) @ top + abs(const)
+    enough = MARGIN_REL * scale + MARGIN_ABS
+    res = _ball_lp(obj, A_ub, b_ub, lo64, hi64, ball, enough - const)
+    if res is None:
+        return UNKNOWN, None
     if res.status == 2:
         return ROBUST, None
     if res.status != 0:
         return UNKNOWN, None
-    value = res.fun + const
-    scale = np.abs(obj) @ top + abs(const)
-    if value > MARGIN_REL * scale + MARGIN_ABS:
+    if res.fun + const > enough:
         return ROBUST, None
     pts = [res.x]
     if rows:
-        inner = linprog(obj, A_ub=A_ub, b_ub=np.concatenate(rhs) - 2 * np.concatenate(slacks),
-                        bounds=np.stack([lo64, hi64], 1), method="highs")
-        if inner.status == 0:
+        inner = _ball_lp(obj, A_ub, b_ub - 2 * np.concatenate(slacks), lo64, hi64, ball)
+        if inner is not None and inner.status == 0:
             pts.append(inner.x)
     return VIOLATED, np.clip(np.stack(pts), lo64, hi64).astype(np.float32)
+
+
+def _ball_lp(obj, A_ub, b_ub, lo, hi, ball, enough=np.inf):
+    """``min obj . x`` s.t. ``A_ub x <= b_ub``, ``lo <= x <= hi`` (∩ ``ball``) by HiGHS: the scipy result, its ``x``
+    the input part. For an L2 ball the cuts stop early once the minimum exceeds ``enough`` (its minimiser may then
+    lie outside the ball); None if they do not reach the ball."""
+    from scipy.optimize import linprog
+    n = len(lo)
+    if ball is None:
+        return linprog(obj, A_ub=A_ub, b_ub=b_ub, bounds=np.stack([lo, hi], 1), method="highs")
+    center, eps, norm = np.asarray(ball[0], np.float64).reshape(-1), float(ball[1]), ball[2]
+    if norm == "l1":                # |x_i - c_i| <= t_i, sum t <= eps over variables (x, t)
+        eye = np.eye(n)
+        A = np.block([[A_ub, np.zeros((len(A_ub), n))], [eye, -eye], [-eye, -eye],
+                      [np.zeros((1, n)), np.ones((1, n))]])
+        b = np.concatenate([b_ub, center, -center, [eps]])
+        res = linprog(np.concatenate([obj, np.zeros(n)]), A_ub=A, b_ub=b,
+                      bounds=np.concatenate([np.stack([lo, hi], 1), np.tile([0.0, eps], (n, 1))]), method="highs")
+        if res.status == 0:
+            res.x = res.x[:n]
+        return res
+    cuts, cut_b = np.zeros((0, n)), np.zeros(0)
+    for _ in range(L2_CUTS):        # tangent planes g . (x - c) <= eps, ||g|| = 1, at each minimiser outside the ball
+        res = linprog(obj, A_ub=np.concatenate([A_ub, cuts]), b_ub=np.concatenate([b_ub, cut_b]),
+                      bounds=np.stack([lo, hi], 1), method="highs")
+        if res.status != 0:
+            return res
+        off = res.x - center
+        r = np.linalg.norm(off)
+        if r <= eps * (1 + 1e-6) or res.fun > enough:
+            return res
+        g = off / r
+        cuts, cut_b = np.concatenate([cuts, g[None]]), np.concatenate([cut_b, [g @ center + eps]])
+    return None

@@ -60,11 +60,11 @@ def min_norm_falsifier(net: Network, *, steps: int = 60, norm: str = "linf") -> 
     return minimize
 
 
-def guided_minimizer(net: Network) -> Callable:
+def guided_minimizer(net: Network, norm: str = "linf") -> Callable:
     """`guided_ladder` as a ``minimize`` oracle, one input at a time: the counterexample of the smallest radius
     ``eps / 2^k`` (then bisected) that holds one. Costly (up to 13 α-CROWN bounds per input): the last resort
     for inputs every other attack leaves without a counterexample up to ``eps``."""
-    ladder = guided_ladder(net)
+    ladder = guided_ladder(net, norm=norm)
 
     def minimize(x, y, eps, key) -> Verdicts:
         eps = np.broadcast_to(np.asarray(eps, np.float32), (len(x),))
@@ -76,11 +76,12 @@ def guided_minimizer(net: Network) -> Callable:
     return minimize
 
 
-def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20) -> Callable:
+def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20, norm: str = "linf") -> Callable:
     """The bound-guided attack as a falsifier. Per input (one at a time, shapes repeat): α-CROWN lower
     bounds (``alpha_steps`` iterations, intermediate bounds included) of every margin ``logit_y - logit_j``
-    over the ε-box ∩ domain; from each bound's minimiser, ``steps`` signed-gradient steps of size ε/25 on that
-    margin; a point a full-precision forward pass misclassifies is a counterexample."""
+    over the ε-ball of ``norm`` ∩ domain; from each bound's minimiser, ``steps`` steepest-descent steps of size
+    ε/50 (L∞: signed) on that margin within the ball; a point a full-precision forward pass misclassifies is a
+    counterexample."""
     brancher = network_brancher(net)
     rows = list(robustness_spec(np.arange(net.num_classes), net.num_classes))  # margin rows (C-1, C) of each label
     shape = (1,) + tuple(net.input_shape)
@@ -89,11 +90,17 @@ def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20) -
         lo = jnp.asarray(np.clip(x - eps, *net.domain), jnp.float32).reshape(shape)
         hi = jnp.asarray(np.clip(x + eps, *net.domain), jnp.float32).reshape(shape)
         c = rows[int(y)]
-        root = brancher.root_bounds(lo, hi, alpha_steps)
+        ball = None if norm == "linf" else (jnp.asarray(x, jnp.float32).reshape(shape), eps, norm)
+        root = brancher.root_bounds(lo, hi, alpha_steps, ball=ball)
         sp = brancher.initial(root, len(c))
-        r = brancher.bound(root, lo, hi, c, Splits(*(jnp.asarray(a) for a in sp)), steps=alpha_steps, candidates=0)
+        r = brancher.bound(root, lo, hi, c, Splits(*(jnp.asarray(a) for a in sp)), steps=alpha_steps, candidates=0,
+                           ball=ball)
         xs = jnp.asarray(r.x_star).reshape((len(c),) + shape[1:])
-        pts = np.asarray(box_descent(net, xs, c, lo[0], hi[0], (hi[0] - lo[0]) / 50, steps=steps))
+        if ball is None:
+            pts = box_descent(net, xs, c, lo[0], hi[0], (hi[0] - lo[0]) / 50, steps=steps)
+        else:
+            pts = box_descent(net, xs, c, lo[0], hi[0], eps / 50, steps=steps, ball=(ball[0][0], eps), norm=norm)
+        pts = np.asarray(pts)
         with jax.default_matmul_precision("highest"):
             bad = np.asarray(net(jnp.asarray(pts))).argmax(-1) != int(y)
         return (True, pts[np.argmax(bad)]) if bad.any() else (False, np.full(shape[1:], np.nan, np.float32))
@@ -107,11 +114,11 @@ def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20) -
     return falsify
 
 
-def guided_ladder(net: Network, *, rungs: int = 8, refine: int = 4) -> Callable:
+def guided_ladder(net: Network, *, rungs: int = 8, refine: int = 4, norm: str = "linf") -> Callable:
     """``(x, y, eps) -> (found, point)``: `guided_falsifier` at radii ``eps / 2^k`` for k = ``rungs`` … 0 until
     one succeeds, then ``refine`` bisection steps between the last failing and the first succeeding radius;
     the counterexample of the smallest radius that held one."""
-    one = guided_falsifier(net).one
+    one = guided_falsifier(net, norm=norm).one
 
     def ladder(x, y, eps):
         below = 0.0

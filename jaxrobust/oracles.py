@@ -69,19 +69,16 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
     """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
     bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
     bound), over balls of ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). ``guided``: the bound-guided attack
-    (`falsify.guided_minimizer`, L∞ only) is the last resort for inputs the gradient attacks leave without a
+    (`falsify.guided_minimizer`) is the last resort for inputs the gradient attacks leave without a
     counterexample up to ``eps_max`` (not for ``complete``, whose branch and bound searches the same minimisers)."""
     if kind not in ("attack", "complete", *BOUND_METHODS):
         raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
     norm = check_norm(norm)
     if kind == "complete":
-        if norm != "linf":
-            raise InputError(f"the complete oracle decides L∞ balls only; for --norm {norm[1:]} choose crown or "
-                             "alpha-crown (sound lower bounds) beside the attacks")
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
-                               **options)
-    guided = guided and norm == "linf" and _boundable(net)
-    last = guided_minimizer(net) if guided else None
+                               norm=norm, **options)
+    guided = guided and _boundable(net)
+    last = guided_minimizer(net, norm) if guided else None
     falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, norm=norm)
     tail = ("bound-guided",) if guided else ()
     attacks = ("pgd-margin",) + (("pgd-targeted",) if targets else ()) + tail
@@ -113,17 +110,20 @@ def distance(a, b, norm: str = "linf") -> np.ndarray:
     return np.asarray(_dist(jnp.asarray(a), jnp.asarray(b), check_norm(norm)))
 
 
-def complete_oracle(net: Network, **options) -> Oracle:
-    """Oracle whose ``prove`` runs the whole cascade (ROBUST, VIOLATED or UNKNOWN on budget) and whose
-    ``falsify`` is the attack alone. ``options``: fields of `VerifyConfig`."""
+def complete_oracle(net: Network, norm: str = "linf", **options) -> Oracle:
+    """Oracle whose ``prove`` runs the whole cascade over ``norm`` balls (ROBUST, VIOLATED or UNKNOWN on budget)
+    and whose ``falsify`` is the attack alone. ``options``: fields of `VerifyConfig`."""
     cfg = VerifyConfig(**options)
+    norm = check_norm(norm)
     network_brancher(net)       # an unsupported operation is reported now, before any attack or bisection
 
     def prove(x, y, eps, key) -> Verdicts:
-        r = verify(net, x, y, eps, cfg, key=key)
+        r = verify(net, x, y, eps, cfg, key=key, norm=norm)
         return Verdicts(r.status, r.counterexample, r.stage)
 
     falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
-                               targets=cfg.attack_targets)
+                               targets=cfg.attack_targets, norm=norm)
     attacks = ("pgd-margin",) + (("pgd-targeted",) if cfg.attack_targets else ()) + ("branch-and-bound",)
-    return Oracle("complete", prove, falsify, None, attacks)
+    if norm != "linf":
+        attacks = tuple(f"{a}-{norm}" for a in attacks)
+    return Oracle("complete", prove, falsify, None, attacks, norm=norm)

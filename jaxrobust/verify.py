@@ -32,6 +32,7 @@ from .errors import InputError
 from .falsify import attack_falsifier
 from .kernels.bab import network_brancher
 from .kernels.bounds import robustness_spec
+from .kernels.norms import check_norm
 from .kernels.perturb import check_eps
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED
@@ -75,9 +76,12 @@ def robustness_specs(label: int, num_classes: int):
 
 
 def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None,
-           progress: bool = False) -> VerifyResult:
-    """Decide L∞ robustness of every query ``x: (B, *input_shape)``, ``y: (B,)``, ``eps`` scalar or ``(B,)``
-    (boxes clipped to ``net.domain``); ``cfg`` default `VerifyConfig()`."""
+           progress: bool = False, norm: str = "linf") -> VerifyResult:
+    """Decide robustness of every query ``x: (B, *input_shape)``, ``y: (B,)``, ``eps`` scalar or ``(B,)`` over the
+    ``norm`` ball (``"linf"``, ``"l2"`` or ``"l1"``) ∩ ``net.domain``; ``cfg`` default `VerifyConfig()`.
+
+    L2 and L1 balls: the search runs on the ball's box hull with every bound concretised over the ball too (its
+    dual norm); leaves are decided by LPs over the ball (`box_search`), counterexamples projected into it."""
     x = np.asarray(net.check_inputs(x), np.float32)
     B = len(x)
     y = np.asarray(net.check_labels(y, B))
@@ -86,6 +90,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
     radius = np.broadcast_to(radius, (B,)).reshape((B,) + (1,) * (x.ndim - 1))
     cfg = VerifyConfig() if cfg is None else cfg
     check_config(cfg)
+    norm = check_norm(norm)
     key = jax.random.PRNGKey(cfg.seed) if key is None else key
     brancher = network_brancher(net)
     outer, inner = float32_boxes(x - radius, x + radius, net.domain)
@@ -101,7 +106,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
     rest = np.flatnonzero(~wrong)
     if len(rest) and cfg.attack_steps > 0:
         falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
-                                   targets=cfg.attack_targets)
+                                   targets=cfg.attack_targets, norm=norm)
         v = falsify(x[rest], y[rest], eps[rest], key)
         found = v.status == VIOLATED
         if found.any():                       # keep those still wrong once rounded into the real ball
@@ -120,18 +125,27 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
             if bar is not None:
                 bar.begin()
             C, d = robustness_specs(int(y[i]), net.num_classes)
+            ball = None if norm == "linf" else (x[i].reshape(-1), float(eps[i]), norm)
             r = decide_box(net, brancher, (outer[0][i].reshape(-1), outer[1][i].reshape(-1)), C, d, cfg,
                            deadline=t1 + max(cfg.timeout - time_s[i], 0.0),
-                           inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)), report=report)
+                           inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)), report=report, ball=ball)
             if bar is not None:
                 bar.update(1)
             status[i], stage[i], domains[i], evals[i], lower[i] = r.status, r.stage, r.domains, r.bound_evals, r.lower
             if r.counterexample is not None:
                 cex[i] = r.counterexample.reshape(x.shape[1:])
+                if norm != "linf" and not _in_ball(cex[i], x[i], eps[i], norm):   # never VIOLATED outside it
+                    status[i], stage[i], cex[i] = UNKNOWN, "lp-unknown", np.nan
             time_s[i] += time.perf_counter() - t1
         if bar is not None:
             bar.close()
     return VerifyResult(status, cex, time_s, domains, evals, lower, stage.astype(str))
+
+
+def _in_ball(p, x, eps, norm) -> bool:
+    """Whether ``||p - x||_p <= eps``, in float64."""
+    d = np.abs(np.asarray(p, np.float64) - np.asarray(x, np.float64)).reshape(-1)
+    return float(d.max() if norm == "linf" else np.sqrt(d @ d) if norm == "l2" else d.sum()) <= float(eps)
 
 
 def _progress(enabled: bool, total, unit: str):

@@ -61,6 +61,19 @@ def test_critical_eps_distribution_and_train(tmp_path, capsys):
     assert main(["info", str(w)]) == 0
 
 
+def test_critical_eps_in_l2_is_stored_apart_and_named(tmp_path, capsys):
+    out = tmp_path / "r.h5"
+    base = ["critical-eps", "--indices", "0:4", "--oracle", "crown", "--tol", "0.05", "--targets", "0",
+            "--out", str(out)]
+    assert main(base + ["--norm", "2", "--eps-max", "4"]) == 0
+    assert main(base + ["--norm", "inf", "--resume"]) == 0      # another configuration: rows kept apart
+    capsys.readouterr()
+    assert main(["distribution", str(out), "--json", "--bootstrap", "20"]) == 0
+    names = sorted(g["config_name"] for g in json.loads(capsys.readouterr().out)["groups"])
+    assert len(names) == 2 and names[0].startswith("crown L2 ") and not names[1].startswith("crown L")
+    assert main(base + ["--norm", "3"]) == 2 and "--norm" in capsys.readouterr().err
+
+
 def test_verify_budgets_are_checked_before_any_work(tmp_path, capsys):
     prop = tmp_path / "p.vnnlib"
     prop.write_text("(declare-const X_0 Real)\n(declare-const Y_0 Real)\n(declare-const Y_1 Real)\n"

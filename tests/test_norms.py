@@ -14,6 +14,8 @@ from jaxrobust.errors import InputError
 from jaxrobust.kernels import attacks, crown, margin_bounds, min_norm, perturb, robustness_spec
 from jaxrobust.kernels.norms import ascent, check_norm, l1_ball, project, row_norm
 from jaxrobust.oracles import distance, make_oracle
+from jaxrobust.verdict import ROBUST, UNKNOWN, VIOLATED
+from jaxrobust.verify import verify
 
 from .test_bounds import ACTS, assert_inside, make_cnn, make_mlp, random_spec
 
@@ -195,6 +197,46 @@ def test_critical_eps_brackets_in_other_norms(mlp, norm):
     assert oracle.norm == norm and all(a.endswith(norm) for a in oracle.attacks)
 
 
-def test_complete_oracle_refuses_other_norms(mlp):
-    with pytest.raises(InputError, match="L∞ balls only"):
-        make_oracle(mlp[0], "complete", norm="2")
+# --- complete verification over L2 and L1 balls -----------------------------------------------------------------
+def sampled_min_margins(net, x, y, eps, norm, n=200_000):
+    """Smallest margin ``logit_y - max_j logit_j`` at exact uniform samples of the ball ∩ [0, 1]^n (an upper bound
+    of the true minimum: negative proves a counterexample exists)."""
+    s = perturb.sample(jax.random.PRNGKey(11), jnp.asarray(x)[None], eps, n, sampler=norm, domain=(0.0, 1.0))[0]
+    return float(jnp.min(attacks.margin(net(s), jnp.full(n, y))))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", ["neurons", "inputs"])
+def test_complete_verdicts_over_balls_agree_with_dense_sampling(split):
+    from .test_verify import SMALL
+    from .test_verify import mlp as random_mlp
+    net = random_mlp(4, (3, 4, 4, 3), scale=2.0)
+    xs = np.asarray(jax.random.uniform(jax.random.PRNGKey(7), (5, 3)))
+    ys = np.asarray(net(jnp.asarray(xs))).argmax(-1)
+    decided = total = 0
+    for norm, radii in (("l2", (0.2, 0.4)), ("l1", (0.3, 0.6))):
+        for eps in radii:
+            r = verify(net, xs, ys, eps, SMALL._replace(attack_steps=0, split=split), norm=norm)
+            for i in range(len(xs)):
+                total += 1
+                decided += r.status[i] != UNKNOWN
+                if r.status[i] == VIOLATED:
+                    cx = r.counterexample[i]
+                    assert float(row_norm(jnp.asarray(cx - xs[i])[None], norm)[0]) <= eps
+                    assert np.all((cx >= 0) & (cx <= 1))
+                    assert int(np.asarray(net(jnp.asarray(cx[None]))).argmax()) != ys[i]
+                elif r.status[i] == ROBUST:
+                    assert sampled_min_margins(net, xs[i], ys[i], eps, norm) > 0, (norm, eps, i)
+    assert decided >= 0.8 * total, (decided, total)
+
+
+@pytest.mark.slow
+def test_complete_critical_eps_in_l2_narrows_the_crown_bracket(mlp):
+    net, x, y = mlp
+    x, y = x[:3], y[:3]
+    cfg = SearchConfig(eps_max=4.0, tol=0.02)
+    crown_r = search(net, make_oracle(net, "crown", norm="l2", targets=2), x, y, cfg)
+    full = search(net, make_oracle(net, "complete", norm="l2", targets=2, timeout=5.0), x, y, cfg)
+    assert np.all(full.eps_lower >= crown_r.eps_lower - 1e-9) and np.any(full.eps_lower > crown_r.eps_lower)
+    assert np.all(full.eps_lower <= full.eps_upper)
+    np.testing.assert_allclose(distance(full.counterexample, x, "l2"), full.eps_upper, rtol=1e-6)

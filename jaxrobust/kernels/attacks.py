@@ -277,22 +277,33 @@ def _pgd(apply, params, x, y, eps, alpha, key, domain, steps, restarts, norm, lo
 
 
 # --- descent from given points ------------------------------------------------------------------------
-@partial(jax.jit, static_argnames=("steps",))
-def box_descent(fn, xs, c, lo, hi, step, *, steps: int, decay: float = 1.0) -> jax.Array:
+@partial(jax.jit, static_argnames=("steps", "norm"))
+def box_descent(fn, xs, c, lo, hi, step, *, steps: int, decay: float = 1.0, ball=None,
+                norm: str = "linf") -> jax.Array:
     """Signed-gradient descent of ``c[d] . fn(xs[d])`` per row from the given points, projected on the box.
 
     ``fn`` a `Network` (a pytree); ``xs: (D, *in)``; ``c: (D, n_out)``; ``lo, hi`` broadcast against one
-    input; ``step`` likewise, multiplied by ``decay ** t`` at step ``t``. Returns the iterate of lowest
-    objective per row ``(D, *in)`` (the start included), for a forward pass to confirm.
+    input; ``step`` likewise, multiplied by ``decay ** t`` at step ``t``. With ``ball = (center (*in), eps)`` of
+    an L2 or L1 ``norm``, steps are that norm's steepest descent (`norms.ascent`) of length ``step`` (a scalar),
+    projected on the ball ∩ box. Returns the iterate of lowest objective per row ``(D, *in)`` (the start
+    included), for a forward pass to confirm.
     """
     obj = lambda x: jnp.sum(fn(x) * c, axis=-1)  # (D,)
+
+    def move(x, g, size):
+        if ball is None:
+            return jnp.clip(x - size * jnp.sign(g), lo, hi)
+        box = (jnp.broadcast_to(lo, x.shape[1:]), jnp.broadcast_to(hi, x.shape[1:]))
+        center = jnp.broadcast_to(ball[0], x.shape)
+        return project(x - size * ascent(g, norm, x, box), center, jnp.full(x.shape[:1], ball[1], x.dtype), norm,
+                       box)
 
     def body(t, carry):
         x, best, best_v = carry
         v, vjp = jax.vjp(obj, x)
         better = v < best_v
         best, best_v = jnp.where(_bcast(better, x), x, best), jnp.where(better, v, best_v)
-        x = jnp.clip(x - step * decay ** t.astype(x.dtype) * jnp.sign(vjp(jnp.ones_like(v))[0]), lo, hi)
+        x = move(x, vjp(jnp.ones_like(v))[0], step * decay ** t.astype(x.dtype))
         return x, best, best_v
 
     x, best, best_v = lax.fori_loop(0, steps, body, (xs, xs, jnp.full(xs.shape[:1], jnp.inf, xs.dtype)))

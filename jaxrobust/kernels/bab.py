@@ -26,6 +26,9 @@ bound seen is kept. Bounds are widened by ``MARGIN_REL`` times the summed magnit
 the largest gap between its relaxation line and the function on its interval, weighted by the
 coefficient reaching the node's output.
 
+The input set may be the box ∩ an L2 or L1 ball (``ball``): every back-substitution then concretises over
+both (`_walk._Iv`), and the candidate point of a subdomain is the ball's minimiser clipped to the box.
+
 Shapes: ``D`` subdomains, ``Hk`` kink units, ``Hi`` interval units, ``Ha`` slopes (see `Layout`).
 """
 from __future__ import annotations
@@ -55,7 +58,8 @@ from ._walk import (
     _window_relaxation,
     initial_slopes,
 )
-from .bounds import MARGIN_ABS, MARGIN_REL, _program, full_precision
+from .bounds import MARGIN_ABS, MARGIN_REL, _program, _round_to, full_precision
+from .norms import ascent, check_norm
 
 # Branch vars get α-CROWN intermediate bounds at the root where their bound rows times the size of the graph
 # before them stay within this many floats (256x6 MLPs: ~2e6; CIFAR ResNets: ~1e8, skipped: there the
@@ -146,7 +150,11 @@ class Brancher:
         self.pure_kink = all(n.kind in ("linear", "pwl") for n in self.graph.nodes)
         root, self._bound, self._leaf = (_programs(self.graph) if prog.arch is None
                                          else _compiled_programs(prog.arch))
-        self.root_bounds = lambda lo, hi, steps=20: root(self.consts, prog.prefixes(), lo, hi, steps=steps)
+        def root_bounds(lo, hi, steps=20, ball=None):
+            b, norm = _ball_args(ball, lo.dtype)
+            return root(self.consts, prog.prefixes(ball is not None), lo, hi, b, steps=steps, norm=norm)
+
+        self.root_bounds = root_bounds
 
     def initial(self, root, D: int) -> Splits:
         """Splits of ``D`` unsplit subdomains: free kink units, interval units at their root bounds."""
@@ -154,12 +162,16 @@ class Brancher:
         return Splits(np.zeros((D, self.layout.Hk), np.int8), ilo, ihi)
 
     def bound(self, root, lo, hi, c, splits: Splits, init=None, *, steps: int = 10,
-              candidates: int = FSB_CANDIDATES) -> DomainBounds:
+              candidates: int = FSB_CANDIDATES, ball=None) -> DomainBounds:
         """β-CROWN lower bounds of ``c[d] . out`` (``c: (D, n_out)``) over the subdomains ``splits`` of the box
-        ``lo, hi: (1, *in)``; ``init``: None (adaptive slopes, zero multipliers) or ``(alpha, beta)``. The
-        unit to branch on: the best BaBSR-like score, or among the ``candidates`` best-scored kink units the one
-        whose worse child bound is highest (filtered smart branching; 0: scores alone)."""
-        return self._bound(self.consts, root, lo, hi, c, *splits, init, steps=steps, candidates=int(candidates))
+        ``lo, hi: (1, *in)`` (∩ ``ball = (center (1, *in), eps, norm)``, an Lp ball, if given: then ``root`` must
+        come from ``root_bounds`` with the same ball); ``init``: None (adaptive slopes, zero multipliers) or
+        ``(alpha, beta)``. The unit to branch on: the best BaBSR-like score, or among the ``candidates``
+        best-scored kink units the one whose worse child bound is highest (filtered smart branching; 0: scores
+        alone)."""
+        b, norm = _ball_args(ball, lo.dtype)
+        return self._bound(self.consts, root, lo, hi, c, *splits, init, b, steps=steps, candidates=int(candidates),
+                           norm=norm)
 
     def leaf(self, root, lo, hi, s):
         """For one subdomain whose kink units are all stable: ``(units, out)``, ``units`` a list per kink var of
@@ -171,8 +183,9 @@ class Brancher:
 def _programs(g: Graph):
     """Jitted ``(root, bound, leaf)`` of ``g`` with its constants as the first argument."""
     lay = layout(g)
-    return (full_precision(jax.jit(functools.partial(_root, g, lay), static_argnames=("steps",))),
-            full_precision(jax.jit(functools.partial(_bound, g, lay), static_argnames=("steps", "candidates"))),
+    return (full_precision(jax.jit(functools.partial(_root, g, lay), static_argnames=("steps", "norm"))),
+            full_precision(jax.jit(functools.partial(_bound, g, lay),
+                                   static_argnames=("steps", "candidates", "norm"))),
             full_precision(jax.jit(functools.partial(_leaf, g, lay))))
 
 
@@ -197,16 +210,34 @@ def network_brancher(net) -> Brancher:
     return _BRANCHERS[key]
 
 
-def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
-    """Bounds ``{var: (lo, hi)}`` (batch-1 shapes) of every var over the box ``lo, hi: (1, *in)``: CROWN
+def _ball_args(ball, dtype):
+    """``(arrays, norm)`` of a ball ``(center (1, *in), eps, norm)`` for the jitted programs; ``(None, None)`` for
+    none."""
+    if ball is None:
+        return None, None
+    center, eps, norm = ball
+    eps = _round_to(jnp.asarray(eps).reshape(()), dtype, down=False)
+    return (jnp.asarray(center, dtype), eps), check_norm(norm)
+
+
+def _input_ball(b, norm):
+    """The ``ball`` of the input `_Iv` from `_ball_args` arrays ``b`` (or None)."""
+    return None if b is None else (b[0], b[1], norm)
+
+
+def _root(g: Graph, lay: Layout, consts, pre, lo, hi, b, steps: int, norm=None):
+    """Bounds ``{var: (lo, hi)}`` (batch-1 shapes) of every var over the box ``lo, hi: (1, *in)`` (∩ the ball of
+    `_ball_args` arrays ``b`` and ``norm``, if given): CROWN
     intermediate bounds (``pre``: `_walk._identity_prefixes`) intersected with interval ones; then, with
     ``steps``, the branch vars (inputs of ReLU-like, sigmoid / tanh and max-pool nodes) within `ALPHA_FLOATS`,
     in order, by α-CROWN (``steps`` Adam iterations on slopes per bound row), re-propagated forward by
     interval arithmetic."""
     prefixes = {v: (acc, bias, _prefix_end(g, v)) for v, (acc, bias) in pre.items()}
 
+    ball = _input_ball(b, norm)
+
     def one(l, h):
-        return {v: (iv.lo, iv.hi) for v, iv in _forward(g, consts, l[None], h[None], prefixes)[0].items()}
+        return {v: (iv.lo, iv.hi) for v, iv in _forward(g, consts, l[None], h[None], prefixes, ball)[0].items()}
 
     root = jax.tree_util.tree_map(lambda a: a[0], jax.vmap(one, axis_name=_EXAMPLES)(lo, hi))
     if not steps:
@@ -220,7 +251,7 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
                                                      for u in node.outs)
         if 2 * n * upstream > ALPHA_FLOATS:
             continue
-        ivs = {u: _Iv(lo=a, hi=b) for u, (a, b) in root.items()}
+        ivs = {u: _Iv(lo=a, hi=h, ball=ball if u == g.input else None) for u, (a, h) in root.items()}
         theta = initial_slopes(g, consts, ivs, 2 * n, before)
         if not theta:
             continue
@@ -235,7 +266,7 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, steps: int):
         l, u = root[v]
         root[v] = (jnp.maximum(l, best[:n].reshape(shape)), jnp.minimum(u, -best[n:].reshape(shape)))
         free = jnp.zeros((lay.Hk,), jnp.int8)
-        ivs, _ = _sub_ivs(g, lay, consts, root, lo, hi, free, *_root_intervals(lay, root, lo.dtype))
+        ivs, _ = _sub_ivs(g, lay, consts, root, lo, hi, free, *_root_intervals(lay, root, lo.dtype), ball)
         root = {w: (iv.lo, iv.hi) for w, iv in ivs.items()}
     return root
 
@@ -247,9 +278,10 @@ def _root_intervals(lay: Layout, root, dtype):
     return tuple(jnp.concatenate([root[v][i].reshape(-1) for v, _, _ in lay.interval]) for i in (0, 1))
 
 
-def _sub_ivs(g: Graph, lay: Layout, consts, root, lo, hi, s, ilo, ihi):
+def _sub_ivs(g: Graph, lay: Layout, consts, root, lo, hi, s, ilo, ihi, ball=None):
     """Bounds ``{var: _Iv}`` of one subdomain (batch-1 shapes) and whether it is empty: the root bounds
-    clamped by the splits, re-propagated forward by interval arithmetic and intersected with the root."""
+    clamped by the splits, re-propagated forward by interval arithmetic and intersected with the root; the
+    input's holds ``ball`` (see `_walk._Iv`)."""
     clamp = {}
     for v, k, off, n in lay.kink:
         shape = g.shape(v)
@@ -269,6 +301,7 @@ def _sub_ivs(g: Graph, lay: Layout, consts, root, lo, hi, s, ilo, ihi):
         return _Iv(lo=jnp.minimum(l, h), hi=h)
 
     ivs = {g.input: tighten(g.input, _Iv(lo=lo, hi=hi))}
+    ivs[g.input].ball = ball
     for node in g.nodes:
         for v, iv in zip(node.outs, _ibp_node(node, consts, [ivs[b] for b in node.bounded()])):
             ivs[v] = tighten(v, iv)
@@ -315,12 +348,13 @@ def _flat_slopes(lay: Layout, theta: dict, rows: int):
     return jnp.concatenate(parts, axis=1) if parts else jnp.zeros((rows, 0))
 
 
-def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *, steps: int,
-           candidates: int) -> DomainBounds:
+def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, b, *, steps: int,
+           candidates: int, norm=None) -> DomainBounds:
     out_shape = g.shape(g.output)
+    ball = _input_ball(b, norm)
 
     def one(c1, s1, ilo1, ihi1, a0, b0):
-        ivs, empty = _sub_ivs(g, lay, consts, root, lo, hi, s1, ilo1, ihi1)
+        ivs, empty = _sub_ivs(g, lay, consts, root, lo, hi, s1, ilo1, ihi1, ball)
         state = _linear_prefix(g, consts, g.output, c1.reshape((1,) + out_shape))
 
         def run(params, record=False):
@@ -336,13 +370,13 @@ def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *,
         best, params = _ascend(lambda p: run(p)[0], (a0, b0), steps, project)
         _, r = run(params, record=True)
         lam_x = r.lam_x.reshape(-1) if r.lam_x is not None else jnp.zeros(lo.size, lo.dtype)
-        x_star = jnp.where(lam_x >= 0, ivs[g.input].lo.reshape(-1), ivs[g.input].hi.reshape(-1))
+        x_star = _minimiser(lam_x, ivs[g.input].lo.reshape(-1), ivs[g.input].hi.reshape(-1), ball)
         scores = _scores(g, lay, consts, ivs, r.record, params[0])
         branch = jnp.where(jnp.max(scores) > -jnp.inf, jnp.argmax(scores), -1) if scores.size else jnp.int32(-1)
         if candidates and lay.Hk:           # filtered smart branching among the best-scored kink units
             def child(j, sign):
                 s2 = s1.at[j].set(sign)
-                ivs2, empty2 = _sub_ivs(g, lay, consts, root, lo, hi, s2, ilo1, ihi1)
+                ivs2, empty2 = _sub_ivs(g, lay, consts, root, lo, hi, s2, ilo1, ihi1, ball)
                 extra = _split_terms(g, lay, consts, root, s2, ilo1, ihi1, params[1])
                 r2 = _backward_pass(g, consts, ivs2, state, _thetas(lay, g, params[0]), extra)
                 return jnp.where(empty2, jnp.inf, r2.bound[0] - (MARGIN_REL * r2.mag[0] + MARGIN_ABS))
@@ -363,6 +397,22 @@ def _bound(g: Graph, lay: Layout, consts, root, lo, hi, c, s, ilo, ihi, init, *,
     a0, b0 = (None, None) if init is None else init
     axes = (0, 0, 0, 0, None if a0 is None else 0, None if b0 is None else 0)
     return DomainBounds(*jax.vmap(one, in_axes=axes)(c, s, ilo, ihi, a0, b0))
+
+
+def _minimiser(lam, lo, hi, ball):
+    """A point ``(n_0,)`` of the box ``[lo, hi]`` (∩ ``ball``) where ``lam . x`` is low: the box's minimiser, or the
+    ball's (``center - eps * argmax of lam . d over the unit ball``) clipped to the box, which stays in the ball."""
+    if ball is None:
+        return jnp.where(lam >= 0, lo, hi)
+    center, eps, norm = ball
+    d = -ascent(lam[None], norm)[0] if norm == "l2" else -_l1_vertex(lam)
+    return jnp.clip(center.reshape(-1) + eps * d, lo, hi)
+
+
+def _l1_vertex(lam):
+    """The vertex of the unit L1 ball maximising ``lam . d``."""
+    j = jnp.argmax(jnp.abs(lam))
+    return jnp.zeros_like(lam).at[j].set(jnp.sign(lam[j]))
 
 
 def _ascend(run, params, steps, project, lr_alpha=0.1, lr_beta=0.05):
