@@ -10,10 +10,11 @@ A driver (critical ε, RoMA, global robustness, batch verification) describes it
 * where chunks run: here, one chunk per local device at a time (`local_devices`; with several, a thread per
   chunk in flight, its device JAX's default device), or in Ray worker processes, one device each (``workers=N``
   starts a local cluster, kept for later runs of the process; on a CPU host this process computes chunks while
-  that cluster starts; ``ray_address`` joins a running one). Devices and
-  workers take chunks from a dynamic queue (`dynamic_queue`: a slow chunk holds up one of them, not the run);
-  each Ray worker unpickles ``compute`` once and keeps its compiled programs warm across chunks; one that dies
-  loses only its chunk in flight, which a fresh worker takes first;
+  that cluster starts, and its workers load the programs it compiled meanwhile from a shared persistent
+  compilation cache; ``ray_address`` joins a running one). Devices and workers take chunks from a dynamic
+  queue (`dynamic_queue`: a slow chunk holds up one of them, not the run); each Ray worker unpickles
+  ``compute`` once and keeps its compiled programs warm across chunks; one that dies loses only its chunk in
+  flight, which a fresh worker takes first;
 * progress (tqdm), a line naming the devices and workers, and a record of them in the file (`store.runs`).
 
 ``compute`` must be a picklable callable, safe to call from several threads at once, whose result depends only
@@ -305,7 +306,8 @@ def _starts_cpu_cluster() -> bool:
 
 class _Ahead:
     """Chunks computed in this process, in order, in a thread of their own, while a local Ray cluster and its
-    workers start (seconds each: on short runs most of the cost of the workers). `stop` hands the rest to them."""
+    workers start (seconds each); the programs compiled meanwhile go to the workers through `_shared_cache`.
+    `stop` hands the rest to them."""
 
     def __init__(self, compute, chunks: Sequence):
         self.compute, self.chunks = compute, chunks
