@@ -6,13 +6,15 @@ For each norm, the critical-ε search (`critical_eps.search`) runs twice on MNIS
   (margin loss, then 9 targeted restarts): the lower end is a proof, the upper end a counterexample;
 * ``attack``: the minimum-norm attack in that norm (one batched pass), an upper bound only.
 
+With ``--complete N``, the complete oracle (branch and bound over the ball) then runs on the first N images.
+
 Prints per norm the medians of the lower end, both upper ends, the median ratio upper / lower (the gap that
 complete verification would close; 1 = exact), the share of inputs whose bracket closed to the tolerance and
 seconds per image. With auto_LiRPA importable (see ``bench_bounds.py``), also its CROWN lower bounds of the
 same margins over the L2 and L1 balls (``PerturbationLpNorm``, no domain) at each image's proved radius,
 beside ours: ours also intersect the ball with [0, 1]^n, so they should be at least as high.
 
-    python benchmarks/bench_norms.py [--images 100]
+    python benchmarks/bench_norms.py [--images 100] [--complete 10 --timeout 10]
 """
 from __future__ import annotations
 
@@ -67,6 +69,8 @@ def main():
     ap.add_argument("--shared", default=str(Path(__file__).resolve().parents[2] / "shared"))
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--tol-share", type=float, default=0.002, help="bisection tolerance as a share of eps_max")
+    ap.add_argument("--complete", type=int, default=0, help="also run the complete oracle on this many images")
+    ap.add_argument("--timeout", type=float, default=10.0, help="seconds per query of the complete oracle")
     args = ap.parse_args()
     path = Path(args.shared) / NET
     net = load_onnx(path)
@@ -75,20 +79,30 @@ def main():
     y = np.asarray(ds.y[:args.images])
     print(f"mnist-net_256x2, MNIST test 0..{args.images - 1}; tolerance {args.tol_share:g} x eps_max")
     print(f"{'norm':5s} {'eps_max':>7s} {'CROWN lower':>11s} {'PGD upper':>9s} {'min-norm':>9s} "
-          f"{'ratio':>6s} {'ratio mn':>8s} {'closed':>6s} {'s/img crown':>11s} {'s/img attack':>12s}")
+          f"{'ratio':>6s} {'ratio mn':>8s} {'closed':>6s} {'s/img crown':>11s} {'s/img attack':>12s} {'censored':>8s}")
     results = {}
     for norm in ("linf", "l2", "l1"):
         r = run_norm(net, x, y, norm, args.tol_share)
         c, a = r["crown"], r["attack"]
         ok = (c.status != "misclassified") & (c.eps_lower > 0)
         upper = np.fmin(c.eps_upper, a.eps_upper)
-        ratio = np.median(c.eps_upper[ok] / c.eps_lower[ok])
-        ratio_mn = np.median(upper[ok] / c.eps_lower[ok])
+        ratio = np.nanmedian(c.eps_upper[ok] / c.eps_lower[ok])
+        ratio_mn = np.nanmedian(upper[ok] / c.eps_lower[ok])
         closed = np.mean(c.status[c.status != "misclassified"] == "exact")
         print(f"{norm:5s} {EPS_MAX[norm]:7g} {np.median(c.eps_lower[ok]):11.4f} {np.nanmedian(c.eps_upper[ok]):9.4f} "
               f"{np.nanmedian(a.eps_upper[ok]):9.4f} {ratio:6.2f} {ratio_mn:8.2f} {closed:6.0%} "
-              f"{r['crown_s']:11.3f} {r['attack_s']:12.3f}", flush=True)
+              f"{r['crown_s']:11.3f} {r['attack_s']:12.3f} {np.sum(np.isnan(upper[ok])):8d}", flush=True)
         results[norm] = (c, ok)
+    for norm in ("l2", "l1") if args.complete else ():
+        n = args.complete
+        cfg = SearchConfig(eps_max=EPS_MAX[norm], tol=EPS_MAX[norm] * args.tol_share)
+        t0 = time.perf_counter()
+        f = search(net, make_oracle(net, "complete", norm=norm, timeout=args.timeout), x[:n], y[:n], cfg)
+        c, ok = results[norm][0], results[norm][1][:n]
+        print(f"{norm} complete oracle ({args.timeout:g} s per query), images 0..{n - 1}: exact "
+              f"{np.mean(f.status[ok] == 'exact'):.0%}, median lower {np.median(f.eps_lower[ok]):.4f} (CROWN "
+              f"{np.median(c.eps_lower[:n][ok]):.4f}), median upper / lower {np.nanmedian(f.eps_upper[ok] / f.eps_lower[ok]):.3f}, "
+              f"{(time.perf_counter() - t0) / n:.1f} s per image", flush=True)
     try:
         from bench_bounds import import_auto_lirpa
         import_auto_lirpa()

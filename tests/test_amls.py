@@ -84,10 +84,11 @@ def test_rare_events_of_a_network_match_the_irwin_hall_tail(cube_net):
     np.testing.assert_allclose([mc.low[0], mc.high[0]], [stats_.low, stats_.high], rtol=1e-6)
 
 
-@pytest.mark.parametrize("sampler,domain", [("linf", (0.0, 1.0)), ("gaussian", (0.0, 1.0)), ("l2", None)])
+@pytest.mark.parametrize("sampler,domain", [("linf", (0.0, 1.0)), ("gaussian", (0.0, 1.0)), ("l2", None),
+                                            ("l1", None)])
 def test_latents_and_unconstrained_moves_give_the_perturbation_law(sampler, domain):
     x = jnp.asarray(np.linspace(0.05, 0.95, D), jnp.float32)  # the ε-box is clipped at both ends
-    n, eps = 4000, 0.2 if sampler != "l2" else 1.0
+    n, eps = 4000, 0.2 if sampler not in ("l2", "l1") else 1.0
     exact = np.asarray(perturb.sample(jax.random.PRNGKey(1), x[None], eps, n, sampler=sampler, domain=domain))[0]
     z = jax.random.normal(jax.random.PRNGKey(2), (n, latent_size(sampler, D)))
     dom = None if domain is None else tuple(jnp.float32(v) for v in domain)
@@ -97,9 +98,10 @@ def test_latents_and_unconstrained_moves_give_the_perturbation_law(sampler, doma
     moved = np.asarray(to_samples(sampler, z, x, eps, dom))
     for j in (0, 3, D - 1):
         assert stats.ks_2samp(moved[:, j], exact[:, j]).pvalue > 1e-3
-    if sampler == "l2":
-        assert stats.ks_2samp(np.linalg.norm(moved - np.asarray(x), axis=1),
-                              np.linalg.norm(exact - np.asarray(x), axis=1)).pvalue > 1e-3
+    if sampler in ("l2", "l1"):
+        order = 2 if sampler == "l2" else 1
+        assert stats.ks_2samp(np.linalg.norm(moved - np.asarray(x), order, axis=1),
+                              np.linalg.norm(exact - np.asarray(x), order, axis=1)).pvalue > 1e-3
 
 
 def test_constrained_moves_keep_the_conditional_law():

@@ -63,7 +63,7 @@ def test_critical_eps_distribution_and_train(tmp_path, capsys):
 
 def test_critical_eps_in_l2_is_stored_apart_and_named(tmp_path, capsys):
     out = tmp_path / "r.h5"
-    base = ["critical-eps", "--indices", "0:4", "--oracle", "crown", "--tol", "0.05", "--targets", "0",
+    base = ["critical-eps", "--indices", "0:2", "--oracle", "crown", "--tol", "0.1", "--targets", "0",
             "--out", str(out)]
     assert main(base + ["--norm", "2", "--eps-max", "4"]) == 0
     assert main(base + ["--norm", "inf", "--resume"]) == 0      # another configuration: rows kept apart

@@ -58,7 +58,7 @@ NETS = st.one_of(
 )
 
 
-@settings(max_examples=3, deadline=None)
+@settings(max_examples=2, deadline=None)
 @given(arch=NETS, norm=st.sampled_from(["l2", "l1"]))
 @pytest.mark.slow
 def test_ball_bounds_contain_exact_ball_samples_and_attacks(arch, norm):
@@ -206,37 +206,36 @@ def sampled_min_margins(net, x, y, eps, norm, n=200_000):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("split", ["neurons", "inputs"])
-def test_complete_verdicts_over_balls_agree_with_dense_sampling(split):
-    from .test_verify import SMALL
-    from .test_verify import mlp as random_mlp
+@pytest.mark.parametrize("split,norm,radii", [("neurons", "l2", (0.2, 0.4)), ("neurons", "l1", (0.3, 0.6)),
+                                              ("inputs", "l2", (0.3,))])
+def test_complete_verdicts_over_balls_agree_with_dense_sampling(split, norm, radii):
+    from .test_verify import SMALL, mlp as random_mlp
     net = random_mlp(4, (3, 4, 4, 3), scale=2.0)
     xs = np.asarray(jax.random.uniform(jax.random.PRNGKey(7), (5, 3)))
     ys = np.asarray(net(jnp.asarray(xs))).argmax(-1)
     decided = total = 0
-    for norm, radii in (("l2", (0.2, 0.4)), ("l1", (0.3, 0.6))):
-        for eps in radii:
-            r = verify(net, xs, ys, eps, SMALL._replace(attack_steps=0, split=split), norm=norm)
-            for i in range(len(xs)):
-                total += 1
-                decided += r.status[i] != UNKNOWN
-                if r.status[i] == VIOLATED:
-                    cx = r.counterexample[i]
-                    assert float(row_norm(jnp.asarray(cx - xs[i])[None], norm)[0]) <= eps
-                    assert np.all((cx >= 0) & (cx <= 1))
-                    assert int(np.asarray(net(jnp.asarray(cx[None]))).argmax()) != ys[i]
-                elif r.status[i] == ROBUST:
-                    assert sampled_min_margins(net, xs[i], ys[i], eps, norm) > 0, (norm, eps, i)
+    for eps in radii:
+        r = verify(net, xs, ys, eps, SMALL._replace(attack_steps=0, split=split), norm=norm)
+        for i in range(len(xs)):
+            total += 1
+            decided += r.status[i] != UNKNOWN
+            if r.status[i] == VIOLATED:
+                cx = r.counterexample[i]
+                assert float(row_norm(jnp.asarray(cx - xs[i])[None], norm)[0]) <= eps
+                assert np.all((cx >= 0) & (cx <= 1))
+                assert int(np.asarray(net(jnp.asarray(cx[None]))).argmax()) != ys[i]
+            elif r.status[i] == ROBUST:
+                assert sampled_min_margins(net, xs[i], ys[i], eps, norm) > 0, (norm, eps, i)
     assert decided >= 0.8 * total, (decided, total)
 
 
 @pytest.mark.slow
 def test_complete_critical_eps_in_l2_narrows_the_crown_bracket(mlp):
     net, x, y = mlp
-    x, y = x[:3], y[:3]
-    cfg = SearchConfig(eps_max=4.0, tol=0.02)
+    x, y = x[:1], y[:1]
+    cfg = SearchConfig(eps_max=4.0, tol=0.05)
     crown_r = search(net, make_oracle(net, "crown", norm="l2", targets=2), x, y, cfg)
-    full = search(net, make_oracle(net, "complete", norm="l2", targets=2, timeout=5.0), x, y, cfg)
-    assert np.all(full.eps_lower >= crown_r.eps_lower - 1e-9) and np.any(full.eps_lower > crown_r.eps_lower)
+    full = search(net, make_oracle(net, "complete", norm="l2", targets=2, timeout=2.0), x, y, cfg)
+    assert np.all(full.eps_lower > crown_r.eps_lower)
     assert np.all(full.eps_lower <= full.eps_upper)
     np.testing.assert_allclose(distance(full.counterexample, x, "l2"), full.eps_upper, rtol=1e-6)

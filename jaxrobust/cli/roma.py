@@ -33,10 +33,12 @@ def _options(p):
                    help="network (repeat to compare models on the same inputs and seeds; default mnist-mlp)")
     preprocessing_options(p)
     data_options(p)
-    p.add_argument("--eps", type=nonneg_list, default=(0.04,), help="L∞ radius; a comma list runs an ε sweep")
+    p.add_argument("--eps", type=nonneg_list, default=(0.04,),
+                   help="radius of the --sampler ball (Gaussian: standard deviation); a comma list runs an ε sweep")
     p.add_argument("--delta", type=unit, default=0.6, help="confidence threshold δ of a confident misclassification")
     p.add_argument("--samples", type=positive_int, default=10_000, help="perturbations per input")
-    p.add_argument("--sampler", default="linf", choices=["linf", "l2", "gaussian"])
+    p.add_argument("--sampler", default="linf", choices=["linf", "l2", "l1", "gaussian"],
+                   help="perturbation law: uniform in the L∞, L2 or L1 ball (∩ domain), or Gaussian")
     p.add_argument("--significance", type=float, default=0.05, choices=[0.15, 0.10, 0.05, 0.025, 0.01],
                    help="Anderson–Darling level (0.15, 0.10, 0.05, 0.025, 0.01)")
     p.add_argument("--confidence", type=open_unit, default=0.95,
