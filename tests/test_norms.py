@@ -209,7 +209,8 @@ def sampled_min_margins(net, x, y, eps, norm, n=200_000):
 @pytest.mark.parametrize("split,norm,radii", [("neurons", "l2", (0.2, 0.4)), ("neurons", "l1", (0.3, 0.6)),
                                               ("inputs", "l2", (0.3,))])
 def test_complete_verdicts_over_balls_agree_with_dense_sampling(split, norm, radii):
-    from .test_verify import SMALL, mlp as random_mlp
+    from .test_verify import SMALL
+    from .test_verify import mlp as random_mlp
     net = random_mlp(4, (3, 4, 4, 3), scale=2.0)
     xs = np.asarray(jax.random.uniform(jax.random.PRNGKey(7), (5, 3)))
     ys = np.asarray(net(jnp.asarray(xs))).argmax(-1)
