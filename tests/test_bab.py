@@ -9,6 +9,8 @@ import pytest
 from jaxrobust.kernels._walk import _forward
 from jaxrobust.kernels.bab import Brancher, Splits, layout
 from jaxrobust.kernels.bounds import _program
+from jaxrobust.kernels.norms import row_norm
+from jaxrobust.kernels.perturb import sample
 from jaxrobust.network import from_function
 from jaxrobust.oracles import ROBUST, UNKNOWN, VIOLATED
 from jaxrobust.verify import VerifyConfig, robustness_specs, verify
@@ -62,17 +64,30 @@ def var_values(net, x):
 @pytest.mark.parametrize("family", list(FAMILIES) + ["maxpool"])
 @pytest.mark.slow
 def test_subdomain_bounds_are_sound_under_random_splits(family):
+    check_random_splits(family, "linf", 0.25)
+
+
+@pytest.mark.parametrize("family,norm,eps", [("relu", "l2", 0.4), ("sigmoid", "l1", 0.6), ("maxpool", "l2", 0.8)])
+@pytest.mark.slow
+def test_subdomain_bounds_over_balls_are_sound_under_random_splits(family, norm, eps):
+    check_random_splits(family, norm, eps)
+
+
+def check_random_splits(family, norm, eps):
+    """β-CROWN bounds of 24 randomly split subdomains of the ``norm`` ball of radius ``eps`` (L∞: the box) hold at
+    the ball's sampled points inside each subdomain; the candidate points lie in the box (and the ball)."""
     net = pool_net() if family == "maxpool" else FAMILIES[family](5)
     shape = (1,) + net.input_shape
     key = jax.random.PRNGKey(1)
     x0 = jax.random.uniform(key, shape, minval=0.3, maxval=0.7)
-    lo, hi = x0 - 0.25, x0 + 0.25
+    lo, hi = x0 - eps, x0 + eps
+    ball = None if norm == "linf" else (x0, eps, norm)
     br = Brancher(net, net.input_shape)
     lay = layout(br.graph)
     assert lay.Hk + lay.Hi > 0
-    root = br.root_bounds(lo, hi)
+    root = br.root_bounds(lo, hi, ball=ball)
     D = 24
-    anchors = lo + jax.random.uniform(jax.random.PRNGKey(2), (D,) + shape[1:]) * (hi - lo)
+    anchors = sample(jax.random.PRNGKey(2), x0, eps, D, sampler=norm)[0]
     vals = var_values(net, anchors)
     sp = br.initial(root, D)
     s, ilo, ihi = sp.s.copy(), sp.ilo.copy(), sp.ihi.copy()
@@ -88,8 +103,9 @@ def test_subdomain_bounds_are_sound_under_random_splits(family):
         ihi[:, off:off + n] = np.minimum(ihi[:, off:off + n], z + w)
     C, _ = robustness_specs(0, net.num_classes)
     c = C[np.arange(D) % len(C)]
-    r = br.bound(root, lo, hi, jnp.asarray(c), Splits(*(jnp.asarray(a) for a in (s, ilo, ihi))), steps=10)
-    pts = lo + jax.random.uniform(jax.random.PRNGKey(3), (20_000,) + shape[1:]) * (hi - lo)
+    r = br.bound(root, lo, hi, jnp.asarray(c), Splits(*(jnp.asarray(a) for a in (s, ilo, ihi))), steps=10,
+                 ball=ball)
+    pts = sample(jax.random.PRNGKey(3), x0, eps, 20_000, sampler=norm)[0]
     pv = var_values(net, pts)
     out = np.asarray(net(pts), np.float64)
     checked = 0
@@ -106,6 +122,7 @@ def test_subdomain_bounds_are_sound_under_random_splits(family):
         assert np.all(got >= float(r.lower[d])), (family, d, got.min(), float(r.lower[d]))
         xs = np.asarray(r.x_star[d]).reshape(shape[1:])
         assert np.all((xs >= np.asarray(lo[0]) - 1e-7) & (xs <= np.asarray(hi[0]) + 1e-7))
+        assert float(row_norm(jnp.asarray(xs - x0[0])[None], norm)[0]) <= eps * (1 + 1e-6)
     assert checked > 200
 
 
