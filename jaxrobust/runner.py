@@ -187,7 +187,7 @@ class ResumableRun:
             for c in chunks:
                 yield c, compute(c)
             return
-        options = _shared_cache() if self.ray_address is None else {}  # before this process compiles here
+        options = _shared_cache() if self.ray_address is None and _on_this_host() else {}  # before compiling here
         ahead = _Ahead(compute, chunks) if self.ray_address is None and _starts_cpu_cluster() else None
         pool = _RayPool(compute, self.workers, self.ray_address, options)
         try:
@@ -302,6 +302,16 @@ def _starts_cpu_cluster() -> bool:
     import jax
     import ray
     return not ray.is_initialized() and jax.default_backend() == "cpu"
+
+
+def _on_this_host() -> bool:
+    """Whether the workers run on this host: Ray is not started yet (a local cluster will be), or its only node
+    is this process's."""
+    import ray
+    if not ray.is_initialized():
+        return True
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    return alive == [ray.get_runtime_context().get_node_id()]
 
 
 class _Ahead:

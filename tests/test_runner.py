@@ -389,14 +389,17 @@ OWN_CLUSTER_RUN = textwrap.dedent("""
     rows = {name: rows_of(critical_eps.run(net, ds, range(8), "attack", SEARCH, tmp / f"{name}.h5", chunk=1,
                                            progress=False, oracle_options=ATTACK, **scale))
             for name, scale in (("ray", {"workers": 2}), ("local", {}))}
+    import jax, os
+    rows["cached"] = len(os.listdir(jax.config.jax_compilation_cache_dir))
     pickle.dump(rows, open(tmp / "rows.pkl", "wb"))
 """)
 
 
 @pytest.mark.slow
 def test_workers_starting_their_cluster_leave_the_rows_of_one_process(tmp_path):
-    """While ``workers=2`` start a local cluster, this process computes chunks itself: the rows are those of one
-    process, and the run record names the driver beside the workers."""
+    """While ``workers=2`` start a local cluster, this process computes chunks itself, storing its programs in the
+    compilation cache it shares with the workers: the rows are those of one process, and the run record names the
+    driver beside the workers."""
     import pickle
     pytest.importorskip("ray")
     p = subprocess.run([sys.executable, "-c", OWN_CLUSTER_RUN, str(tmp_path)], cwd=ROOT, capture_output=True,
@@ -404,6 +407,7 @@ def test_workers_starting_their_cluster_leave_the_rows_of_one_process(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     rows = pickle.load(open(tmp_path / "rows.pkl", "rb"))
     assert_same_rows(rows["local"], rows["ray"])
+    assert rows["cached"] > 0
     shape = tiny_data(tiny_net()).image_shape
     run = ResultStore(tmp_path / "ray.h5", critical_eps.TABLE, critical_eps.columns(shape)).runs()[-1]
     roles = [h.get("role", "worker") for h in run["hosts"]]
