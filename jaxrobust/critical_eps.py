@@ -12,7 +12,9 @@ Robustness is monotone in ε, so a proof at ε holds below it and a counterexamp
 is one for every ε >= d. With a complete oracle both brackets meet; with an incomplete one a gap
 ``[lower, upper]`` may remain. The falsification bracket is warm-started by an attack at ``eps_max``
 (the distance of what it finds is an upper bound). An oracle with a minimum-norm attack (``minimize``) makes
-that first query with it and closes the bracket at the distance found (one query instead of a bisection).
+that first query with it and closes the bracket at the distance found (one query instead of a bisection). An
+oracle with a ``warm`` oracle (the complete one: CROWN proofs and the minimum-norm attack) runs that search first
+and starts from its brackets, so its costly queries only bisect what the cheap ones left open.
 
 Status per input: ``exact`` (upper − lower <= tol, or adjacent grid values), ``gap``, ``censored``
 (no counterexample up to ``eps_max``: ``upper`` is NaN), ``misclassified`` (wrong at ε = 0: both 0),
@@ -105,6 +107,13 @@ def search(net: Network, oracle: Oracle, x, y, cfg: SearchConfig = SearchConfig(
     censored, failed = np.zeros(n, bool), np.zeros(n, bool)
     errors: dict[int, str] = {}
     key = jax.random.PRNGKey(cfg.seed)
+    if oracle.warm is not None:     # its brackets (sound: a proof and a confirmed counterexample) are the start
+        w = search(net, oracle.warm, x, y, cfg, batch_size=batch_size, indices=indices)
+        usable = (w.status != "error") & correct
+        lower[usable], time_s[:], queries[:] = w.eps_lower[usable], w.time_s, w.queries
+        upper[usable], cex[usable] = w.eps_upper[usable], w.counterexample[usable]
+        c_lo[usable] = np.where(np.isnan(upper[usable]), cfg.eps_max, upper[usable])   # falsify bracket closed
+        censored[usable] = np.isnan(upper[usable])
 
     def found(bv, points, closes_bracket: bool):
         """Counterexamples ``points`` of the inputs ``bv``: the closer ones become the upper bounds; a

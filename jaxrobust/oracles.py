@@ -38,7 +38,8 @@ class Oracle(NamedTuple):
     """``prove(x, y, eps, key)``, ``falsify(x, y, eps, key)`` and ``minimize(x, y, eps_max, key)`` -> `Verdicts`;
     ``prove`` is None when the oracle cannot prove anything (attack only), ``minimize`` when it has no
     minimum-norm attack, ``last_resort`` when it has none; ``attacks`` names the attacks that run before an
-    input is called censored; ``norm`` the norm of its balls (and of the distances the search measures)."""
+    input is called censored; ``norm`` the norm of its balls (and of the distances the search measures); ``warm`` a
+    cheaper oracle whose critical-ε search runs first, its brackets the start of this one's."""
     name: str
     prove: Callable | None
     falsify: Callable
@@ -46,6 +47,7 @@ class Oracle(NamedTuple):
     attacks: tuple[str, ...] = ()
     last_resort: Callable | None = None
     norm: str = "linf"
+    warm: Oracle | None = None
 
 
 def bound_prover(net: Network, method: str = "crown", norm: str = "linf") -> Callable:
@@ -68,15 +70,20 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
                 min_norm_steps: int = 60, guided: bool = True, norm: str = "linf", **options) -> Oracle:
     """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
     bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
-    bound), over balls of ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). ``guided``: the bound-guided attack
+    bound, warm-started by CROWN and the minimum-norm attack unless ``min_norm_steps`` is 0), over balls of ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). ``guided``: the bound-guided attack
     (`falsify.guided_minimizer`) is the last resort for inputs the gradient attacks leave without a
     counterexample up to ``eps_max`` (not for ``complete``, whose branch and bound searches the same minimisers)."""
     if kind not in ("attack", "complete", *BOUND_METHODS):
         raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
     norm = check_norm(norm)
     if kind == "complete":
+        warm = make_oracle(net, "crown", attack_steps=attack_steps, restarts=restarts, targets=targets,
+                           min_norm_steps=min_norm_steps, guided=False, norm=norm) if min_norm_steps else None
+        if warm is not None:  # CROWN proofs beside the minimum-norm attack
+            warm = warm._replace(minimize=min_norm_falsifier(net, steps=min_norm_steps, norm=norm),
+                                 attacks=("min-norm",))
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
-                               norm=norm, **options)
+                               norm=norm, warm=warm, **options)
     guided = guided and _boundable(net)
     last = guided_minimizer(net, norm) if guided else None
     falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, norm=norm)
@@ -110,9 +117,9 @@ def distance(a, b, norm: str = "linf") -> np.ndarray:
     return np.asarray(_dist(jnp.asarray(a), jnp.asarray(b), check_norm(norm)))
 
 
-def complete_oracle(net: Network, norm: str = "linf", **options) -> Oracle:
+def complete_oracle(net: Network, norm: str = "linf", warm: Oracle | None = None, **options) -> Oracle:
     """Oracle whose ``prove`` runs the whole cascade over ``norm`` balls (ROBUST, VIOLATED or UNKNOWN on budget)
-    and whose ``falsify`` is the attack alone. ``options``: fields of `VerifyConfig`."""
+    and whose ``falsify`` is the attack alone; ``warm``: see `Oracle`. ``options``: fields of `VerifyConfig`."""
     cfg = VerifyConfig(**options)
     norm = check_norm(norm)
     network_brancher(net)       # an unsupported operation is reported now, before any attack or bisection
@@ -124,6 +131,7 @@ def complete_oracle(net: Network, norm: str = "linf", **options) -> Oracle:
     falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
                                targets=cfg.attack_targets, norm=norm)
     attacks = ("pgd-margin",) + (("pgd-targeted",) if cfg.attack_targets else ()) + ("branch-and-bound",)
+    attacks = (warm.attacks[:1] if warm is not None else ()) + attacks
     if norm != "linf":
-        attacks = tuple(f"{a}-{norm}" for a in attacks)
-    return Oracle("complete", prove, falsify, None, attacks, norm=norm)
+        attacks = tuple(a if a.endswith(norm) else f"{a}-{norm}" for a in attacks)
+    return Oracle("complete", prove, falsify, None, attacks, norm=norm, warm=warm)
