@@ -15,7 +15,14 @@ L∞ perturbation clipped to [0, 1]. Steps:
 Target: AMLS inside the 95 % interval of 10^8-sample Monte Carlo at p ≈ 1e-5 with at most 1/100 of its
 forward passes. ``--json`` writes the table for the notebook.
 
-    python benchmarks/bench_amls.py [--net PATH] [--eps 0.2] [--delta 0.5] [--mc-samples 100000000] [--reps 4]
+``--mc-known IMAGE:HITS,...`` skips steps 1, 2 and the Monte Carlo run of step 3 and takes its hit counts (of
+``--mc-samples`` samples, from an earlier run with the same network, eps, delta and seed) and its inputs, to sweep
+AMLS configurations quickly: ``--mc-known 66:1111,121:1693,73:1402,14:2372`` are the README's 10^8-sample counts;
+``--roma-samples ''`` skips RoMA.
+
+    python benchmarks/bench_amls.py [--net PATH] [--eps 0.2] [--delta 0.5] [--mc-samples 100000000] [--reps 8]
+    python benchmarks/bench_amls.py --mc-known 66:1111,121:1693,73:1402,14:2372 --roma-samples '' \
+        --amls '40000,0.1,5;30000,0.5,2' --reps 8
 """
 from __future__ import annotations
 
@@ -29,10 +36,10 @@ import jax
 import numpy as np
 from common import SHARED
 
-from jaxrobust.kernels.amls import AmlsConfig
-from jaxrobust.kernels.stats import roma_statistics
+from jaxrobust.kernels.amls import AmlsConfig, latent_size
+from jaxrobust.kernels.stats import clopper_pearson, roma_statistics
 from jaxrobust.onnx_import import load_onnx
-from jaxrobust.rare_events import amls_estimate, monte_carlo
+from jaxrobust.rare_events import GROUP_FLOATS, MonteCarloResult, amls_estimate, monte_carlo
 from jaxrobust.roma import RomaConfig, confidences, roma
 
 NET = str(SHARED / "networks/mnist/eran_ffnn/mnist_relu_3_50.onnx")
@@ -65,6 +72,15 @@ def amls_configs(text) -> list[AmlsConfig]:
     return out
 
 
+def known_counts(text) -> dict[int, int]:
+    """``"66:1111,121:1693"`` -> ``{image: Monte Carlo hits}``."""
+    out = {}
+    for part in text.split(","):
+        image, hits = part.split(":")
+        out[int(image)] = int(hits)
+    return out
+
+
 def roma_rows(net, xs, ys, pos, args):
     """RoMA at each ``--roma-samples``: the reported ``log10_tail`` (1/n where the fit lies below it) and the
     fitted tail itself, per input."""
@@ -90,7 +106,11 @@ def main():
     ap.add_argument("--delta", type=float, default=0.5)
     ap.add_argument("--mc-samples", type=int, default=10 ** 8)
     ap.add_argument("--chunk", type=int, default=4096, help="Monte Carlo samples per input per step")
-    ap.add_argument("--roma-samples", type=lambda t: [int(v) for v in t.split(",")], default=[10_000, 100_000])
+    ap.add_argument("--mc-known", type=known_counts,
+                    help="IMAGE:HITS,... Monte Carlo hit counts of --mc-samples samples from an earlier run (same net, "
+                         "eps, delta, seed): skips the throughput run, the pilot selection and Monte Carlo itself")
+    ap.add_argument("--roma-samples", type=lambda t: [int(v) for v in t.split(",") if v.strip()],
+                    default=[10_000, 100_000], help="RoMA sample sizes; '' skips RoMA")
     ap.add_argument("--amls", type=amls_configs, default=amls_configs("1000,0.1,100;20000,0.1,10"),
                     help="AMLS configurations N,rho,M separated by ';' (default: the paper's, and many particles "
                          "with few moves)")
@@ -105,26 +125,38 @@ def main():
     print(f"{os.path.basename(args.net)}, {jax.devices()[0].device_kind}, {os.cpu_count()} cores, load "
           f"{os.getloadavg()[0]:.1f}; eps={args.eps} (uniform L∞, clipped to [0, 1]), delta={args.delta}")
 
-    # 1. Monte Carlo throughput, as many inputs at once as in step 3
-    b = min(args.inputs, len(x))
-    n0 = 50 * args.chunk
-    monte_carlo(net, x[:b], y[:b], args.eps, args.delta, args.chunk, args.chunk)  # compiles
-    _, t = timed(lambda: monte_carlo(net, x[:b], y[:b], args.eps, args.delta, n0, args.chunk))
-    rate = b * n0 / t
-    print(f"Monte Carlo: {rate:.3g} samples/s ({b} inputs x {n0} samples in {t:.1f} s): 10^8 samples of one input "
-          f"take {1e8 / rate:.0f} s, of {b} inputs {b * 1e8 / rate / 60:.1f} min")
+    if args.mc_known:  # steps 1, 2 and Monte Carlo from an earlier run
+        rate, t_mc = None, float("nan")
+        pos = np.asarray(list(args.mc_known), np.int64)
+        if pos.max() >= len(x):
+            raise SystemExit(f"--mc-known image {pos.max()} is not among the first --images {len(x)}")
+        hits = np.asarray(list(args.mc_known.values()), np.int64)
+        low, high = clopper_pearson(hits, args.mc_samples)
+        mc = MonteCarloResult(hits, hits / args.mc_samples, np.asarray(low, np.float64), np.asarray(high, np.float64))
+        print(f"Monte Carlo: known hit counts of {args.mc_samples:.0e} samples (not recomputed): "
+              + ", ".join(f"#{p} {c}" for p, c in zip(pos, hits)))
+        xs, ys, k = x[pos], y[pos], len(pos)
+    else:
+        # 1. Monte Carlo throughput, as many inputs at once as in step 3
+        b = min(args.inputs, len(x))
+        n0 = 50 * args.chunk
+        monte_carlo(net, x[:b], y[:b], args.eps, args.delta, args.chunk, args.chunk)  # compiles
+        _, t = timed(lambda: monte_carlo(net, x[:b], y[:b], args.eps, args.delta, n0, args.chunk))
+        rate = b * n0 / t
+        print(f"Monte Carlo: {rate:.3g} samples/s ({b} inputs x {n0} samples in {t:.1f} s): 10^8 samples of one "
+              f"input take {1e8 / rate:.0f} s, of {b} inputs {b * 1e8 / rate / 60:.1f} min")
 
-    # 2. pilot selection
-    (pos, pilot), t = timed(lambda: select(net, x, y, args))
-    print(f"pilot AMLS over {len(x)} images ({t:.0f} s): {len(pos)} in [1e-6, 1e-3]: "
-          + ", ".join(f"#{p} ({pilot[p]:.1f})" for p in pos))
-    if not len(pos):
-        return
-    xs, ys, k = x[pos], y[pos], len(pos)
+        # 2. pilot selection
+        (pos, pilot), t = timed(lambda: select(net, x, y, args))
+        print(f"pilot AMLS over {len(x)} images ({t:.0f} s): {len(pos)} in [1e-6, 1e-3]: "
+              + ", ".join(f"#{p} ({pilot[p]:.1f})" for p in pos))
+        if not len(pos):
+            return
+        xs, ys, k = x[pos], y[pos], len(pos)
 
-    # 3. the estimators on the selected inputs
-    mc, t_mc = timed(lambda: monte_carlo(net, xs, ys, args.eps, args.delta, args.mc_samples, args.chunk,
-                                         seed=args.seed, indices=pos))
+        # 3. the estimators on the selected inputs
+        mc, t_mc = timed(lambda: monte_carlo(net, xs, ys, args.eps, args.delta, args.mc_samples, args.chunk,
+                                             seed=args.seed, indices=pos))
     mc_lo, mc_hi = np.log10(np.maximum(mc.low, 1e-300)), np.log10(mc.high)
     rows = [{"image": int(p), "estimator": f"MC n={args.mc_samples:.0e}", "log10_p": float(np.log10(mc.p[i])),
              "low": float(mc_lo[i]), "high": float(mc_hi[i]), "forward": args.mc_samples, "seconds": t_mc / k,
@@ -136,12 +168,18 @@ def main():
                  for i, p in enumerate(pos)]
     ids = np.concatenate([pos + 100_000 * j for j in range(args.reps)])  # run j of input p has id p + 10^5 j
     xr, yr = np.concatenate([xs] * args.reps), np.concatenate([ys] * args.reps)
+    summary = []
     for cfg in args.amls:
-        run = lambda seed: jax.device_get(amls_estimate(net, xr, yr, args.eps, args.delta, cfg, seed=seed, indices=ids))
-        run(args.seed + 7)  # compiles
+        run = lambda seed, n=len(ids): jax.device_get(amls_estimate(net, xr[:n], yr[:n], args.eps, args.delta, cfg,
+                                                                    seed=seed, indices=ids[:n]))
+        group = max(1, min(len(ids), GROUP_FLOATS // (cfg.particles * latent_size("linf", xs[0].size))))
+        run(args.seed + 7, group)  # compiles: one group of inputs has the shape of every group
         am, t = timed(lambda: run(args.seed))
         lp = am.log10_p.reshape(args.reps, k)
         inside = (lp >= mc_lo) & (lp <= mc_hi)
+        acc = np.asarray(am.acceptance, np.float64)
+        summary.append((cfg, lp, inside, np.asarray(am.forward_passes), np.nanmean(acc, axis=1), np.nanmin(acc, axis=1),
+                        np.asarray(am.levels), t / len(ids)))
         for i, p in enumerate(pos):
             rows.append({"image": int(p), "estimator": f"AMLS N={cfg.particles} rho={cfg.rho:g} M={cfg.steps}",
                          "log10_p": float(lp[0, i]), "low": float(am.log10_low[i]), "high": float(am.log10_high[i]),
@@ -173,6 +211,16 @@ def main():
         print(f"target at MC p in [10^-5.5, 10^-4.5] ({name}): inside the MC interval with <= 1/100 of its forward "
               f"passes for {met} of {len(mine)} inputs; all seeds: {sum(r['reps_inside'] for r in mine)} of "
               f"{args.reps * len(mine)} inside")
+    mc_log = np.log10(mc.p)
+    print(f"\nAMLS over all {args.reps} seeds x {k} inputs: bias = mean log10 p - MC log10 p per input; sd per input; "
+          "forward passes and levels per run; acceptance: mean over levels of a run, min: lowest level")
+    for cfg, lp, inside, fwd, acc, acc_min, levels, t in summary:
+        print(f"AMLS N={cfg.particles} rho={cfg.rho:g} M={cfg.steps}: inside {inside.sum()} of {inside.size}; bias "
+              + " ".join(f"{v:+.3f}" for v in lp.mean(0) - mc_log) + "; sd "
+              + " ".join(f"{v:.3f}" for v in (lp.std(0, ddof=1) if args.reps > 1 else np.full(k, np.nan)))
+              + f"; passes median {np.median(fwd):.3g} max {fwd.max():.3g} (MC/max {args.mc_samples / fwd.max():.0f})"
+              f"; levels {levels.min()}-{levels.max()}; acceptance {np.mean(acc):.2f} (min {np.min(acc_min):.2f})"
+              f"; {t:.2f} s per run")
     print(f"load at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
