@@ -32,7 +32,7 @@ from .errors import InputError
 from .falsify import attack_falsifier
 from .kernels.bab import network_brancher
 from .kernels.bounds import robustness_spec
-from .kernels.norms import check_norm
+from .kernels.norms import check_norm, row_norm
 from .kernels.perturb import check_eps
 from .network import Network
 from .verdict import ROBUST, UNKNOWN, VIOLATED
@@ -144,8 +144,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
 
 def _in_ball(p, x, eps, norm) -> bool:
     """Whether ``||p - x||_p <= eps``, in float64."""
-    d = np.abs(np.asarray(p, np.float64) - np.asarray(x, np.float64)).reshape(-1)
-    return float(d.max() if norm == "linf" else np.sqrt(d @ d) if norm == "l2" else d.sum()) <= float(eps)
+    return float(row_norm(np.asarray(p, np.float64)[None] - np.asarray(x, np.float64)[None], norm)[0]) <= float(eps)
 
 
 def _progress(enabled: bool, total, unit: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import log_ndtr
 
 from ..errors import InputError
@@ -29,13 +30,14 @@ def check_norm(norm) -> str:
 
 
 def row_norm(d, norm: str) -> jax.Array:
-    """``||d[b]||_p`` per row of ``d: (B, *shape)`` -> ``(B,)``."""
-    flat = jnp.abs(d.reshape(d.shape[0], -1))
+    """``||d[b]||_p`` per row of ``d: (B, *shape)`` -> ``(B,)`` (numpy in numpy's precision for a numpy array)."""
+    xp = np if isinstance(d, np.ndarray) else jnp
+    flat = xp.abs(d.reshape(d.shape[0], -1))
     if norm == "linf":
-        return jnp.max(flat, axis=1, initial=0.0)
+        return xp.max(flat, axis=1, initial=0.0)
     if norm == "l2":
-        return jnp.sqrt(jnp.sum(flat * flat, axis=1))
-    return jnp.sum(flat, axis=1)
+        return xp.sqrt(xp.sum(flat * flat, axis=1))
+    return xp.sum(flat, axis=1)
 
 
 def dual_norm(rows, norm: str) -> jax.Array:
