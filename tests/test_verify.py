@@ -190,12 +190,19 @@ def test_complete_oracle_closes_the_bisection(tiny):
     y = np.asarray(tiny(x)).argmax(-1)
     oracle = make_oracle(tiny, "complete", attack_steps=10, targets=2, timeout=30.0, batch=16, steps=5,
                          root_steps=10)
-    r = search(tiny, oracle, x, y, SearchConfig(eps_max=0.6, tol=0.01))
+    cfg = SearchConfig(eps_max=0.6, tol=0.01)
+    r = search(tiny, oracle, x, y, cfg)
     assert set(r.status) <= {"exact", "censored"}
     for i in range(3):
         if r.status[i] == "exact":
             m = exhaustive_min_margins(tiny, np.asarray(x[i]), int(y[i]), r.eps_lower[i]).min()
             assert m > 0
+    # warm start: the complete search starts from CROWN's proofs and the minimum-norm attack's counterexamples
+    assert oracle.warm is not None and oracle.attacks[0] == "min-norm"
+    w = search(tiny, oracle.warm, x, y, cfg)
+    assert np.all(r.eps_lower >= w.eps_lower)
+    assert np.all((r.eps_upper <= w.eps_upper) | np.isnan(w.eps_upper))
+    assert np.all(r.queries >= w.queries)
 
 
 @pytest.mark.slow
