@@ -46,13 +46,18 @@ def test_bound_programs_lower_at_highest_precision():
     lo = jnp.zeros((2, 6, 6, 1))
     hi = lo + 0.1
     assert_highest(prog.ibp.lower(prog.consts, lo, hi, True))
+    ball = (lo + 0.05, jnp.full((2,), 0.05))
     for steps in (0, 3):
-        assert_highest(prog.crown.lower(prog.consts, prog.prefixes(), lo, hi, None, steps, 0.1, True))
+        assert_highest(prog.crown.lower(prog.consts, prog.prefixes(), lo, hi, None, None, steps, 0.1, True, None))
+        assert_highest(prog.crown.lower(prog.consts, prog.prefixes(True), lo, hi, None, ball, steps, 0.1, True,
+                                        "l2"))
     assert_highest(_jitted(prog).lower(prog.consts, lo, hi, None, True))
     br = Brancher(net, net.input_shape)
     root = br.root_bounds(lo[:1], hi[:1])
     sp = br.initial(root, 4)
     c = jnp.asarray(np.eye(3, dtype=np.float32)[[0, 1, 2, 0]])
-    assert_highest(br._bound.lower(br.consts, root, lo[:1], hi[:1], c, *map(jnp.asarray, sp), None, steps=2,
+    assert_highest(br._bound.lower(br.consts, root, lo[:1], hi[:1], c, *map(jnp.asarray, sp), None, None, steps=2,
                                    candidates=2))
+    assert_highest(br._bound.lower(br.consts, root, lo[:1], hi[:1], c, *map(jnp.asarray, sp), None,
+                                   (lo[:1] + 0.05, jnp.float32(0.05)), steps=2, candidates=2, norm="l1"))
     assert_highest(br._leaf.lower(br.consts, root, lo[:1], hi[:1], jnp.asarray(sp.s[0])))
