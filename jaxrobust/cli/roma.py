@@ -48,9 +48,9 @@ def _options(p):
                         "multilevel splitting): estimates of P(c > δ) stored in each row; RoMA's fit always runs "
                         "(default roma)")
     p.add_argument("--mc-samples", type=positive_int, default=1_000_000, help="samples per input of --estimator mc")
-    p.add_argument("--amls-particles", type=positive_int, default=40_000, help="AMLS particles N")
-    p.add_argument("--amls-rho", type=open_unit, default=0.2, help="AMLS fraction of particles kept per level ρ")
-    p.add_argument("--amls-steps", type=positive_int, default=3, help="AMLS Metropolis–Hastings moves per level M")
+    p.add_argument("--amls-particles", type=positive_int, default=10_000, help="AMLS particles N")
+    p.add_argument("--amls-rho", type=open_unit, default=0.1, help="AMLS fraction of particles kept per level ρ")
+    p.add_argument("--amls-steps", type=positive_int, default=10, help="AMLS Metropolis–Hastings moves per level M")
     p.add_argument("--amls-max-levels", type=positive_int, default=50,
                    help="AMLS levels before a run stops with an upper bound")
     p.add_argument("--seed", type=int, default=0)

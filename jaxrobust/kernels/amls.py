@@ -54,14 +54,11 @@ BETA_MIN = 1e-4
 
 
 class AmlsConfig(NamedTuple):
-    """Options. The variance of ``log p̂`` falls as 1/N, the cost grows as N·M·levels (levels ≈ log p / log ρ):
-    many particles, few moves and ρ above the paper's 0.1 spread least per forward pass. On an MNIST MLP at
-    p ≈ 1e-5 (``benchmarks/bench_amls.py``) the defaults take 7.6–8.8·10⁵ passes with a spread of ``log10 p̂``
-    (sd ≈ 0.014) 1.7x below N = 20000, ρ = 0.1, M = 10 at about the same cost. Memory grows with N (all N
-    perturbed inputs of one input at once): lower ``particles`` for large inputs or convolutional networks."""
-    particles: int = 40_000   # N
-    rho: float = 0.2          # fraction of particles kept per level (the paper's quantile ρ is 0.1)
-    steps: int = 3            # M: Metropolis–Hastings moves of every particle per level
+    """Options; the defaults spread ``log10 p̂`` 3x less than the paper's N = 1000, M = 100 for the same forward
+    passes on an MNIST MLP (``benchmarks/bench_amls.py``): the variance falls as 1/N, the cost grows as N·M."""
+    particles: int = 10_000   # N
+    rho: float = 0.1          # fraction of particles kept per level (the paper's quantile ρ)
+    steps: int = 10           # M: Metropolis–Hastings moves of every particle per level
     max_levels: int = 50      # levels before a run stops, capped (its estimate then an upper bound)
     confidence: float = 0.95  # level of the interval
     rng: str = "hash"         # normal generator of the latents and proposals (`perturb.random_normal`)
