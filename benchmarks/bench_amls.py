@@ -16,14 +16,14 @@ Target: AMLS inside the 95 % interval of 10^8-sample Monte Carlo at p ≈ 1e-5 w
 forward passes. ``--json`` writes the table for the notebook.
 
 ``--mc-known IMAGE:HITS,...`` skips steps 1, 2 and the Monte Carlo run of step 3 and takes its hit counts (of
-``--mc-samples`` samples, from an earlier run with the same network, eps, delta and seed) and its inputs, to sweep
+``--mc-samples`` samples, from an earlier run with the same network, eps and delta) and its inputs, to sweep
 AMLS configurations quickly: ``--mc-known 66:1111,121:1693,73:1402,14:2372`` are the README's 10^8-sample counts;
-``--roma-samples ''`` skips RoMA.
+``--roma-samples ''`` skips RoMA; ``--seed`` then changes only the AMLS seeds.
 
     python benchmarks/bench_amls.py [--net PATH] [--eps 0.2] [--delta 0.5] [--mc-samples 100000000] [--reps 8]
 
     python benchmarks/bench_amls.py --mc-known 66:1111,121:1693,73:1402,14:2372 --roma-samples '' \
-        --amls '40000,0.1,5;30000,0.5,2' --reps 8
+        --amls '40000,0.2,3;35000,0.3,3' --reps 8 --seed 1
 """
 from __future__ import annotations
 
@@ -109,12 +109,12 @@ def main():
     ap.add_argument("--chunk", type=int, default=4096, help="Monte Carlo samples per input per step")
     ap.add_argument("--mc-known", type=known_counts,
                     help="IMAGE:HITS,... Monte Carlo hit counts of --mc-samples samples from an earlier run (same net, "
-                         "eps, delta, seed): skips the throughput run, the pilot selection and Monte Carlo itself")
+                         "eps, delta): skips the throughput run, the pilot selection and Monte Carlo itself")
     ap.add_argument("--roma-samples", type=lambda t: [int(v) for v in t.split(",") if v.strip()],
                     default=[10_000, 100_000], help="RoMA sample sizes; '' skips RoMA")
     ap.add_argument("--amls", type=amls_configs, default=amls_configs("1000,0.1,100;20000,0.1,10;40000,0.2,3"),
                     help="AMLS configurations N,rho,M separated by ';' (default: the paper's; many particles with "
-                         "few moves; the default of AmlsConfig, more particles, fewer moves, a higher quantile)")
+                         "few moves; more particles, fewer moves and a higher quantile, at most 8.8e5 passes here)")
     ap.add_argument("--reps", type=int, default=8, help="AMLS runs per input and configuration (seeds)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the table here")
