@@ -70,18 +70,19 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
                 min_norm_steps: int = 60, guided: bool = True, norm: str = "linf", **options) -> Oracle:
     """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
     bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
-    bound, warm-started by CROWN and the minimum-norm attack unless ``min_norm_steps`` is 0), over balls of ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). ``guided``: the bound-guided attack
+    bound, warm-started by CROWN and the minimum-norm attack unless ``min_norm_steps`` is 0), over balls of
+    ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). ``guided``: the bound-guided attack
     (`falsify.guided_minimizer`) is the last resort for inputs the gradient attacks leave without a
     counterexample up to ``eps_max`` (not for ``complete``, whose branch and bound searches the same minimisers)."""
     if kind not in ("attack", "complete", *BOUND_METHODS):
         raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
     norm = check_norm(norm)
     if kind == "complete":
-        warm = make_oracle(net, "crown", attack_steps=attack_steps, restarts=restarts, targets=targets,
-                           min_norm_steps=min_norm_steps, guided=False, norm=norm) if min_norm_steps else None
-        if warm is not None:  # CROWN proofs beside the minimum-norm attack
-            warm = warm._replace(minimize=min_norm_falsifier(net, steps=min_norm_steps, norm=norm),
-                                 attacks=("min-norm",))
+        warm = None
+        if min_norm_steps:    # CROWN proofs beside the minimum-norm attack
+            warm = make_oracle(net, "crown", attack_steps=attack_steps, restarts=restarts, targets=targets,
+                               guided=False, norm=norm)._replace(
+                minimize=min_norm_falsifier(net, steps=min_norm_steps, norm=norm), attacks=_named(("min-norm",), norm))
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
                                norm=norm, warm=warm, **options)
     guided = guided and _boundable(net)
@@ -89,13 +90,16 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
     falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, norm=norm)
     tail = ("bound-guided",) if guided else ()
     attacks = ("pgd-margin",) + (("pgd-targeted",) if targets else ()) + tail
-    if norm != "linf":
-        attacks = tuple(f"{a}-{norm}" for a in attacks)
     if kind == "attack" and min_norm_steps:
         return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps, norm=norm),
-                      ("min-norm" + ("" if norm == "linf" else f"-{norm}"),) + tail, last, norm)
-    return Oracle(kind, None if kind == "attack" else bound_prover(net, kind, norm), falsify, None, attacks, last,
-                  norm)
+                      _named(("min-norm",) + tail, norm), last, norm)
+    return Oracle(kind, None if kind == "attack" else bound_prover(net, kind, norm), falsify, None,
+                  _named(attacks, norm), last, norm)
+
+
+def _named(attacks: tuple, norm: str) -> tuple:
+    """The attacks' names as stored, the norm appended for L2 and L1 balls (``pgd-margin-l2``)."""
+    return attacks if norm == "linf" else tuple(f"{a}-{norm}" for a in attacks)
 
 
 def _boundable(net: Network) -> bool:
@@ -130,8 +134,6 @@ def complete_oracle(net: Network, norm: str = "linf", warm: Oracle | None = None
 
     falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,
                                targets=cfg.attack_targets, norm=norm)
-    attacks = ("pgd-margin",) + (("pgd-targeted",) if cfg.attack_targets else ()) + ("branch-and-bound",)
-    attacks = (warm.attacks[:1] if warm is not None else ()) + attacks
-    if norm != "linf":
-        attacks = tuple(a if a.endswith(norm) else f"{a}-{norm}" for a in attacks)
-    return Oracle("complete", prove, falsify, None, attacks, norm=norm, warm=warm)
+    attacks = (("min-norm",) if warm is not None else ()) + ("pgd-margin",) + \
+        (("pgd-targeted",) if cfg.attack_targets else ()) + ("branch-and-bound",)
+    return Oracle("complete", prove, falsify, None, _named(attacks, norm), norm=norm, warm=warm)

@@ -12,7 +12,7 @@ from jaxrobust.critical_eps import SearchConfig, search
 from jaxrobust.data import load_dataset, to_network_input
 from jaxrobust.errors import InputError
 from jaxrobust.kernels import attacks, crown, margin_bounds, min_norm, perturb, robustness_spec
-from jaxrobust.kernels.norms import ascent, check_norm, l1_ball, project, row_norm
+from jaxrobust.kernels.norms import ascent, check_norm, dual_norm, l1_ball, project, row_norm, unit_maximiser
 from jaxrobust.oracles import distance, make_oracle
 from jaxrobust.verdict import ROBUST, UNKNOWN, VIOLATED
 from jaxrobust.verify import verify
@@ -110,6 +110,15 @@ def test_norm_names():
     assert [check_norm(n) for n in ("inf", "2", "1", "linf", "L2", "l1")] == ["linf", "l2", "l1", "linf", "l2", "l1"]
     with pytest.raises(InputError, match="norm"):
         check_norm("0")
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_unit_maximiser_attains_the_dual_norm(norm):
+    rows = jax.random.normal(jax.random.PRNGKey(5), (6, 3, 4))
+    d = unit_maximiser(rows, norm)
+    assert bool(jnp.all(row_norm(d, norm) <= 1 + 1e-6))
+    np.testing.assert_allclose(jnp.sum((rows * d).reshape(6, -1), 1), dual_norm(rows.reshape(6, -1), norm),
+                               rtol=1e-5)
 
 
 def test_l1_projection_is_the_euclidean_projection():

@@ -30,8 +30,8 @@ def _options(p):
     data_options(p)
     p.add_argument("--oracle", default="crown", choices=ORACLES)
     p.add_argument("--norm", default="inf", choices=["inf", "2", "1"],
-                   help="norm of the perturbation balls (default inf; 2 and 1: CROWN over the ball by its dual "
-                        "norm, L2 / L1 attacks; the complete oracle decides L∞ balls only)")
+                   help="norm of the perturbation balls (default inf; 2 and 1: bounds over the ball by its dual "
+                        "norm, L2 / L1 attacks, branch and bound over the ball)")
     p.add_argument("--tol", type=positive_float, default=0.001, help="bisection tolerance (default 0.001)")
     p.add_argument("--grid-step", type=positive_float,
                    help="search the grid step, 2·step, ... ≤ eps-max instead (paper: 0.002)")

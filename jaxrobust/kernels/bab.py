@@ -59,7 +59,7 @@ from ._walk import (
     initial_slopes,
 )
 from .bounds import MARGIN_ABS, MARGIN_REL, _program, _round_to, full_precision
-from .norms import ascent, check_norm
+from .norms import check_norm, unit_maximiser
 
 # Branch vars get α-CROWN intermediate bounds at the root where their bound rows times the size of the graph
 # before them stay within this many floats (256x6 MLPs: ~2e6; CIFAR ResNets: ~1e8, skipped: there the
@@ -405,14 +405,7 @@ def _minimiser(lam, lo, hi, ball):
     if ball is None:
         return jnp.where(lam >= 0, lo, hi)
     center, eps, norm = ball
-    d = -ascent(lam[None], norm)[0] if norm == "l2" else -_l1_vertex(lam)
-    return jnp.clip(center.reshape(-1) + eps * d, lo, hi)
-
-
-def _l1_vertex(lam):
-    """The vertex of the unit L1 ball maximising ``lam . d``."""
-    j = jnp.argmax(jnp.abs(lam))
-    return jnp.zeros_like(lam).at[j].set(jnp.sign(lam[j]))
+    return jnp.clip(center.reshape(-1) - eps * unit_maximiser(lam[None], norm)[0], lo, hi)
 
 
 def _ascend(run, params, steps, project, lr_alpha=0.1, lr_beta=0.05):

@@ -116,7 +116,7 @@ def _min_norm(apply, params, x, y, eps_max, domain, key, steps, targets, step_si
     sampler = SAMPLERS[norm]
 
     def start(k, e):
-        if norm == "linf":
+        if norm == "linf":      # the uniform start L∞ runs have always had (their results unchanged)
             u = jax.random.uniform(k, xr.shape, xr.dtype, -1.0, 1.0)
             return project(xr + _bcast(e, xr) * u, xr, e, "linf", domain)
         return jax.vmap(lambda i, xb, eb: sampler(jax.random.fold_in(k, i), xb, eb, domain))(

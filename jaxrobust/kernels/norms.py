@@ -82,15 +82,27 @@ def _project_l1(d, eps):
     return out.reshape(d.shape)
 
 
+def unit_maximiser(rows, norm: str) -> jax.Array:
+    """The point ``d`` of the unit ``norm`` ball maximising ``rows[r] . d`` (its value the dual norm), per row of
+    ``rows: (R, *shape)``: ``sign(rows)`` (L∞), ``rows / ||rows||_2`` (L2), the signed basis vector of the
+    largest ``|rows|`` (L1, a vertex)."""
+    if norm == "linf":
+        return jnp.sign(rows)
+    if norm == "l2":
+        return rows / _bcast(jnp.maximum(row_norm(rows, "l2"), 1e-30), rows)
+    flat = rows.reshape(rows.shape[0], -1)
+    j = jnp.argmax(jnp.abs(flat), axis=1)
+    vertex = jax.nn.one_hot(j, flat.shape[1], dtype=flat.dtype) * jnp.sign(jnp.take_along_axis(flat, j[:, None], 1))
+    return vertex.reshape(rows.shape)
+
+
 def ascent(g, norm: str, x=None, domain=None, sparsity: float = 0.01) -> jax.Array:
     """Steepest-ascent direction of unit ``norm`` for gradients ``g: (B, *shape)``: ``sign(g)`` (L∞), ``g / ||g||_2``
     (L2), or for L1 the signs of the largest ``sparsity`` share of the coordinates, scaled to L1 norm 1 (a
     sparse L1 step, as SLIDE takes; the single largest coordinate alone stalls on saturated pixels). With
     ``x`` and ``domain``, L1 steps skip the coordinates the domain blocks in the gradient's direction."""
-    if norm == "linf":
-        return jnp.sign(g)
-    if norm == "l2":
-        return g / _bcast(jnp.maximum(row_norm(g, "l2"), 1e-30), g)
+    if norm != "l1":
+        return unit_maximiser(g, norm)
     flat = g.reshape(g.shape[0], -1)
     a = jnp.abs(flat)
     if domain is not None and x is not None:
