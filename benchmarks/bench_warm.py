@@ -1,0 +1,50 @@
+"""Complete critical ε with and without the warm start (CROWN proofs and the minimum-norm attack first).
+
+Runs the complete oracle's bisection on MNIST test images 0..N-1 of a VNN-COMP 2021 mnistfc network twice: cold
+(``min_norm_steps=0``: PGD bisection for counterexamples, proofs from 0) and warm (the default). Prints per variant
+the share of images whose bracket closed to the tolerance, the median seconds and oracle queries per image.
+
+    python benchmarks/bench_warm.py [--net mnist-net_256x2] [--images 20] [--timeout 30] [--tol 0.001]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import numpy as np
+from common import SHARED
+
+from jaxrobust.critical_eps import SearchConfig, search
+from jaxrobust.data import load_dataset, to_network_input
+from jaxrobust.onnx_import import load_onnx
+from jaxrobust.oracles import make_oracle
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--net", default="mnist-net_256x2")
+    ap.add_argument("--images", type=int, default=20)
+    ap.add_argument("--timeout", type=float, default=30.0, help="seconds per verification query")
+    ap.add_argument("--tol", type=float, default=0.001)
+    args = ap.parse_args()
+    net = load_onnx(SHARED / "networks" / "mnist" / "vnncomp2021_mnistfc" / f"{args.net}.onnx")
+    ds = load_dataset("mnist", "test")
+    x = np.asarray(to_network_input(ds.x[:args.images], net.input_shape), np.float32)
+    y = np.asarray(ds.y[:args.images])
+    cfg = SearchConfig(eps_max=0.5, tol=args.tol)
+    print(f"{args.net}, MNIST test 0..{args.images - 1}, tol {args.tol:g}, {args.timeout:g} s per query, "
+          f"load {os.getloadavg()[0]:.1f}")
+    for name, steps in (("cold", 0), ("warm", 60)):
+        oracle = make_oracle(net, "complete", timeout=args.timeout, min_norm_steps=steps)
+        t0 = time.perf_counter()
+        r = search(net, oracle, x, y, cfg, batch_size=32)
+        wall = time.perf_counter() - t0
+        ok = r.status != "misclassified"
+        print(f"{name}: exact {np.sum(r.status[ok] == 'exact')}/{ok.sum()}, median {np.median(r.time_s[ok]):.1f} s "
+              f"and {np.median(r.queries[ok]):.1f} queries per image, wall {wall / len(y):.1f} s per image",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
