@@ -23,10 +23,11 @@ import numpy as np
 
 from .errors import UnsupportedOpError
 from .kernels.attacks import box_descent
-from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits, split_point
+from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits
 from .kernels.bounds import MARGIN_ABS, MARGIN_REL, crown
 from .kernels.norms import project
 from .network import Network
+from .subdomains import STALE, Pending, children, compact, resume_pool, take_lowest
 from .verdict import ROBUST, UNKNOWN, VIOLATED
 
 if TYPE_CHECKING:
@@ -49,17 +50,20 @@ class BoxResult(NamedTuple):
     bound_evals: int
     lower: float
     stage: str
+    pending: Pending | None = None      # the pool left, to resume over a smaller set (`subdomains`)
 
 
 def decide_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None, report=None, ball=None) -> BoxResult:
+               inner=None, report=None, ball=None, resume: Pending | None = None) -> BoxResult:
     """`verify_box_inputs` when ``cfg.split`` asks for input splitting (``"auto"``: networks with at most
     `INPUT_SPLIT_DIMS` inputs), else `verify_box` (neuron splitting). ``report(domains, lower)``, if given,
-    is called after every round of the search with the subdomains bounded so far and the lowest pending bound."""
+    is called after every round of the search with the subdomains bounded so far and the lowest pending bound.
+    ``resume``: the pool of a query over a set covering this one (neuron splitting only; see `subdomains`)."""
     n_in = math.prod(net.input_shape)
     if cfg.split == "inputs" or (cfg.split == "auto" and n_in <= INPUT_SPLIT_DIMS):
         return verify_box_inputs(net, box, C, d, cfg, deadline=deadline, inner=inner, report=report, ball=ball)
-    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner, report=report, ball=ball)
+    return verify_box(net, brancher, box, C, d, cfg, deadline=deadline, inner=inner, report=report, ball=ball,
+                      resume=resume)
 
 
 def _into(xs, in_lo, in_hi, ball):
@@ -75,11 +79,12 @@ def _into(xs, in_lo, in_hi, ball):
 
 
 def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *, deadline: float,
-               inner=None, report=None, ball=None) -> BoxResult:
+               inner=None, report=None, ball=None, resume: Pending | None = None) -> BoxResult:
     """Prove ``C @ net(x) > d`` for all ``x`` in the flat box ``box = (lo, hi)``, each ``(n_0,)``, or find
     ``x`` in ``inner`` (default the box itself) violating a row.
 
-    ``C: (T, n_L)``, ``d: (T,)``. Runs stages 3–5 of the module doc until ``deadline`` (perf_counter).
+    ``C: (T, n_L)``, ``d: (T,)``. Runs stages 3–5 of the module doc until ``deadline`` (perf_counter), from the
+    pool ``resume`` (a `subdomains.Pending` covering this box) instead of the root box if given.
     """
     shape = (1,) + tuple(net.input_shape)
     lo, hi = (jnp.asarray(b, jnp.float32).reshape(shape) for b in box)
@@ -106,7 +111,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         out = np.concatenate([_logits(net, x.reshape((-1,) + shape[1:])) for x in _batches(xs, batch)])[:len(xs)]
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
-    cmp = _compact(brancher, root)
+    cmp = compact(brancher, root)
     sizes, seconds = (16, batch // 4, batch), {}     # padded batch shapes; the last call's time at each
 
     def parents_that_fit() -> int:
@@ -118,7 +123,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         return max(fits, default=sizes[0]) // 2
 
     def bound(sp: Splits, rows, init, steps):
-        """Bounds of ``len(rows) <= batch`` subdomains stored compactly (`_Compact`): `DomainBounds` as numpy,
+        """Bounds of ``len(rows) <= batch`` subdomains stored compactly (`subdomains.Compact`): `DomainBounds` as numpy,
         compact, lower shifted by ``d``. Batches are padded to 16, batch / 4 or batch rows, so only three
         shapes are compiled."""
         n = len(rows)
@@ -149,7 +154,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
     open_rows = r.lower <= 0
     refined = _refined_root(net, brancher, root, lo, hi, cfg, deadline) if open_rows.any() else None
     if refined is not None:         # the bounds and the units left free change: bound the root box again
-        root, cmp = refined, _compact(brancher, refined)
+        root, cmp = refined, compact(brancher, refined)
         root_sp = brancher.initial(root, T)
         root_sp = root_sp._replace(s=root_sp.s[:, cmp.free])
         r = bound(root_sp, np.arange(T), None, cfg.root_steps)
@@ -158,11 +163,13 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
     if not open_rows.any():
         return BoxResult(ROBUST, None, n_domains, n_evals, float(r.lower.min()), "crown")
 
-    # pending subdomains: splits, spec row, lower bound, unit to branch on and its bounds, warm start
+    # pending subdomains (`subdomains`): splits, spec row, lower bound, unit to branch on and its bounds, warm start
     keep = lambda a: a[open_rows]
     pool = {"s": keep(root_sp.s), "ilo": keep(root_sp.ilo), "ihi": keep(root_sp.ihi), "t": np.flatnonzero(open_rows),
             "b": keep(r.lower), "br": keep(r.branch), "ul": keep(r.unit_lo), "uh": keep(r.unit_hi),
             "a": keep(r.alpha), "be": keep(r.beta)}
+    if resume is not None:      # what a query over a larger set left open covers all that is open here
+        pool = resume_pool(resume, brancher, root, cmp, open_rows)
     proved_min = float(r.lower[~open_rows].min()) if (~open_rows).any() else np.inf
     undecided = np.inf          # lowest bound of leaves that could not be decided
     per_domain = cmp.Hk + 8 * cmp.Hi + 2 * len(cmp.alpha_keep) + 2 * len(cmp.beta_keep) + 32
@@ -170,9 +177,34 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
     stage = "bab"
 
     def stop(status, why, xs=None, pending=()):
-        """The result when stopping early; ``lower`` is the smallest bound of the undecided subdomains."""
+        """The result when stopping early; ``lower`` is the smallest bound of the undecided subdomains; out of time
+        or subdomains, with no leaf left undecided, the pool goes with it (`subdomains.Pending`)."""
         b = np.concatenate([pool["b"], *pending])
-        return BoxResult(status, xs, n_domains, n_evals, float(b.min()) if len(b) else -np.inf, why)
+        keep = None
+        if status == UNKNOWN and why in ("timeout", "domains") and undecided == np.inf:
+            keep = Pending(pool, cmp, np.asarray(box[0], np.float32).reshape(-1),
+                           np.asarray(box[1], np.float32).reshape(-1), ball, C, d)
+        return BoxResult(status, xs, n_domains, n_evals, float(b.min()) if len(b) else -np.inf, why, keep)
+
+    def absorb(doms, steps):
+        """Bound the subdomains ``doms`` (pool fields, ``b`` sound lower bounds already known) and add the open
+        ones to the pool; the `BoxResult` if a candidate point is a counterexample, else None."""
+        nonlocal pool, n_domains, n_evals, proved_min
+        r = bound(Splits(doms["s"], doms["ilo"], doms["ihi"]), doms["t"], (doms["a"], doms["be"]), steps)
+        b = np.maximum(r.lower, doms["b"])
+        n_domains += len(b)
+        n_evals += len(b) * (steps + 1)
+        open_ = b <= 0
+        cand = np.flatnonzero(open_ & np.isfinite(b))
+        if len(cand):
+            pts, bad = violating(r.x_star[cand], doms["t"][cand])
+            if bad.any():
+                return stop(VIOLATED, "bab", pts[np.argmax(bad)], (b,))
+        if (~open_).any():
+            proved_min = min(proved_min, float(b[~open_].min()))
+        new = dict(doms, b=b, br=r.branch, ul=r.unit_lo, uh=r.unit_hi, a=r.alpha, be=r.beta)
+        pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
+        return None
 
     while len(pool["t"]):
         if report is not None:
@@ -183,7 +215,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             return stop(UNKNOWN, "domains")
         if len(pool["t"]) > max_pool:
             return stop(UNKNOWN, "memory")
-        exhausted = pool["br"] < 0
+        exhausted = pool["br"] == -1
         if exhausted.any():
             for j in np.flatnonzero(exhausted):
                 if time.perf_counter() > deadline:
@@ -201,25 +233,15 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             stage = "lp"
             pool = {k: v[~exhausted] for k, v in pool.items()}
             continue
-        par, pool = _take_lowest(pool, parents_that_fit())
-        children = _children(cmp, par)
-        n_ch = len(children["t"])
-        r = bound(Splits(children["s"], children["ilo"], children["ihi"]), children["t"],
-                  (children["a"], children["be"]), cfg.steps)
-        b = np.maximum(r.lower, children["b"])
-        n_domains += n_ch
-        n_evals += n_ch * (cfg.steps + 1)
-        open_ = b <= 0
-        if open_.any():
-            cand = np.flatnonzero(open_ & np.isfinite(b))
-            if len(cand):
-                pts, bad = violating(r.x_star[cand], children["t"][cand])
-                if bad.any():
-                    return stop(VIOLATED, "bab", pts[np.argmax(bad)], (b,))
-        if (~open_).any():
-            proved_min = min(proved_min, float(b[~open_].min()))
-        new = dict(children, b=b, br=r.branch, ul=r.unit_lo, uh=r.unit_hi, a=r.alpha, be=r.beta)
-        pool = {k: np.concatenate([pool[k], new[k][open_]]) for k in pool}
+        stale = pool["br"] == STALE
+        if stale.any():             # resumed subdomains: bounded over this set first, the lowest first
+            doms, pool = take_lowest(pool, 2 * parents_that_fit(), among=stale)
+            done = absorb(doms, cfg.steps)
+        else:
+            par, pool = take_lowest(pool, parents_that_fit())
+            done = absorb(children(cmp, par), cfg.steps)
+        if done is not None:
+            return done
     if undecided < np.inf:
         return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
     return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, stage)
@@ -313,7 +335,7 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
             undecided = min(undecided, float(pool["b"][leaf].min()))
             pool = {k: v[~leaf] for k, v in pool.items()}
             continue
-        par, pool = _take_lowest(pool, batch // 2)
+        par, pool = take_lowest(pool, batch // 2)
         P = len(par["t"])
         dim = np.argmax(par["sc"], axis=1)
         mid = (par["lo"][np.arange(P), dim] + par["hi"][np.arange(P), dim]) / 2
@@ -350,48 +372,6 @@ def _row_gradient(net: Network):
     return jax.jit(jax.vmap(jax.grad(lambda x, c: c @ net(x[None])[0])))
 
 
-class _Compact(NamedTuple):
-    """How a pending subdomain is stored: by the ``Hk`` kink units unstable at the root only (``free``: their
-    full index; the others are never split, and their slopes and multipliers do not enter any bound), the
-    ``Hi`` interval units, the slopes at ``alpha_keep`` and the multipliers at ``beta_keep``; ``full_hk`` the
-    number of kink units."""
-    Hk: int
-    Hi: int
-    full_hk: int
-    free: np.ndarray
-    alpha_keep: np.ndarray
-    beta_keep: np.ndarray
-
-    @staticmethod
-    def expand(a, keep, width):
-        """Compact ``a: (D, len(keep))`` as ``(D, width)``, zeros elsewhere."""
-        out = np.zeros((len(a), width), a.dtype)
-        out[:, keep] = a
-        return out
-
-    def branch(self, br):
-        """Full branch indices (`DomainBounds.branch`) as compact ones (-1 stays -1)."""
-        kink = (br >= 0) & (br < self.full_hk)
-        return np.where(br < 0, -1, np.where(kink, np.searchsorted(self.free, br), br - self.full_hk + self.Hk))
-
-
-def _compact(brancher: Brancher, root) -> _Compact:
-    """The `_Compact` storage of ``brancher``'s subdomains of a box with root bounds ``root``."""
-    lay, g = brancher.layout, brancher.graph
-    free, local = [], {}
-    for v, k, off, n in lay.kink:
-        kk = np.broadcast_to(np.asarray(brancher.consts[k]), g.shape(v)).reshape(-1)
-        l, u = (np.asarray(b).reshape(-1) for b in root[v])
-        local[v] = np.flatnonzero((l < kk) & (u > kk))
-        free.append(off + local[v])
-    free = np.concatenate(free) if free else np.zeros(0, np.int64)
-    alpha = [off + local[v] if g.nodes[idx].kind == "pwl" and v in local else off + np.arange(n)
-             for idx, v, off, n in lay.alpha]
-    alpha = np.concatenate(alpha) if alpha else np.zeros(0, np.int64)
-    beta = np.concatenate([free, lay.Hk + np.arange(2 * lay.Hi)])
-    return _Compact(len(free), lay.Hi, lay.Hk, free, alpha, beta)
-
-
 def _batches(a, batch: int) -> list:
     """``a`` in consecutive pieces of ``batch`` rows, padded (repeating row 0) to a multiple of 16 rows when
     shorter than 16, else of ``batch`` rows, so that jitted shapes repeat."""
@@ -400,36 +380,6 @@ def _batches(a, batch: int) -> list:
     if pad:
         a = np.concatenate([a, np.repeat(a[:1], pad, 0)])
     return [a[i:i + batch] for i in range(0, len(a), batch)]
-
-
-def _take_lowest(pool: dict, k: int):
-    """The ``k`` pending subdomains of ``pool`` (dict of arrays) with the lowest bounds ``pool["b"]``, and the rest."""
-    order = np.argsort(pool["b"], kind="stable")
-    take, left = order[:k], order[k:]
-    return {n: v[take] for n, v in pool.items()}, {n: v[left] for n, v in pool.items()}
-
-
-def _children(lay, par: dict) -> dict:
-    """The two children of each parent subdomain in ``par`` (pool fields), split on its branch unit: a kink
-    unit to ``+1`` / ``-1``, an interval unit at `split_point` of its bounds; the children's multipliers
-    of the new constraint start at 0, the rest from the parent."""
-    P = len(par["t"])
-    two = lambda a: np.concatenate([a, a])
-    ch = {k: two(par[k]) for k in ("s", "ilo", "ihi", "t", "b", "a", "be")}
-    br = par["br"]
-    rows = np.arange(P)
-    kink = br < lay.Hk
-    k_rows, kb = rows[kink], br[kink]
-    ch["s"][k_rows, kb], ch["s"][P + k_rows, kb] = 1, -1
-    ch["be"][k_rows, kb] = ch["be"][P + k_rows, kb] = 0
-    i_rows, ib = rows[~kink], br[~kink] - lay.Hk
-    p = split_point(par["ul"][~kink], par["uh"][~kink])
-    ch["ihi"][i_rows, ib], ch["ilo"][P + i_rows, ib] = p, p
-    ch["ilo"][i_rows, ib] = np.maximum(ch["ilo"][i_rows, ib], par["ul"][~kink])
-    ch["ihi"][P + i_rows, ib] = np.minimum(ch["ihi"][P + i_rows, ib], par["uh"][~kink])
-    for off in (lay.Hk, lay.Hk + lay.Hi):
-        ch["be"][i_rows, off + ib] = ch["be"][P + i_rows, off + ib] = 0
-    return ch
 
 
 def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d, ball=None):

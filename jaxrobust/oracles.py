@@ -28,6 +28,7 @@ from .errors import InputError, UnsupportedOpError
 from .falsify import attack_falsifier, guided_minimizer, min_norm_falsifier
 from .kernels.norms import check_norm, row_norm
 from .network import Network
+from .subdomains import PendingStore
 from .verdict import ROBUST, UNKNOWN, VIOLATED, Verdicts  # noqa: F401  (the vocabulary, re-exported)
 from .verify import VerifyConfig, network_brancher, verify
 
@@ -123,13 +124,16 @@ def distance(a, b, norm: str = "linf") -> np.ndarray:
 
 def complete_oracle(net: Network, norm: str = "linf", warm: Oracle | None = None, **options) -> Oracle:
     """Oracle whose ``prove`` runs the whole cascade over ``norm`` balls (ROBUST, VIOLATED or UNKNOWN on budget)
-    and whose ``falsify`` is the attack alone; ``warm``: see `Oracle`. ``options``: fields of `VerifyConfig`."""
+    and whose ``falsify`` is the attack alone; ``warm``: see `Oracle`. ``options``: fields of `VerifyConfig`. With
+    ``resume`` a query after a timeout over a smaller ball of the same input resumes the pending subdomains of the
+    timed-out one (`subdomains`)."""
     cfg = VerifyConfig(**options)
     norm = check_norm(norm)
     network_brancher(net)       # an unsupported operation is reported now, before any attack or bisection
+    pending = PendingStore() if cfg.resume else None
 
     def prove(x, y, eps, key) -> Verdicts:
-        r = verify(net, x, y, eps, cfg, key=key, norm=norm)
+        r = verify(net, x, y, eps, cfg, key=key, norm=norm, pending=pending)
         return Verdicts(r.status, r.counterexample, r.stage)
 
     falsify = attack_falsifier(net, steps=cfg.attack_steps, restarts=cfg.attack_restarts,

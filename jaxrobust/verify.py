@@ -35,6 +35,7 @@ from .kernels.bounds import robustness_spec
 from .kernels.norms import check_norm, row_norm
 from .kernels.perturb import check_eps
 from .network import Network
+from .subdomains import PendingStore, query_key
 from .verdict import ROBUST, UNKNOWN, VIOLATED
 
 STAGES = ("forward", "attack", "crown", "bab", "lp", "timeout", "domains", "memory", "lp-unknown")
@@ -52,6 +53,7 @@ class VerifyConfig(NamedTuple):
     fsb: int = 4                   # kink units whose children are bounded to pick a branch (0: BaBSR scores)
     refine: float = 0.25           # share of the time left for MILP-refined hidden-layer bounds (deep ReLU MLPs)
     refine_layers: int = 2         # hidden layers refined, from the second
+    resume: bool = False           # complete oracle: a query over a smaller ball resumes an earlier timed-out pool
     attack_steps: int = 40
     attack_restarts: int = 1
     attack_targets: int = 9
@@ -76,12 +78,16 @@ def robustness_specs(label: int, num_classes: int):
 
 
 def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None,
-           progress: bool = False, norm: str = "linf") -> VerifyResult:
+           progress: bool = False, norm: str = "linf", pending: PendingStore | None = None) -> VerifyResult:
     """Decide robustness of every query ``x: (B, *input_shape)``, ``y: (B,)``, ``eps`` scalar or ``(B,)`` over the
     ``norm`` ball (``"linf"``, ``"l2"`` or ``"l1"``) ∩ ``net.domain``; ``cfg`` default `VerifyConfig()`.
 
     L2 and L1 balls: the search runs on the ball's box hull with every bound concretised over the ball too (its
-    dual norm); leaves are decided by LPs over the ball (`box_search`), counterexamples projected into it."""
+    dual norm); leaves are decided by LPs over the ball (`box_search`), counterexamples projected into it.
+
+    ``pending``: a query left undecided on time keeps its pool of subdomains there, and a later query of the same
+    input over a set inside it resumes from that pool (`subdomains`; what the complete oracle does across its
+    bisection steps)."""
     x = np.asarray(net.check_inputs(x), np.float32)
     B = len(x)
     y = np.asarray(net.check_labels(y, B))
@@ -126,9 +132,14 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
                 bar.begin()
             C, d = robustness_specs(int(y[i]), net.num_classes)
             ball = None if norm == "linf" else (x[i].reshape(-1), float(eps[i]), norm)
-            r = decide_box(net, brancher, (outer[0][i].reshape(-1), outer[1][i].reshape(-1)), C, d, cfg,
-                           deadline=t1 + max(cfg.timeout - time_s[i], 0.0),
-                           inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)), report=report, ball=ball)
+            box = (outer[0][i].reshape(-1), outer[1][i].reshape(-1))
+            qkey = query_key(x[i], y[i], norm)
+            resume = None if pending is None else pending.get(qkey, *box, ball, C, d)
+            r = decide_box(net, brancher, box, C, d, cfg, deadline=t1 + max(cfg.timeout - time_s[i], 0.0),
+                           inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)), report=report, ball=ball,
+                           resume=resume)
+            if pending is not None and r.pending is not None:
+                pending.put(qkey, r.pending)
             if bar is not None:
                 bar.update(1)
             status[i], stage[i], domains[i], evals[i], lower[i] = r.status, r.stage, r.domains, r.bound_evals, r.lower

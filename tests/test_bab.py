@@ -282,3 +282,34 @@ def test_two_input_graph_verdicts_agree_with_a_dense_grid(tmp_path, split):
         else:
             assert r.result == "unsat" and truth > 0, (eps, r.result, truth)
     assert seen == {"sat", "unsat"}
+
+
+@pytest.mark.parametrize("family,big", [("residual", 2.5), ("sigmoid", 0.55)])
+@pytest.mark.slow
+def test_resumed_pools_agree_with_a_dense_grid(family, big, monkeypatch):
+    """Queries stopped by their subdomain budget keep their pools; queries over smaller boxes of the same inputs
+    resume from them (a larger box starts afresh) and agree with a dense grid."""
+    from jaxrobust import box_search
+    from jaxrobust.subdomains import PendingStore
+    net = FAMILIES[family](2).replace(domain=(-10.0, 10.0))
+    xs = np.asarray(jax.random.uniform(jax.random.PRNGKey(4), (6, 2), minval=-1, maxval=1), np.float32)
+    ys = np.asarray(net(xs)).argmax(-1)
+    cfg = CFG._replace(split="neurons", attack_steps=0, timeout=60.0)
+    resumed, real = [], box_search.resume_pool
+    monkeypatch.setattr(box_search, "resume_pool", lambda p, *a: resumed.append(len(p.pool["t"])) or real(p, *a))
+    store = PendingStore()
+    first = verify(net, xs, ys, big, cfg._replace(max_domains=12), pending=store)
+    kept = int(np.sum(first.stage == "domains"))
+    assert kept and len(store._items) == kept
+    verify(net, xs, ys, big * 1.1, cfg._replace(max_domains=12), pending=store)    # larger: not resumed
+    assert not resumed
+    r = verify(net, xs, ys, 0.5, cfg, pending=store)
+    assert len(resumed) >= 1 and max(resumed) > 1
+    for i in range(len(xs)):
+        truth = grid_min_margin(net, xs[i], int(ys[i]), 0.5)
+        if r.status[i] == VIOLATED:
+            assert int(np.asarray(net(r.counterexample[i][None])).argmax()) != ys[i]
+        elif r.status[i] == ROBUST:
+            assert truth > 0, (family, i, truth)
+        else:
+            assert abs(truth) < 1e-2, (family, i, truth, r.stage[i])
