@@ -103,6 +103,12 @@ def test_ball_arguments_are_checked():
         crown(fn, x - 0.1, x + 0.1, ball=(x, 0.1, "l3"))
     with pytest.raises(InputError, match="center"):
         crown(fn, x - 0.1, x + 0.1, ball=(x[:1], 0.1, "l2"))
+    with pytest.raises(InputError, match="eps"):
+        crown(fn, x - 0.1, x + 0.1, ball=(x, np.full(3, 0.1), "l2"))
+    with pytest.raises(InputError, match="eps"):
+        crown(fn, x - 0.1, x + 0.1, ball=(x, -0.1, "l1"))
+    b = crown(fn, x - 0.1, x + 0.1, ball=(x, np.array([0.1, 0.05]), "l2"))
+    assert b.lower.shape[0] == 2
 
 
 # --- norms ------------------------------------------------------------------------------------------------------
