@@ -4,7 +4,9 @@ Runs the complete oracle's bisection on MNIST test images 0..N-1 of a VNN-COMP 2
 (``min_norm_steps=0``: PGD bisection for counterexamples, proofs from 0) and warm (the default). Prints per variant
 the share of images whose bracket closed to the tolerance, the median seconds and oracle queries per image.
 
-    python benchmarks/bench_warm.py [--net mnist-net_256x2] [--images 20] [--timeout 30] [--tol 0.001]
+    python benchmarks/bench_warm.py [--net mnist-net_256x2] [--images 20] [--timeout 30] [--tol 0.001] [--variants cold,warm]
+
+``--per-image`` also prints each image's proved radius, counterexample radius and status.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ def main():
     ap.add_argument("--images", type=int, default=20)
     ap.add_argument("--timeout", type=float, default=30.0, help="seconds per verification query")
     ap.add_argument("--tol", type=float, default=0.001)
+    ap.add_argument("--variants", default="cold,warm", help="comma-separated: cold, warm")
+    ap.add_argument("--per-image", action="store_true")
     args = ap.parse_args()
     net = load_onnx(SHARED / "networks" / "mnist" / "vnncomp2021_mnistfc" / f"{args.net}.onnx")
     ds = load_dataset("mnist", "test")
@@ -36,6 +40,8 @@ def main():
     print(f"{args.net}, MNIST test 0..{args.images - 1}, tol {args.tol:g}, {args.timeout:g} s per query, "
           f"load {os.getloadavg()[0]:.1f}")
     for name, steps in (("cold", 0), ("warm", 60)):
+        if name not in args.variants.split(","):
+            continue
         oracle = make_oracle(net, "complete", timeout=args.timeout, min_norm_steps=steps)
         t0 = time.perf_counter()
         r = search(net, oracle, x, y, cfg, batch_size=32)
@@ -44,6 +50,13 @@ def main():
         print(f"{name}: exact {np.sum(r.status[ok] == 'exact')}/{ok.sum()}, median {np.median(r.time_s[ok]):.1f} s "
               f"and {np.median(r.queries[ok]):.1f} queries per image, wall {wall / len(y):.1f} s per image",
               flush=True)
+        if args.per_image:
+            for i in range(len(y)):
+                print(f"  image {i}: [{r.eps_lower[i]:.4f}, {r.eps_upper[i]:.4f}] {r.status[i]}, "
+                      f"{r.time_s[i]:.0f} s, {r.queries[i]} queries")
+        gap = (r.eps_upper / r.eps_lower)[ok & (r.eps_lower > 0)]
+        if len(gap):
+            print(f"  upper / lower: median {np.median(gap):.2f}")
 
 
 if __name__ == "__main__":
