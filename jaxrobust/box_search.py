@@ -25,6 +25,7 @@ from .errors import UnsupportedOpError
 from .kernels.attacks import box_descent
 from .kernels.bab import MIN_WIDTH, Brancher, DomainBounds, Splits
 from .kernels.bounds import MARGIN_ABS, MARGIN_REL, crown
+from .kernels.forward_bounds import forward_linear
 from .kernels.norms import project
 from .network import Network
 from .subdomains import STALE, Pending, children, compact, resume_pool, take_lowest
@@ -112,22 +113,14 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         return xs, np.any(out @ C.T.astype(np.float64) <= d, axis=1)
 
     cmp = compact(brancher, root)
-    sizes, seconds = (16, batch // 4, batch), {}     # padded batch shapes; the last call's time at each
-
-    def parents_that_fit() -> int:
-        """Parents for the next round: ``batch / 2``, or fewer where the time left would not bound all their
-        children, so that a query ends near its deadline. A shape's time is estimated by its last call or, if
-        less, linearly from another shape's (a first call may include compilation)."""
-        left = deadline - time.perf_counter()
-        fits = [s for s in sizes if min((seconds[m] * s / m for m in seconds), default=0.0) <= left]
-        return max(fits, default=sizes[0]) // 2
+    pace = _Pace(batch)
 
     def bound(sp: Splits, rows, init, steps):
         """Bounds of ``len(rows) <= batch`` subdomains stored compactly (`subdomains.Compact`): `DomainBounds` as numpy,
         compact, lower shifted by ``d``. Batches are padded to 16, batch / 4 or batch rows, so only three
         shapes are compiled."""
         n = len(rows)
-        size = next(s for s in sizes if s >= n)
+        size = pace.size(n)
         t0 = time.perf_counter()
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
         sp = sp._replace(s=cmp.expand(sp.s, cmp.free, lay.Hk))
@@ -137,7 +130,7 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
         r = brancher.bound(root, lo, hi, jnp.asarray(pad(C[rows])), Splits(*(jnp.asarray(pad(a)) for a in sp)),
                            init, steps=steps, candidates=cfg.fsb, ball=bb)
         r = DomainBounds(*(np.asarray(a)[:n] for a in r))
-        seconds[size] = time.perf_counter() - t0
+        pace.seconds[size] = time.perf_counter() - t0
         lower = np.where(np.isnan(r.lower), -np.inf, r.lower)      # a NaN bound proves nothing
         return r._replace(lower=lower - d[rows], branch=cmp.branch(r.branch),
                           alpha=r.alpha[:, cmp.alpha_keep].astype(np.float16),
@@ -235,10 +228,10 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
             continue
         stale = pool["br"] == STALE
         if stale.any():             # resumed subdomains: bounded over this set first, the lowest first
-            doms, pool = take_lowest(pool, 2 * parents_that_fit(), among=stale)
+            doms, pool = take_lowest(pool, pace.fits(deadline), among=stale)
             done = absorb(doms, cfg.steps)
         else:
-            par, pool = take_lowest(pool, parents_that_fit())
+            par, pool = take_lowest(pool, pace.fits(deadline) // 2)
             done = absorb(children(cmp, par), cfg.steps)
         if done is not None:
             return done
@@ -278,8 +271,10 @@ def _deep_chain(net: Network):
 
 def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: float, inner=None,
                       report=None, ball=None) -> BoxResult:
-    """`verify_box` by input splitting: every sub-box is bounded by CROWN (α-CROWN on the whole box) with its
-    own intermediate bounds; the open sub-box with the lowest bound is halved along the coordinate with the
+    """`verify_box` by input splitting: every sub-box is bounded with its own intermediate bounds, by forward-mode
+    linear bounds (`kernels.forward_bounds`: their cost grows with the inputs, not with the width of hidden layers,
+    so a classifier composed with a generator fits in memory) or, over an L2 / L1 ball, by CROWN (α-CROWN on the
+    whole box); the open sub-box with the lowest bound is halved along the coordinate with the
     largest width times |gradient| of its spec row at its centre. Its centre and the vertex the gradient
     points away from are checked as counterexamples. For networks with few inputs (latent spaces)."""
     shape = tuple(net.input_shape)
@@ -289,14 +284,19 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
     batch = cfg.batch
     grad = _row_gradient(net)
 
+    pace = _Pace(batch)
+
     def bound(los, his, rows, steps):
         n = len(rows)
-        size = next(s for s in (16, batch // 4, batch) if s >= n)
+        size = pace.size(n)
+        t0 = time.perf_counter()
         pad = lambda a: np.concatenate([a, np.repeat(a[:1], size - n, 0)])
-        sub = None if ball is None else (np.broadcast_to(ball[0], (size, ball[0].size)).reshape((-1,) + shape),
-                                         ball[1], ball[2])
-        b = crown(net, pad(los).reshape((-1,) + shape), pad(his).reshape((-1,) + shape), pad(C[rows])[:, None],
-                  alpha=steps > 0, alpha_steps=max(steps, 1), ball=sub).lower
+        box = (pad(los).reshape((-1,) + shape), pad(his).reshape((-1,) + shape), pad(C[rows])[:, None])
+        if ball is None:        # forward mode: n_0 passes, never a backward pass per unit of a wide hidden layer
+            b = forward_linear(net, *box).lower
+        else:
+            sub = (np.broadcast_to(ball[0], (size, ball[0].size)).reshape((-1,) + shape), ball[1], ball[2])
+            b = crown(net, *box, alpha=steps > 0, alpha_steps=max(steps, 1), ball=sub).lower
         mid = pad((los + his) / 2)
         g = np.asarray(grad(jnp.asarray(mid).reshape((-1,) + shape), jnp.asarray(pad(C[rows]))))[:n].reshape(n, -1)
         cands = np.concatenate([mid[:n], np.where(g > 0, los, his)])
@@ -307,6 +307,7 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
         score = np.where(width > MIN_WIDTH * (1 + np.maximum(np.abs(los), np.abs(his))),
                          width * (np.abs(g) + 1e-6), -np.inf)
         b = np.where(np.isnan(np.asarray(b)[:n, 0]), -np.inf, np.asarray(b)[:n, 0])   # NaN proves nothing
+        pace.seconds[size] = time.perf_counter() - t0
         return b - d[rows], cands[np.argmax(viol)] if viol.any() else None, score
 
     T = len(C)
@@ -335,7 +336,7 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
             undecided = min(undecided, float(pool["b"][leaf].min()))
             pool = {k: v[~leaf] for k, v in pool.items()}
             continue
-        par, pool = take_lowest(pool, batch // 2)
+        par, pool = take_lowest(pool, pace.fits(deadline) // 2)
         P = len(par["t"])
         dim = np.argmax(par["sc"], axis=1)
         mid = (par["lo"][np.arange(P), dim] + par["hi"][np.arange(P), dim]) / 2
@@ -357,6 +358,24 @@ def verify_box_inputs(net: Network, box, C, d, cfg: VerifyConfig, *, deadline: f
     if undecided < np.inf:
         return BoxResult(UNKNOWN, None, n_domains, n_evals, undecided, "lp-unknown")
     return BoxResult(ROBUST, None, n_domains, n_evals, proved_min, "bab")
+
+
+class _Pace:
+    """Padded batch shapes (16, ``batch / 4``, ``batch`` rows, so only three are compiled) and the last call's
+    seconds at each; `fits` is the largest shape whose call the time left allows, so that a query ends near its
+    deadline. A shape's time is estimated by its last call or, if less, linearly from another shape's (a first
+    call may include compilation)."""
+
+    def __init__(self, batch: int):
+        self.sizes, self.seconds = (16, batch // 4, batch), {}
+
+    def size(self, n: int) -> int:
+        return next(s for s in self.sizes if s >= n)
+
+    def fits(self, deadline: float) -> int:
+        left = deadline - time.perf_counter()
+        ok = [s for s in self.sizes if min((self.seconds[m] * s / m for m in self.seconds), default=0.0) <= left]
+        return max(ok, default=self.sizes[0])
 
 
 def _logits(net: Network, x) -> np.ndarray:
