@@ -158,11 +158,12 @@ def verify_box(net: Network, brancher: Brancher, box, C, d, cfg: VerifyConfig, *
 
     # pending subdomains (`subdomains`): splits, spec row, lower bound, unit to branch on and its bounds, warm start
     keep = lambda a: a[open_rows]
-    pool = {"s": keep(root_sp.s), "ilo": keep(root_sp.ilo), "ihi": keep(root_sp.ihi), "t": np.flatnonzero(open_rows),
-            "b": keep(r.lower), "br": keep(r.branch), "ul": keep(r.unit_lo), "uh": keep(r.unit_hi),
-            "a": keep(r.alpha), "be": keep(r.beta)}
     if resume is not None:      # what a query over a larger set left open covers all that is open here
         pool = resume_pool(resume, brancher, root, cmp, open_rows)
+    else:
+        pool = {"s": keep(root_sp.s), "ilo": keep(root_sp.ilo), "ihi": keep(root_sp.ihi), "t": np.flatnonzero(open_rows),
+                "b": keep(r.lower), "br": keep(r.branch), "ul": keep(r.unit_lo), "uh": keep(r.unit_hi),
+                "a": keep(r.alpha), "be": keep(r.beta)}
     proved_min = float(r.lower[~open_rows].min()) if (~open_rows).any() else np.inf
     undecided = np.inf          # lowest bound of leaves that could not be decided
     per_domain = cmp.Hk + 8 * cmp.Hi + 2 * len(cmp.alpha_keep) + 2 * len(cmp.beta_keep) + 32

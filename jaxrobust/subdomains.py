@@ -150,9 +150,8 @@ def resume_pool(p: Pending, brancher, root, cmp: Compact, open_rows) -> dict:
     keep_rows = ~np.any(((s < 0) & (lo > k)) | ((s > 0) & (hi < k)), axis=1)
     ilo, ihi = q["ilo"][keep], q["ihi"][keep]
     if lay.Hi:
-        r_lo = np.concatenate([np.asarray(root[v][0]).reshape(-1) for v, _, _ in lay.interval])
-        r_hi = np.concatenate([np.asarray(root[v][1]).reshape(-1) for v, _, _ in lay.interval])
-        ilo, ihi = np.maximum(ilo, r_lo), np.minimum(ihi, r_hi)
+        unsplit = brancher.initial(root, 1)         # the interval units' root bounds
+        ilo, ihi = np.maximum(ilo, unsplit.ilo[0]), np.minimum(ihi, unsplit.ihi[0])
         keep_rows &= ~np.any(ilo > ihi, axis=1)
     a = p.cmp.expand(q["a"][keep], p.cmp.alpha_keep, lay.Ha)[:, cmp.alpha_keep]
     be = p.cmp.expand(q["be"][keep], p.cmp.beta_keep, lay.Hk + 2 * lay.Hi)[:, cmp.beta_keep]

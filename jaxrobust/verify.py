@@ -133,7 +133,7 @@ def verify(net: Network, x, y, eps, cfg: VerifyConfig | None = None, *, key=None
             C, d = robustness_specs(int(y[i]), net.num_classes)
             ball = None if norm == "linf" else (x[i].reshape(-1), float(eps[i]), norm)
             box = (outer[0][i].reshape(-1), outer[1][i].reshape(-1))
-            qkey = query_key(x[i], y[i], norm)
+            qkey = None if pending is None else query_key(x[i], y[i], norm)
             resume = None if pending is None else pending.get(qkey, *box, ball, C, d)
             r = decide_box(net, brancher, box, C, d, cfg, deadline=t1 + max(cfg.timeout - time_s[i], 0.0),
                            inner=(inner[0][i].reshape(-1), inner[1][i].reshape(-1)), report=report, ball=ball,

@@ -128,10 +128,11 @@ def crown(fn: Callable, lo, hi, spec=None, *, intermediate: str = "crown", alpha
         center = jnp.asarray(center, lo.dtype)
         if center.shape != lo.shape:
             raise InputError(f"the ball's center must have the box's shape {lo.shape}, got {center.shape}")
-        eps = np.asarray(eps, np.float64) if not isinstance(eps, jax.core.Tracer) else eps
+        concrete = not isinstance(eps, jax.core.Tracer)
+        eps = np.asarray(eps, np.float64) if concrete else eps
         if eps.shape not in ((), (lo.shape[0],)):
             raise InputError(f"the ball's eps must be a scalar or have shape ({lo.shape[0]},), got {eps.shape}")
-        if not isinstance(eps, jax.core.Tracer) and not np.all(np.isfinite(eps) & (eps >= 0)):
+        if concrete and not np.all(np.isfinite(eps) & (eps >= 0)):
             raise InputError("the ball's eps must be finite and >= 0")
         eps = _round_to(jnp.broadcast_to(jnp.asarray(eps), (lo.shape[0],)), lo.dtype, down=False)
         ball = (center, eps)
