@@ -34,8 +34,19 @@ from jax import lax
 from ..errors import InputError
 from . import _relax
 from ._graph import Graph, Node
-from ._walk import _backward, _bind, _crown_var, _ibp_node, _identity_prefix, _Iv, _linear_prefix, _pwl_consts
-from .bounds import Bounds, _box_ok, _check_box, _checked, _program, full_precision, spec_interval, widen
+from ._walk import (
+    _backward,
+    _bind,
+    _crown_var,
+    _ibp_node,
+    _identity_prefix,
+    _Iv,
+    _kinks,
+    _linear_prefix,
+    _pwl_consts,
+    _refine_var,
+)
+from .bounds import Bounds, _box_ok, _check_box, _checked, _chunked, _program, full_precision, spec_interval, widen
 
 
 class _Affine(NamedTuple):
@@ -110,7 +121,7 @@ def _batch(g: Graph, consts, lo, hi, spec, margin):
         return _spec_bounds(g, consts, forms, ivs, jnp.eye(n_out, dtype=l.dtype) if s is None else s)
 
     chunk = min(lo.shape[0], max(1, CHUNK_FLOATS // _floats_per_example(g, lo.shape, prefixes)))
-    lower, upper = lax.map(lambda a: one(*a), (lo, hi, spec), batch_size=chunk)
+    lower, upper = _chunked(one, (lo, hi, spec), chunk)
     if spec is None:
         lower, upper = lower.reshape((-1,) + out_shape), upper.reshape((-1,) + out_shape)
     b = Bounds(lower, upper)
@@ -157,19 +168,25 @@ def _small_prefixes(g: Graph, consts, dtype) -> dict:
 
 def _propagate(g: Graph, consts, lo, hi, prefixes) -> tuple[dict, dict]:
     """Affine bounds ``{var: _Affine}`` and intervals ``{var: _Iv}`` of every var for one box
-    ``lo, hi: (1, *in)``; the vars in ``prefixes`` (see `_small_prefixes`) are tightened by CROWN."""
+    ``lo, hi: (1, *in)``; the vars in ``prefixes`` (see `_small_prefixes`) are tightened by CROWN, those feeding
+    a kink only at the units their forward bounds leave unstable (`_walk._refine_var`)."""
     mid, rad = 0.5 * (lo + hi), 0.5 * (hi - lo)
     n = math.prod(lo.shape)
     ca = (jnp.eye(n, dtype=lo.dtype) * rad.reshape(-1)).reshape((n,) + lo.shape)
     forms = {g.input: _Affine(ca, mid, jnp.zeros_like(ca), jnp.zeros_like(mid))}
     ivs = {g.input: _Iv(lo=lo, hi=hi)}
+    kinks = _kinks(g)
     for node in g.nodes:
         ins = node.bounded()
         outs = _node(g, node, consts, [forms[v] for v in ins], [ivs[v] for v in ins], n)
         for v, form, box in zip(node.outs, outs, _ibp_node(node, consts, [ivs[v] for v in ins])):
             tight = form.interval()
             lo_v, hi_v = jnp.maximum(tight.lo, box.lo), jnp.minimum(tight.hi, box.hi)
-            if v in prefixes:
+            if v in prefixes and v in kinks:
+                iv = _Iv(lo=lo_v, hi=hi_v)
+                tight, _ = _refine_var(g, consts, {**ivs, v: iv}, iv, v, prefixes[v], kinks[v])
+                lo_v, hi_v = tight.lo, tight.hi
+            elif v in prefixes:
                 cl, cu = _crown_var(g, consts, {**ivs, v: _Iv(lo=lo_v, hi=hi_v)}, v, prefixes[v])
                 lo_v, hi_v = jnp.maximum(lo_v, cl), jnp.minimum(hi_v, cu)
             ivs[v] = _Iv(lo=lo_v, hi=hi_v)
