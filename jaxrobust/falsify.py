@@ -22,6 +22,7 @@ import numpy as np
 from .kernels.attacks import box_descent
 from .kernels.bab import Splits, network_brancher
 from .kernels.bounds import robustness_spec
+from .kernels.norms import check_norm, row_norm
 from .network import Network
 from .verdict import UNKNOWN, VIOLATED, Verdicts
 
@@ -116,25 +117,47 @@ def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20, n
 
 def guided_ladder(net: Network, *, rungs: int = 8, refine: int = 4, norm: str = "linf") -> Callable:
     """``(x, y, eps) -> (found, point)``: `guided_falsifier` at radii ``eps / 2^k`` for k = ``rungs`` … 0 until
-    one succeeds, then ``refine`` bisection steps between the last failing and the first succeeding radius;
-    the counterexample of the smallest radius that held one."""
+    one succeeds, skipping the rungs CROWN proves robust (one batched bound over all rungs; they hold no
+    counterexample), then ``refine`` bisection steps between the last failing radius and the distance of the
+    counterexample pulled towards ``x`` (`_pull_in`); the counterexample of the smallest radius that held one."""
     one = guided_falsifier(net, norm=norm).one
+    from .kernels.bounds import margin_bounds
 
     def ladder(x, y, eps):
-        below = 0.0
-        for k in range(rungs, -1, -1):
-            found, point = one(x, y, eps / 2 ** k)
+        radii = eps / 2.0 ** np.arange(rungs, -1, -1)
+        xs = np.broadcast_to(x, (len(radii),) + np.shape(x))
+        lower = np.asarray(margin_bounds(net, xs, radii.astype(np.float32), "crown",
+                                         labels=np.full(len(radii), y), norm=norm))
+        proved = np.all(lower > 0, axis=1)
+        below = float(radii[proved].max()) if proved.any() else 0.0
+        for r in radii[radii > below]:
+            found, point = one(x, y, r)
             if found:
-                above = eps / 2 ** k
+                point, above = _pull_in(net, x, y, point, norm)
                 for _ in range(refine):
                     mid = (below + above) / 2
                     f, p = one(x, y, mid)
-                    below, above, point = (below, mid, p) if f else (mid, above, point)
+                    if f:
+                        point, above = _pull_in(net, x, y, p, norm)
+                    else:
+                        below = mid
                 return True, point
-            below = eps / 2 ** k
+            below = r
         return False, np.full(np.shape(x), np.nan, np.float32)
 
     return ladder
+
+
+def _pull_in(net: Network, x, y, point, norm: str, n: int = 64):
+    """The counterexample ``x + t (point - x)`` of least ``t`` among ``n`` evenly spaced ``t`` in (0, 1] (on the
+    segment, so inside the ball and the domain), confirmed by a forward pass, and its distance to ``x``."""
+    t = np.arange(1, n + 1, dtype=np.float32) / n
+    pts = (x + t.reshape((-1,) + (1,) * np.ndim(x)) * (point - x)).astype(np.float32)
+    pts[-1] = point
+    with jax.default_matmul_precision("highest"):
+        bad = np.asarray(net(jnp.asarray(pts))).argmax(-1) != int(y)
+    best = pts[np.argmax(bad)]
+    return best, float(np.asarray(row_norm(jnp.asarray(best - x)[None], check_norm(norm)))[0])
 
 
 def _verdicts(found, x_adv) -> Verdicts:
