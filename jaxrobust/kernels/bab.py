@@ -65,6 +65,8 @@ from .norms import check_norm, unit_maximiser
 # before them stay within this many floats (256x6 MLPs: ~2e6; CIFAR ResNets: ~1e8, skipped: there the
 # optimisation cost minutes per query while their plain CROWN bounds take 0.2 s).
 ALPHA_FLOATS = 2 ** 24
+# Units of a kink var whose α-CROWN bounds are optimised together at the root; only the unstable ones are.
+ALPHA_BLOCK = 64
 # Kink units whose children are bounded to choose the branch (filtered smart branching); 0: BaBSR scores alone.
 FSB_CANDIDATES = 4
 # Interval units narrower than this (relative to 1 + |bound|) are not split further.
@@ -243,6 +245,7 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, b, steps: int, norm=None):
     if not steps:
         return root
     branch_vars = [(v, n) for v, _, _, n in lay.kink] + [(v, n) for v, _, n in lay.interval]
+    kink_k = {v: k for v, k, _, _ in lay.kink}
     for v, n in sorted(branch_vars, key=lambda e: -1 if e[0] == g.input else g.producer_index(e[0])):
         if v == g.input:
             continue
@@ -261,14 +264,45 @@ def _root(g: Graph, lay: Layout, consts, pre, lo, hi, b, steps: int, norm=None):
             r = _backward_pass(g, consts, ivs, state, th)
             return r.bound - (MARGIN_REL * r.mag + MARGIN_ABS)
 
-        best, _ = _ascend(run, theta, steps, lambda t: jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), t))
         shape = g.shape(v)
         l, u = root[v]
+        if v in kink_k:
+            kk = jnp.broadcast_to(consts[kink_k[v]], shape).reshape(-1)
+            unstable = (l.reshape(-1) < kk) & (u.reshape(-1) > kk)
+            best = _ascend_unstable(run, theta, state, unstable, steps)
+        else:
+            best, _ = _ascend(run, theta, steps, _clip_slopes)
         root[v] = (jnp.maximum(l, best[:n].reshape(shape)), jnp.minimum(u, -best[n:].reshape(shape)))
         free = jnp.zeros((lay.Hk,), jnp.int8)
         ivs, _ = _sub_ivs(g, lay, consts, root, lo, hi, free, *_root_intervals(lay, root, lo.dtype), ball)
         root = {w: (iv.lo, iv.hi) for w, iv in ivs.items()}
     return root
+
+
+def _clip_slopes(theta):
+    return jax.tree_util.tree_map(lambda a: jnp.clip(a, 0.0, 1.0), theta)
+
+
+def _ascend_unstable(run, theta, state, unstable, steps: int):
+    """`_ascend` on the rows ``[I; -I]`` of a kink var's ``n`` units (``run(theta, state=...)``, ``theta`` and the
+    backward ``state`` with ``2n`` rows) for its ``unstable (n,)`` units only, ``ALPHA_BLOCK`` units at a time
+    (rows are independent problems): ``(2n,)`` lower bounds, -inf for the stable units, whose bounds a
+    relaxation never uses."""
+    acc, bias, last = state
+    n = bias.shape[0] // 2
+    blk = min(n, ALPHA_BLOCK)
+    order = jnp.argsort(~unstable)
+
+    def block(j, best):
+        sel = lax.dynamic_slice(order, (j * blk,), (blk,))   # the last block's start is clamped: overlap only
+        rows = jnp.concatenate([sel, sel + n])
+        sub = ({w: t[rows] for w, t in acc.items()}, bias[rows], last)
+        b, _ = _ascend(lambda th: run(th, state=sub), jax.tree_util.tree_map(lambda a: a[rows], theta), steps,
+                       _clip_slopes)
+        return best.at[rows].set(b)
+
+    blocks = -(-jnp.sum(unstable) // blk)
+    return lax.fori_loop(0, blocks, block, jnp.full((2 * n,), -jnp.inf, bias.dtype))
 
 
 def _root_intervals(lay: Layout, root, dtype):
