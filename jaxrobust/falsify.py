@@ -19,9 +19,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .box_search import _logits
 from .kernels.attacks import box_descent
 from .kernels.bab import Splits, network_brancher
-from .kernels.bounds import robustness_spec
+from .kernels.bounds import margin_bounds, robustness_spec
 from .kernels.norms import check_norm, row_norm
 from .network import Network
 from .verdict import UNKNOWN, VIOLATED, Verdicts
@@ -102,8 +103,7 @@ def guided_falsifier(net: Network, *, steps: int = 100, alpha_steps: int = 20, n
         else:
             pts = box_descent(net, xs, c, lo[0], hi[0], eps / 50, steps=steps, ball=(ball[0][0], eps), norm=norm)
         pts = np.asarray(pts)
-        with jax.default_matmul_precision("highest"):
-            bad = np.asarray(net(jnp.asarray(pts))).argmax(-1) != int(y)
+        bad = _logits(net, pts).argmax(-1) != int(y)
         return (True, pts[np.argmax(bad)]) if bad.any() else (False, np.full(shape[1:], np.nan, np.float32))
 
     def falsify(x, y, eps, key) -> Verdicts:
@@ -121,7 +121,6 @@ def guided_ladder(net: Network, *, rungs: int = 8, refine: int = 4, norm: str = 
     counterexample), then ``refine`` bisection steps between the last failing radius and the distance of the
     counterexample pulled towards ``x`` (`_pull_in`); the counterexample of the smallest radius that held one."""
     one = guided_falsifier(net, norm=norm).one
-    from .kernels.bounds import margin_bounds
 
     def ladder(x, y, eps):
         radii = eps / 2.0 ** np.arange(rungs, -1, -1)
@@ -154,8 +153,7 @@ def _pull_in(net: Network, x, y, point, norm: str, n: int = 64):
     t = np.arange(1, n + 1, dtype=np.float32) / n
     pts = (x + t.reshape((-1,) + (1,) * np.ndim(x)) * (point - x)).astype(np.float32)
     pts[-1] = point
-    with jax.default_matmul_precision("highest"):
-        bad = np.asarray(net(jnp.asarray(pts))).argmax(-1) != int(y)
+    bad = _logits(net, pts).argmax(-1) != int(y)
     best = pts[np.argmax(bad)]
     return best, float(np.asarray(row_norm(jnp.asarray(best - x)[None], check_norm(norm)))[0])
 
