@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import jax
+from common import SHARED
 
 from jaxrobust import generative as G
 from jaxrobust import zoo
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gans", type=Path, default=default_cache_dir() / "gans" / "mnist-perclass.msgpack")
     p.add_argument("--classifier", type=Path, default=default_cache_dir() / "classifiers" / "mnist-cnn-small.msgpack")
-    p.add_argument("--data", default="mnist:/work/shared/data/mnist.npz")
+    p.add_argument("--data", default=f"mnist:{SHARED / 'data' / 'mnist.npz'}")
     p.add_argument("--samples", type=int, default=10_000)
     p.add_argument("--eps", type=float, default=0.1, help="latent L∞ radius of the attacks")
     p.add_argument("--batch", type=int, default=32, help="latents attacked per round")

@@ -21,20 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import jax
 import numpy as np
+from bench_generative import small_cnn
+from common import SHARED
 
 from jaxrobust import generative as G
 from jaxrobust.data import default_cache_dir
 from jaxrobust.gan import load_generators
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generative import small_cnn  # noqa: E402
 
 METHODS = ("crown", "complete")
 
@@ -71,7 +69,7 @@ def main(argv=None) -> list:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gans", type=Path, default=default_cache_dir() / "gans" / "mnist-perclass.msgpack")
     p.add_argument("--classifier", type=Path, default=default_cache_dir() / "classifiers" / "mnist-cnn-small.msgpack")
-    p.add_argument("--data", default="mnist:/work/shared/data/mnist.npz")
+    p.add_argument("--data", default=f"mnist:{SHARED / 'data' / 'mnist.npz'}")
     p.add_argument("--classes", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--samples", type=int, default=100, help="latents per class")
     p.add_argument("--eps", type=float, nargs="+", default=[0.01], help="latent L∞ radii")
