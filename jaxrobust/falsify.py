@@ -149,9 +149,11 @@ def guided_ladder(net: Network, *, rungs: int = 8, refine: int = 4, norm: str = 
 
 def _pull_in(net: Network, x, y, point, norm: str, n: int = 64):
     """The counterexample ``x + t (point - x)`` of least ``t`` among ``n`` evenly spaced ``t`` in (0, 1] (on the
-    segment, so inside the ball and the domain), confirmed by a forward pass, and its distance to ``x``."""
+    segment, each coordinate between ``x``'s and ``point``'s, so inside the ball and the domain), confirmed by a
+    forward pass, and its distance to ``x``."""
     t = np.arange(1, n + 1, dtype=np.float32) / n
     pts = (x + t.reshape((-1,) + (1,) * np.ndim(x)) * (point - x)).astype(np.float32)
+    pts = np.clip(pts, np.minimum(x, point), np.maximum(x, point))   # round-off never leaves the segment's box
     pts[-1] = point
     bad = _logits(net, pts).argmax(-1) != int(y)
     best = pts[np.argmax(bad)]
