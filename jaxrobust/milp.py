@@ -34,6 +34,7 @@ import numpy as np
 from scipy import sparse
 from scipy.optimize import Bounds, LinearConstraint, milp
 
+from .box_search import _logits
 from .errors import InputError
 from .kernels.attacks import box_descent
 from .kernels.bab import Splits, network_brancher
@@ -97,15 +98,16 @@ def milp_verify(chain: ReluChain, lo, hi, label: int, *, time_limit: float = 60.
     def result(status, margin, x=None, nodes=0):
         return MilpResult(status, x, float(margin), time.perf_counter() - t0, nodes)
 
+    eng = _Engine(chain, lo, hi)
+
     def falsify(cands):
         """First candidate row of ``cands: (m, n_0)`` misclassified by the float32 network, with its margin."""
         x = np.clip(cands.astype(np.float32), lo32, hi32)
-        m = _margins32(chain, x, label, targets).min(axis=1)
+        m = (_logits(eng.net, x) @ c_rows.T).min(axis=1)
         i = int(np.argmin(m))
         return (x[i], m[i]) if m[i] < 0 else (None, None)
 
     # cheap candidates: per target, signed-gradient descent from the minimiser of its margin bound
-    eng = _Engine(chain, lo, hi)
     m_low, x_star = eng.margins(c_rows)
     cands, m_att = _candidates(eng.net, x_star, c_rows, lo32, hi32)
     x, m = falsify(cands)
@@ -236,9 +238,7 @@ def _candidates(net: Network, x_star, c, lo32, hi32, steps: int = 50):
     lo, hi = jnp.asarray(lo32), jnp.asarray(hi32)
     pts = np.asarray(box_descent(net, jnp.asarray(x_star), jnp.asarray(c, jnp.float32), lo, hi, (hi - lo) / 4,
                                  steps=steps, decay=0.93))
-    with jax.default_matmul_precision("highest"):
-        m = np.sum(np.asarray(net(jnp.asarray(pts)), np.float64) * c, axis=1)
-    return pts, m
+    return pts, np.sum(_logits(net, pts) * c, axis=1)
 
 
 def _tolerance(bounds, m_low) -> float:
@@ -394,11 +394,3 @@ def _float32_inside(lo, hi):
     if np.any(lo32 > hi32):
         raise InputError(f"box holds no float32 point at {np.flatnonzero(lo32 > hi32)[:5].tolist()}")
     return lo32, hi32
-
-
-def _margins32(chain: ReluChain, x, label: int, targets) -> np.ndarray:
-    """float32 margins ``z_label - z_t: (m, T)`` of `forward` at ``x: (m, n_0)`` for each target (products at
-    full float32 precision on every device)."""
-    with jax.default_matmul_precision("highest"):
-        z = np.asarray(forward(chain, np.asarray(x, np.float32)))
-    return z[:, [label]] - z[:, np.asarray(targets)]
