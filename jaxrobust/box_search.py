@@ -40,6 +40,10 @@ DESCENT_STEPS = 5
 REFINE_MIN_LAYERS = 3
 # Networks with at most this many inputs are verified by input splitting under ``split="auto"``.
 INPUT_SPLIT_DIMS = 20
+# Error allowed for the float64 affine forms of an LP leaf, relative to their magnitude (float64 composition
+# errs by ~1e-13 relative on these networks), and absolute.
+LEAF_REL = 1e-9
+LEAF_ABS = 1e-12
 # Tangent cuts of an L2 ball added to the LP of a leaf before it is left undecided.
 L2_CUTS = 50
 
@@ -405,29 +409,32 @@ def _batches(a, batch: int) -> list:
 def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d, ball=None):
     """Exact ``min c . out - d`` over a subdomain whose kink units are all stable (the network is affine on it):
     an LP (HiGHS) in the input over the box (∩ ``ball``, see the module doc) and the split constraints, loosened by
-    the round-off margin. Returns ``(ROBUST | VIOLATED | UNKNOWN, candidates (k, n_0) or None)``: for VIOLATED
-    the minimiser and that of the LP with the constraints tightened by the margin instead (a point strictly
-    inside the subdomain, for where round-off puts the first just outside)."""
+    the float64 error of their affine forms (`LEAF_REL`). Over a box the minimum is certified by weak duality
+    (`_dual_bound`), so a margin as small as ~1e-7 of the objective's scale is proved; over a ball, where the
+    LP is reformulated, it must exceed the engine's round-off margin. Returns ``(ROBUST | VIOLATED | UNKNOWN,
+    candidates (k, n_0) or None)``: for VIOLATED the minimiser and that of the LP with the constraints tightened
+    by the slack instead (a point strictly inside the subdomain, for where round-off puts the first just
+    outside)."""
     units, (A_out, a_out) = brancher.leaf(root, lo, hi, jnp.asarray(s))
     lo64, hi64 = np.asarray(lo, np.float64).reshape(-1), np.asarray(hi, np.float64).reshape(-1)
     top = np.maximum(np.abs(lo64), np.abs(hi64))
     rows, rhs, slacks = [], [], []
     for (v, k, off, n), (A, a0) in zip(brancher.layout.kink, units):
-        A, a0 = np.asarray(A, np.float64), np.asarray(a0, np.float64)
         sv = s[off:off + n]
         kk = np.broadcast_to(np.asarray(brancher.consts[k], np.float64), brancher.graph.shape(v)).reshape(-1)
-        slack = MARGIN_REL * (np.abs(A) @ top + np.abs(a0)) + MARGIN_ABS
+        slack = LEAF_REL * (np.abs(A) @ top + np.abs(a0) + np.abs(kk)) + LEAF_ABS
         for sign in (1, -1):   # sign * (A x + a0 - k) >= 0  <=>  -sign A x <= sign (a0 - k) + slack
             m = sv == sign
             rows.append(-sign * A[m])
             rhs.append(sign * (a0[m] - kk[m]) + slack[m])
             slacks.append(slack[m])
-    obj = np.asarray(c, np.float64) @ np.asarray(A_out, np.float64)
-    const = float(np.asarray(c, np.float64) @ np.asarray(a_out, np.float64)) - float(d)
+    obj = np.asarray(c, np.float64) @ A_out
+    const = float(np.asarray(c, np.float64) @ a_out) - float(d)
     A_ub = np.concatenate(rows) if rows else np.zeros((0, len(lo64)))
     b_ub = np.concatenate(rhs) if rows else np.zeros(0)
     scale = np.abs(obj) @ top + abs(const)
-    enough = MARGIN_REL * scale + MARGIN_ABS
+    # the objective's float64 error; over a ball also the solver's own tolerances (its minimum is not certified)
+    enough = LEAF_REL * scale + LEAF_ABS if ball is None else MARGIN_REL * scale + MARGIN_ABS
     res = _ball_lp(obj, A_ub, b_ub, lo64, hi64, ball, enough - const)
     if res is None:
         return UNKNOWN, None
@@ -435,7 +442,8 @@ def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d, ball=None):
         return ROBUST, None
     if res.status != 0:
         return UNKNOWN, None
-    if res.fun + const > enough:
+    low = res.fun if ball is not None else _dual_bound(obj, A_ub, b_ub, lo64, hi64, res)
+    if low + const > enough:
         return ROBUST, None
     pts = [res.x]
     if rows:
@@ -443,6 +451,17 @@ def _lp_leaf(brancher: Brancher, root, lo, hi, s, c, d, ball=None):
         if inner is not None and inner.status == 0:
             pts.append(inner.x)
     return VIOLATED, np.clip(np.stack(pts), lo64, hi64).astype(np.float32)
+
+
+def _dual_bound(obj, A_ub, b_ub, lo, hi, res) -> float:
+    """A lower bound of ``min obj . x`` s.t. ``A_ub x <= b_ub``, ``lo <= x <= hi`` that does not rely on the LP
+    solver's tolerances: weak duality with its multipliers ``y >= 0`` (any ``y`` is sound),
+    ``obj . x >= (obj + A_ubᵀ y) . x - y . b_ub``, minimised over the box, less a float64 round-off margin."""
+    y = np.maximum(-np.asarray(res.ineqlin.marginals, np.float64), 0.0) if len(b_ub) else np.zeros(0)
+    g = obj + A_ub.T @ y
+    terms = np.where(g > 0, g * lo, np.where(g < 0, g * hi, 0.0))
+    rhs = y * b_ub
+    return float(terms.sum() - rhs.sum() - 1e-12 * (np.abs(terms).sum() + np.abs(rhs).sum()))
 
 
 def _ball_lp(obj, A_ub, b_ub, lo, hi, ball, enough=np.inf):

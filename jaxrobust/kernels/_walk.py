@@ -88,7 +88,11 @@ class _Iv:
 
 
 def _bind(node: Node, consts, xs, *, prim=None, absolute=False):
-    """Evaluate ``node``'s primitive with ``xs`` at its bounded operands; list of outputs."""
+    """Evaluate ``node``'s primitive with ``xs`` at its bounded operands; list of outputs. Zero operands and
+    products take the bounded operands' dtype where it is wider (float64 where an exact leaf runs the float32
+    graph in float64)."""
+    xs = list(xs)
+    dtype = jnp.result_type(*xs) if xs else None
     xs = iter(xs)
     absmap = node.extra.get("abs", {}) if absolute else {}
     args = []
@@ -98,9 +102,12 @@ def _bind(node: Node, consts, xs, *, prim=None, absolute=False):
         elif r[0] == "c":
             args.append(consts[absmap.get(i, r[1])])
         else:
-            args.append(jnp.zeros(r[1], r[2]))
+            args.append(jnp.zeros(r[1], r[2] if dtype is None else jnp.promote_types(r[2], dtype)))
     prim = prim or node.prim
-    out = prim.bind(*args, **node.params)
+    params = node.params
+    if dtype is not None and params.get("preferred_element_type") is not None:
+        params = dict(params, preferred_element_type=jnp.promote_types(params["preferred_element_type"], dtype))
+    out = prim.bind(*args, **params)
     return list(out) if prim.multiple_results else [out]
 
 

@@ -177,9 +177,18 @@ class Brancher:
 
     def leaf(self, root, lo, hi, s):
         """For one subdomain whose kink units are all stable: ``(units, out)``, ``units`` a list per kink var of
-        ``(A (n, n_in), a0 (n,))`` with the var's units ``= A x + a0`` exactly, ``out`` likewise for the
-        outputs. With every unit stable the network is affine on the subdomain."""
-        return self._leaf(self.consts, root, lo, hi, s)
+        ``(A (n, n_in), a0 (n,))`` float64 numpy with the var's units ``= A x + a0``, ``out`` likewise for the
+        outputs. With every unit stable the network is affine on the subdomain; the forms are composed in
+        float64 (the float32 weights are exact there), so their error is ~1e-13 relative, not float32's ~1e-6."""
+        cpu = jax.devices("cpu")[0]     # float64 on the host whatever the accelerator (TPUs have none)
+
+        def f64(a):
+            a = np.asarray(a)
+            return jax.device_put(a.astype(np.float64) if np.issubdtype(a.dtype, np.floating) else a, cpu)
+
+        with jax.enable_x64(True), jax.default_device(cpu):
+            out = self._leaf(*jax.tree_util.tree_map(f64, (self.consts, root, lo, hi, s)))
+        return jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), out)
 
 
 def _programs(g: Graph):
