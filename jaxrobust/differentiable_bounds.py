@@ -12,10 +12,10 @@ interpreted with whatever values they hold (tracers included), with the op class
 * forward (IBP, Gowal et al. 2018): each input-dependent value is an interval ``(center, radius)``; affine
   ops map the center and take ``|W|`` of the radius, monotone ops map both ends;
 * backward (CROWN-IBP, Zhang et al. 2020): linear bounds of the spec rows are back-substituted through the
-  recorded affine ops (their transposes), the IBP bounds relaxing every ``max/min(x, k)`` (ReLU-like: upper
-  chord, lower slope 0 or 1, whichever leaves the smaller area); any other nonlinear op is replaced by its
-  interval. Without relaxations the same pass folds the spec into the affine ops after the last
-  nonlinearity (Gowal et al.'s elision of the last layer) and gives the IBP margins.
+  recorded affine ops (their transposes), the IBP bounds relaxing every ``max/min(x, k)`` with the engine's
+  rule (`kernels._relax.pwl`: upper chord, lower slope 0 or 1, whichever leaves the smaller area); any other
+  nonlinear op is replaced by its interval. Without relaxations the same pass folds the spec into the affine
+  ops after the last nonlinearity (Gowal et al.'s elision of the last layer) and gives the IBP margins.
 
 No round-off margin is added: these bounds train networks; certify them with `kernels.bounds`.
 """
@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from jax.extend import core as jcore
 
 from .errors import UnsupportedOpError
+from .kernels import _relax
 from .kernels._graph import ADDITIVE, ALIAS, CALLS, MONOTONE, MULTIPLICATIVE, STRUCTURAL, _sub_jaxpr
 from .kernels.bounds import Bounds
 
@@ -228,15 +229,11 @@ def _backward(tape: _Tape, out: _Iv, spec, relax: bool) -> jax.Array:
                 lo, hi = (e.k + e.s * jax.nn.relu(e.s * (v - e.k)) for v in (e.lo, e.hi))   # monotone in x
                 bias = bias + dot(jnp.maximum(a, 0), lo) + dot(jnp.minimum(a, 0), hi)
                 continue
-            za, zb = e.s * (e.lo - e.k), e.s * (e.hi - e.k)
-            zl, zu = jnp.minimum(za, zb), jnp.maximum(za, zb)
-            unstable = (zl < 0) & (zu > 0)
-            up = jnp.where(unstable, zu / jnp.where(unstable, zu - zl, 1.0), (zl >= 0).astype(a.dtype))
-            low = jnp.where(unstable, (zu > -zl).astype(a.dtype), up)
-            a2 = e.s * a
-            c = jnp.maximum(a2, 0) * low + jnp.minimum(a2, 0) * up       # coefficient of z = s (x - k)
-            bias = bias + dot(a, e.k) + dot(jnp.minimum(a2, 0), jnp.where(unstable, -zl * up, 0.0)) - dot(c, e.s * e.k)
-            accumulate(e.x, e.s * c)
+            an, ap = (0.0, 1.0) if e.s > 0 else (1.0, 0.0)        # max(x, k) = k + relu(x - k), min likewise
+            a_l, b_l, a_u, b_u = _relax.pwl(e.k, e.k, an, ap, e.lo, e.hi)    # the engine's relaxation
+            pos, neg = jnp.maximum(a, 0), jnp.minimum(a, 0)
+            bias = bias + dot(pos, b_l) + dot(neg, b_u)
+            accumulate(e.x, pos * a_l + neg * a_u)
         else:
             for o, lo, hi in zip(e.outs, e.lo, e.hi):
                 if o in coef:
