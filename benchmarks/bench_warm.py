@@ -5,7 +5,8 @@ network (or any ONNX file) twice: cold (``min_norm_steps=0``: PGD bisection for 
 and warm (the default). Prints per variant the share of images whose bracket closed to the tolerance, the median
 seconds and oracle queries per image.
 
-    python benchmarks/bench_warm.py [--net mnist-net_256x2] [--images 20] [--timeout 30] [--tol 0.001] [--variants cold,warm]
+    python benchmarks/bench_warm.py [--net mnist-net_256x2] [--data mnist] [--images 20] [--timeout 30] \
+        [--tol 0.001] [--variants cold,warm]
 
 The JAIR CIFAR ResNets at the resolution of #17's target (gap <= 1/255) on the lossless CIFAR-10 test images:
 
@@ -47,8 +48,8 @@ def main():
     x = np.asarray(to_network_input(ds.x[:args.images], net.input_shape), np.float32)
     y = np.asarray(ds.y[:args.images])
     cfg = SearchConfig(eps_max=0.5, tol=args.tol)
-    print(f"{os.path.basename(str(path))}, {args.data.split(':')[0]} test 0..{args.images - 1}, tol {args.tol:g}, {args.timeout:g} s per query, "
-          f"load {os.getloadavg()[0]:.1f}")
+    print(f"{os.path.basename(str(path))}, {args.data.split(':')[0]} test 0..{args.images - 1}, tol {args.tol:g}, "
+          f"{args.timeout:g} s per query, load {os.getloadavg()[0]:.1f}")
     for name, steps in (("cold", 0), ("warm", 60)):
         if name not in args.variants.split(","):
             continue

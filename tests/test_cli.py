@@ -17,6 +17,18 @@ def test_every_subcommand_has_help(capsys):
         assert "usage" in capsys.readouterr().out
 
 
+def test_version_matches_the_package_metadata(capsys):
+    """``jaxrobust --version`` prints the version of ``pyproject.toml`` (the two are bumped together)."""
+    import re
+    from pathlib import Path
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    version = re.search(r'^version = "([^"]+)"', pyproject.read_text(), re.M).group(1)
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"jaxrobust {version}"
+
+
 def test_info_on_bundled_network(capsys):
     assert main(["info", "mnist-mlp", "--dataset", "mnist", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
