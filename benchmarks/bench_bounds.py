@@ -43,6 +43,7 @@ NETS = {
     "mnist-net_256x2": "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx",
     "mnist_relu_6_100": "networks/mnist/eran_ffnn/mnist_relu_6_100.onnx",
     "convSmallRELU__Point": "networks/mnist/eran_cnn/convSmallRELU__Point.onnx",
+    "cnn-32-64-200": None,    # the zoo's max-pooling CNN (generative-model paper), weights of PRNGKey(0)
 }
 
 
@@ -99,6 +100,42 @@ def torch_model(path):
     return nn.Sequential(*layers).eval()
 
 
+def zoo_cnn():
+    """The zoo's ``cnn`` (small: conv 32 / 64 3x3 SAME, max-pool 2, dense 200) with ``PRNGKey(0)`` weights, and
+    the same network in torch, on NCHW inputs (``model.nchw``), flattened in NHWC order as Flax does."""
+    import torch
+    from torch import nn
+
+    from jaxrobust import zoo
+    net = zoo.init(zoo.arch("cnn", size="small"), jax.random.PRNGKey(0))
+    p = {k: {n: torch.tensor(np.asarray(a)) for n, a in v.items()} for k, v in net.params["params"].items()}
+
+    def conv(k):
+        m = nn.Conv2d(*p[k]["kernel"].shape[2:], 3, padding=1)
+        m.weight.data, m.bias.data = p[k]["kernel"].permute(3, 2, 0, 1).contiguous(), p[k]["bias"]
+        return m
+
+    def dense(k):
+        m = nn.Linear(*p[k]["kernel"].shape)
+        m.weight.data, m.bias.data = p[k]["kernel"].T.contiguous(), p[k]["bias"]
+        return m
+
+    class FlatNhwc(nn.Module):
+        def forward(self, x):
+            return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+
+    pool = lambda: nn.MaxPool2d(2, 2)
+    model = nn.Sequential(conv("Conv_0"), nn.ReLU(), pool(), conv("Conv_1"), nn.ReLU(), pool(),
+                          FlatNhwc(), dense("Dense_0"), nn.ReLU(), dense("Dense_1"))
+    model.nchw = True
+    return net, model.eval()
+
+
+def to_torch(model, x):
+    """``x`` in the layout ``model`` takes (NHWC images as NCHW where the model says so)."""
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if getattr(model, "nchw", False) else x
+
+
 def xla_flops(jitted, *args):
     cost = jitted.lower(*args).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -143,14 +180,17 @@ def main():
     print(head)
     print("-" * len(head))
     for name in args.nets:
-        path = shared / NETS[name]
-        net = load_onnx(path)
-        tmodel = torch_model(path)
-        bmodel = al.BoundedModule(tmodel, torch.zeros((1,) + net.input_shape), device="cpu")
+        if NETS[name] is None:
+            net, tmodel = zoo_cnn()
+        else:
+            net, tmodel = load_onnx(shared / NETS[name]), torch_model(shared / NETS[name])
+        zero = torch.tensor(to_torch(tmodel, np.zeros((1,) + net.input_shape, np.float32)))
+        bmodel = al.BoundedModule(tmodel, zero, device="cpu")
+        bmodel.nchw = getattr(tmodel, "nchw", False)
         for B in args.batches:
             x = images[:B].reshape((B,) + net.input_shape)
             with torch.no_grad():
-                ref_out = tmodel(torch.tensor(x)).numpy()
+                ref_out = tmodel(torch.tensor(to_torch(tmodel, x))).numpy()
             assert np.allclose(np.asarray(net(jnp.asarray(x))), ref_out, atol=1e-4), "models differ"
             for method in args.methods:
                 print(row(al, net, bmodel, name, x, args.eps, method, peak), flush=True)
@@ -164,8 +204,8 @@ def row(al, net, bmodel, name, x, eps, method, peak):
     lo, hi = np.clip(x - eps, 0, 1), np.clip(x + eps, 0, 1)
     jlo, jhi = jnp.asarray(lo), jnp.asarray(hi)
     bound = ibp if method == "IBP" else crown
-    bx = al.BoundedTensor(torch.tensor(x), al.PerturbationLpNorm(norm=np.inf, x_L=torch.tensor(lo),
-                                                                 x_U=torch.tensor(hi)))
+    tx, tlo, thi = (torch.tensor(to_torch(bmodel, a)) for a in (x, lo, hi))
+    bx = al.BoundedTensor(tx, al.PerturbationLpNorm(norm=np.inf, x_L=tlo, x_U=thi))
 
     def run_j():
         return jax.block_until_ready(bound(net, jlo, jhi, sound_margin=False))

@@ -296,3 +296,43 @@ def test_unit_blocks_and_chunks_do_not_change_crown_bounds(monkeypatch):
     blocked = run(BLOCKS=24, BLOCK_FLOATS=1, COARSE=5, MEMORY_BUDGET=3 * per_example)
     np.testing.assert_allclose(blocked.lower, whole.lower, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(blocked.upper, whole.upper, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_of_one_unit_and_identity_prefixes_in_pieces_do_not_change_crown_bounds(monkeypatch):
+    """CROWN rows of a var without a kink (a sigmoid's input) back-substituted one unit at a time, the
+    identity prefixes built 5 rows at a time and the one left implicit (``max(|d|, 0.5)``: its input is
+    the output of a non-monotone unit) give the bounds of all rows at once."""
+    ks = jax.random.split(jax.random.PRNGKey(8), 3)
+    (w1, b1), (w2, b2), (w3, b3) = _dense(ks[0], 6, 12), _dense(ks[1], 12, 12), _dense(ks[2], 12, 3)
+    fn = lambda z: jnp.maximum(jnp.abs(jax.nn.sigmoid(z @ w1 + b1) @ w2 + b2), 0.5) @ w3 + b3  # noqa: E731
+    x = jax.random.uniform(jax.random.PRNGKey(9), (3, 6), minval=-1, maxval=1)
+    g = bounds._program(fn, (6,), jnp.float32).graph
+    assert any(_walk._prefix_end(g, v) == g.producer_index(v) for v in _walk._bounded_vars(g))
+
+    def run(**config):
+        for k, v in config.items():
+            monkeypatch.setattr(_walk, k, v)
+        bounds._compiled.cache_clear()
+        bounds._CACHE.clear()
+        return crown(lambda z: fn(z), x - 0.3, x + 0.3)
+
+    whole = run(BLOCKS=1, COARSE=1, PREFIX_ROWS=10 ** 6)
+    pieces = run(BLOCKS=1, COARSE=1, BLOCK_MAX_FLOATS=1, PREFIX_ROWS=5)
+    np.testing.assert_allclose(pieces.lower, whole.lower, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pieces.upper, whole.upper, rtol=1e-5, atol=1e-5)
+    y = np.asarray(fn(x))
+    assert np.all(np.asarray(whole.lower) <= y) and np.all(y <= np.asarray(whole.upper))
+
+
+def test_outputs_of_monotone_units_are_left_to_their_intervals():
+    """Max-pooling and sigmoid / ReLU outputs get no CROWN rows (their intervals are exact given their
+    inputs' bounds); a non-monotone unit's output (``|x|``) does."""
+    fn, shape = make_cnn(0, "sigmoid", "max")
+    g = bounds._program(fn, shape, jnp.float32).graph
+    kinds = {v: n.kind for n in g.nodes for v in n.outs}
+    assert {kinds[v] for v in g.images} == {"sshape", "maxpool", "pwl"}
+    assert g.images & g.needs_bounds and not g.images & _walk._bounded_vars(g)
+    w = jax.random.normal(jax.random.PRNGKey(0), (4, 4))
+    g = bounds._program(lambda z: jax.nn.relu(jnp.abs(z @ w) - 1.0), (4,), jnp.float32).graph
+    absolute, relu = (n.outs[0] for n in g.nodes if n.kind in ("abs", "pwl"))
+    assert absolute not in g.images and relu in g.images

@@ -81,6 +81,7 @@ class Graph:
     output: int
     needs_bounds: set       # vars whose bounds feed a relaxation
     exact: set              # vars whose interval (midpoint-radius) bounds are exact
+    images: set = dataclasses.field(default_factory=set)  # vars left to their intervals (`_monotone_images`)
 
     def shape(self, v):
         return self.shapes[v]
@@ -298,7 +299,8 @@ def build_graph(fn, in_shape, dtype=jnp.float32) -> Graph:
         out = node.outs[0]
     nodes = _dead_code_elimination(b.nodes, out)
     needs = {r[1] for n in nodes if n.kind not in ("linear", "constant") for r in n.ins if r[0] == "b"}
-    return Graph(nodes, b.consts, b.shapes, x, out, needs, _exact_vars(nodes, x, b.shapes, b.consts))
+    return Graph(nodes, b.consts, b.shapes, x, out, needs, _exact_vars(nodes, x, b.shapes, b.consts),
+                 _monotone_images(nodes, b.consts))
 
 
 def _dead_code_elimination(nodes, out):
@@ -338,6 +340,23 @@ def _exact_vars(nodes, x, shapes, consts):
         elif name in _COPYING or name in ("gather", "broadcast_in_dim", "tile") or (name in _MIXING and s == "C"):
             state[n.outs[0]] = "A"
     return set(state)
+
+
+def _monotone_images(nodes, consts):
+    """Outputs of nondecreasing elementwise units (ReLU-like with both slopes >= 0, sigmoid, tanh) and of
+    max-pooling: given the bounds of their inputs, their intervals are exact, and their relaxations need no
+    CROWN bounds of their own (auto_LiRPA's ``ibp_intermediate``). CROWN rows of them could tighten only
+    units whose input bounds are interval bounds (stable kinks), at the cost of a pooled conv layer's
+    ``2 x units`` rows back to the input."""
+    out = set()
+    for n in nodes:
+        if n.kind == "pwl":
+            if not all(np.all(np.asarray(consts[n.extra[k]]) >= 0) for k in ("an", "ap")):
+                continue
+        elif n.kind not in ("sshape", "maxpool"):
+            continue
+        out.update(n.outs)
+    return out
 
 
 def _fan_in(node, shapes, consts):

@@ -31,16 +31,21 @@ from .norms import dual_norm
 # costs a few dozen small kernel launches besides its arithmetic, so the units are first taken
 # COARSE blocks at a time while whole coarse blocks are needed (no padding), the rest in fine blocks:
 # on mnist_relu_6_100, whose units are nearly all unstable, CROWN ran 1.5-2x faster (bench_bounds.py).
+# No block holds more than BLOCK_MAX_FLOATS coefficients (a CNN's conv layers: tens of thousands of units
+# by tens of thousands of upstream values).
 BLOCKS = 32
 BLOCK_FLOATS = 2 ** 16
+BLOCK_MAX_FLOATS = 2 ** 25
 COARSE = 8
 _EXAMPLES = "examples"  # vmap axis of the examples in a chunk
+PREFIX_ROWS = 1024      # identity rows per step of `_identity_prefix`
 
 
 def _bounded_vars(g: Graph, ball: bool = False) -> set:
     """The vars that get CROWN bounds: those that need bounds, less those whose interval bounds are exact
-    (with a ``ball``, the box hull's interval bounds are not: only the input itself is left out)."""
-    return g.needs_bounds - ({g.input} if ball else g.exact)
+    (with a ``ball``, the box hull's interval bounds are not: only the input itself is left out) and the
+    outputs of monotone units (`Graph.images`)."""
+    return g.needs_bounds - g.images - ({g.input} if ball else g.exact)
 
 
 def _kinks(g: Graph, ball: bool = False):
@@ -174,16 +179,33 @@ def _forward(g: Graph, consts, lo, hi, prefixes=None, ball=None):
 def _identity_prefixes(g: Graph, consts, dtype, ball: bool = False):
     """Backward-pass prefixes ``{var: (acc, bias)}`` (see `_linear_prefix`) from the identity on each var
     that needs CROWN bounds (`_bounded_vars`); they depend on the weights only, so they are shared by every
-    example."""
-    return {v: _identity_prefix(g, consts, v, dtype)[:2] for v in _bounded_vars(g, ball)}
+    example. Where the pass meets a nonlinear node at once (the var is a ReLU's output, say) the prefix is
+    the identity itself, kept as ``(None, None)`` and built a block of rows at a time by `_refine_var`."""
+    return {v: _identity_prefix(g, consts, v, dtype)[:2] if _prefix_end(g, v) < g.producer_index(v)
+            else (None, None) for v in _bounded_vars(g, ball)}
 
 
 def _identity_prefix(g: Graph, consts, v, dtype):
     """`_linear_prefix` from the rows ``[I; -I]`` on var ``v``: the start of a backward pass that gives
-    lower bounds of every unit of ``v`` (first half) and of their negatives (second half)."""
-    n = math.prod(g.shape(v))
-    eye = jnp.eye(n, dtype=dtype)
-    return _linear_prefix(g, consts, v, jnp.concatenate([eye, -eye]).reshape((2 * n,) + g.shape(v)))
+    lower bounds of every unit of ``v`` (first half) and of their negatives (second half). The identity is
+    propagated `PREFIX_ROWS` rows at a time (a dense ``I`` over a conv layer's units would take gigabytes);
+    the prefix is linear in its rows, so the ``-I`` half is the negated ``I`` half."""
+    shape = g.shape(v)
+    n = math.prod(shape)
+    m = min(n, PREFIX_ROWS)
+    count = -(-n // m)
+
+    def rows(start):  # unit indices past n give zero rows, cut off below
+        acc, bias, _ = _linear_prefix(g, consts, v, jax.nn.one_hot(start + jnp.arange(m), n, dtype=dtype)
+                                      .reshape((m,) + shape))
+        return acc, bias
+
+    def both(t):  # (count, m, ...) -> [rows of I; rows of -I]
+        half = t.reshape((count * m,) + t.shape[2:])[:n]
+        return jnp.concatenate([half, -half])
+
+    acc, bias = lax.map(rows, jnp.arange(count) * m)
+    return {u: both(t) for u, t in acc.items()}, both(bias), _prefix_end(g, v)
 
 
 def _crown_var(g: Graph, consts, ivs, v, prefix):
@@ -195,55 +217,64 @@ def _crown_var(g: Graph, consts, ivs, v, prefix):
 
 
 def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
-    """Bounds of the bounded var ``v`` from its interval bounds ``iv`` and CROWN (`_crown_var`).
+    """Bounds of the bounded var ``v`` from its interval bounds ``iv`` and CROWN, its rows back-substituted
+    a block of units at a time (see `BLOCKS`: a pooled conv layer's rows at once took gigabytes).
 
     Returns ``(tight, relax)``. For a var feeding a kink at ``consts[kink]``, only the units whose
-    interval bounds straddle the kink get CROWN rows (see `BLOCKS`); ``relax`` keeps the interval
-    bounds of the stable units and the CROWN bounds of the others, as auto_LiRPA does, so that the
-    adaptive slopes agree with it; ``tight`` is the intersection.
+    interval bounds straddle the kink get CROWN rows; ``relax`` keeps the interval bounds of the stable
+    units and the CROWN bounds of the others, as auto_LiRPA does, so that the adaptive slopes agree with
+    it. ``tight`` is the intersection (for any other var, both are).
     """
     shape = g.shape(v)
     n = math.prod(shape)
-    if kink is None:
-        cl, cu = _crown_var(g, consts, rel, v, prefix)
-        tight = _Iv(lo=jnp.maximum(iv.lo, cl), hi=jnp.minimum(iv.hi, cu))
-        return tight, tight
     flo, fhi = iv.lo.reshape(-1), iv.hi.reshape(-1)
-    k = jnp.broadcast_to(consts[kink], shape).reshape(-1)
-    stable = (flo >= k) | (fhi <= k)
+    if kink is None:
+        stable, need = jnp.zeros((n,), bool), n
+    else:
+        k = jnp.broadcast_to(consts[kink], shape).reshape(-1)
+        stable = (flo >= k) | (fhi <= k)
+        need = lax.pmax(jnp.sum(~stable), _EXAMPLES)
 
     # blocks of units, unstable first, until every example of the chunk has all its unstable units
-    blk = _block_units(g, v, lax.axis_size(_EXAMPLES))
+    blk, big = _block_units(g, v, lax.axis_size(_EXAMPLES))
     order = jnp.argsort(stable)
     acc, bias, last = prefix
+
+    def state(rows):  # the prefix's rows; an identity prefix's (None) made here
+        if acc is None:
+            sign = jnp.where(rows < n, 1.0, -1.0).astype(flo.dtype)[:, None]
+            lam = jax.nn.one_hot(rows % n, n, dtype=flo.dtype) * sign
+            return {v: lam.reshape(rows.shape + shape)}, jnp.zeros(rows.shape, flo.dtype), last
+        return {u: t[rows] for u, t in acc.items()}, bias[rows], last
 
     def blocks(start, size, count, c):
         def block(j, c):
             sel = lax.dynamic_slice(order, (start + j * size,), (size,))
-            rows = jnp.concatenate([sel, sel + n])
-            res = _backward(g, consts, rel, ({u: t[rows] for u, t in acc.items()}, bias[rows], last))
+            res = _backward(g, consts, rel, state(jnp.concatenate([sel, sel + n])))
             return c[0].at[sel].set(res[:size]), c[1].at[sel].set(-res[size:])
         return lax.fori_loop(0, count, block, c)
 
-    need = lax.pmax(jnp.sum(~stable), _EXAMPLES)
-    big = min(n, COARSE * blk)
     c, done = (flo, fhi), 0
     if big > blk:
         done = need // big * big
         c = blocks(0, big, need // big, c)
     cl, cu = blocks(done, blk, -(-(need - done) // blk), c)
     cl, cu = jnp.where(stable, flo, cl), jnp.where(stable, fhi, cu)
-    relax = _Iv(lo=cl.reshape(shape), hi=cu.reshape(shape))
     tight = _Iv(lo=jnp.maximum(flo, cl).reshape(shape), hi=jnp.minimum(fhi, cu).reshape(shape))
-    return tight, relax
+    if kink is None:
+        return tight, tight
+    return tight, _Iv(lo=cl.reshape(shape), hi=cu.reshape(shape))
 
 
-def _block_units(g: Graph, v, chunk: int) -> int:
-    """Units of ``v`` per block of `_refine_var` for chunks of ``chunk`` examples (see `BLOCKS`)."""
+def _block_units(g: Graph, v, chunk: int) -> tuple[int, int]:
+    """Units of ``v`` per fine and per coarse block of `_refine_var` for chunks of ``chunk`` examples (see
+    `BLOCKS`); no block holds more than `BLOCK_MAX_FLOATS` coefficients over the chunk."""
     n = math.prod(g.shape(v))
     upstream = [g.input] + [u for node in g.nodes[:g.producer_index(v)] for u in node.outs]
-    row = sum(math.prod(g.shape(u)) for u in upstream)
-    return min(n, max(-(-n // BLOCKS), -(-BLOCK_FLOATS // (2 * chunk * row))))
+    row = 2 * chunk * sum(math.prod(g.shape(u)) for u in upstream)
+    cap = max(1, BLOCK_MAX_FLOATS // row)
+    blk = min(n, cap, max(-(-n // BLOCKS), -(-BLOCK_FLOATS // row)))
+    return blk, min(n, COARSE * blk, max(blk, cap))
 
 
 def _sum_rows(t):

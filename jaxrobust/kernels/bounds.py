@@ -231,7 +231,8 @@ class _Arch:
     def __init__(self, g: Graph):
         self.graph = dataclasses.replace(g, consts=[jax.ShapeDtypeStruct(jnp.shape(c), jnp.result_type(c))
                                                    for c in g.consts])
-        self.key = _freeze((g.nodes, g.shapes, g.input, g.output, g.needs_bounds, g.exact, self.graph.consts))
+        self.key = _freeze((g.nodes, g.shapes, g.input, g.output, g.needs_bounds, g.exact, g.images,
+                            self.graph.consts))
         hash(self.key)
 
     def __hash__(self):

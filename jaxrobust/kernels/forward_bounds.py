@@ -37,6 +37,7 @@ from ._graph import Graph, Node
 from ._walk import (
     _backward,
     _bind,
+    _bounded_vars,
     _crown_var,
     _ibp_node,
     _identity_prefix,
@@ -161,7 +162,7 @@ def _small_prefixes(g: Graph, consts, dtype) -> dict:
         widest = max([widest] + [math.prod(g.shape(v)) for v in node.outs])
         for v in node.outs:
             size = math.prod(g.shape(v))
-            if v in g.needs_bounds and v not in g.exact and 2 * size * widest <= BACKWARD_FLOATS:
+            if v in _bounded_vars(g) and 2 * size * widest <= BACKWARD_FLOATS:
                 out[v] = _identity_prefix(g, consts, v, dtype)
     return out
 
