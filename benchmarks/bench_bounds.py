@@ -122,7 +122,7 @@ def zoo_cnn():
 
     class FlatNhwc(nn.Module):
         def forward(self, x):
-            return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1)
+            return x.permute(0, 2, 3, 1).flatten(1)
 
     pool = lambda: nn.MaxPool2d(2, 2)
     model = nn.Sequential(conv("Conv_0"), nn.ReLU(), pool(), conv("Conv_1"), nn.ReLU(), pool(),

@@ -344,10 +344,11 @@ def _exact_vars(nodes, x, shapes, consts):
 
 def _monotone_images(nodes, consts):
     """Outputs of nondecreasing elementwise units (ReLU-like with both slopes >= 0, sigmoid, tanh) and of
-    max-pooling: given the bounds of their inputs, their intervals are exact, and their relaxations need no
-    CROWN bounds of their own (auto_LiRPA's ``ibp_intermediate``). CROWN rows of them could tighten only
-    units whose input bounds are interval bounds (stable kinks), at the cost of a pooled conv layer's
-    ``2 x units`` rows back to the input."""
+    max-pooling. Given its input's bounds ``[l, u]`` such an output's interval ``[f(l), f(u)]`` is exact, and
+    no CROWN bound of it is tighter when ``[l, u]`` are CROWN bounds: a relaxation's upper line is
+    nondecreasing and lies above ``f(u)`` at ``u`` (likewise below). So these vars get no CROWN rows (a
+    pooled conv layer's ``2 x units`` rows back to the input), and a kink feeding one gets CROWN rows for
+    all its units, stable ones included (`_walk._refine_var`)."""
     out = set()
     for n in nodes:
         if n.kind == "pwl":

@@ -221,19 +221,22 @@ def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
     a block of units at a time (see `BLOCKS`: a pooled conv layer's rows at once took gigabytes).
 
     Returns ``(tight, relax)``. For a var feeding a kink at ``consts[kink]``, only the units whose
-    interval bounds straddle the kink get CROWN rows; ``relax`` keeps the interval bounds of the stable
-    units and the CROWN bounds of the others, as auto_LiRPA does, so that the adaptive slopes agree with
-    it. ``tight`` is the intersection (for any other var, both are).
+    interval bounds straddle the kink get CROWN rows, unless the kink's output needs bounds too; ``relax``
+    keeps the interval bounds of the stable units and the CROWN bounds of the others, as auto_LiRPA does,
+    so that the adaptive slopes agree with it. ``tight`` is the intersection (for any other var, both are).
     """
     shape = g.shape(v)
     n = math.prod(shape)
     flo, fhi = iv.lo.reshape(-1), iv.hi.reshape(-1)
-    if kink is None:
-        stable, need = jnp.zeros((n,), bool), n
-    else:
+    stable = jnp.zeros((n,), bool)
+    if kink is not None:
         k = jnp.broadcast_to(consts[kink], shape).reshape(-1)
         stable = (flo >= k) | (fhi <= k)
-        need = lax.pmax(jnp.sum(~stable), _EXAMPLES)
+    # every unit when the kink's output needs bounds too (a ReLU before max-pooling, whose upper relaxation
+    # takes the pool's largest upper bound, that of a stable unit as much as of any other)
+    every = kink is None or any(node.kind == "pwl" and node.bounded()[0] == v and node.outs[0] in g.needs_bounds
+                                for node in g.nodes)
+    need = n if every else lax.pmax(jnp.sum(~stable), _EXAMPLES)
 
     # blocks of units, unstable first, until every example of the chunk has all its unstable units
     blk, big = _block_units(g, v, lax.axis_size(_EXAMPLES))
@@ -259,11 +262,10 @@ def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
         done = need // big * big
         c = blocks(0, big, need // big, c)
     cl, cu = blocks(done, blk, -(-(need - done) // blk), c)
-    cl, cu = jnp.where(stable, flo, cl), jnp.where(stable, fhi, cu)
     tight = _Iv(lo=jnp.maximum(flo, cl).reshape(shape), hi=jnp.minimum(fhi, cu).reshape(shape))
     if kink is None:
         return tight, tight
-    return tight, _Iv(lo=cl.reshape(shape), hi=cu.reshape(shape))
+    return tight, _Iv(lo=jnp.where(stable, flo, cl).reshape(shape), hi=jnp.where(stable, fhi, cu).reshape(shape))
 
 
 def _block_units(g: Graph, v, chunk: int) -> tuple[int, int]:
