@@ -356,3 +356,12 @@ def test_crown_rows_of_monotone_outputs_would_not_tighten_the_bounds(monkeypatch
     skipped, rows = run(True), run(False)
     assert np.all(np.asarray(skipped.lower) >= np.asarray(rows.lower) - 1e-5)
     assert np.all(np.asarray(skipped.upper) <= np.asarray(rows.upper) + 1e-5)
+
+
+def test_crown_under_jit_with_a_traced_slope():
+    """A leaky-ReLU slope traced by ``jax.jit`` cannot be shown >= 0 when the graph is built: its output
+    keeps its CROWN rows, and the bounds are those of the concrete slope."""
+    w = jax.random.normal(jax.random.PRNGKey(0), (4, 3))
+    lo, hi = jnp.zeros((1, 4)), jnp.ones((1, 4))
+    bound = lambda a: crown(lambda z: jax.nn.leaky_relu(z @ w, a) @ w.T, lo, hi).lower  # noqa: E731
+    np.testing.assert_allclose(jax.jit(bound)(0.1), bound(0.1), rtol=1e-5, atol=1e-6)

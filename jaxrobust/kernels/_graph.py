@@ -352,7 +352,8 @@ def _monotone_images(nodes, consts):
     out = set()
     for n in nodes:
         if n.kind == "pwl":
-            if not all(np.all(np.asarray(consts[n.extra[k]]) >= 0) for k in ("an", "ap")):
+            slopes = [consts[n.extra[k]] for k in ("an", "ap")]   # traced slopes: not known to be >= 0
+            if any(isinstance(a, jax.core.Tracer) or np.any(np.asarray(a) < 0) for a in slopes):
                 continue
         elif n.kind not in ("sshape", "maxpool"):
             continue
