@@ -195,9 +195,8 @@ def _identity_prefix(g: Graph, consts, v, dtype):
     m = min(n, PREFIX_ROWS)
     count = -(-n // m)
 
-    def rows(start):  # unit indices past n give zero rows, cut off below
-        acc, bias, _ = _linear_prefix(g, consts, v, jax.nn.one_hot(start + jnp.arange(m), n, dtype=dtype)
-                                      .reshape((m,) + shape))
+    def rows(start):  # the last step's rows past n (of -I) are cut off below
+        acc, bias, _ = _linear_prefix(g, consts, v, _identity_rows(start + jnp.arange(m), shape, dtype))
         return acc, bias
 
     def both(t):  # (count, m, ...) -> [rows of I; rows of -I]
@@ -206,6 +205,13 @@ def _identity_prefix(g: Graph, consts, v, dtype):
 
     acc, bias = lax.map(rows, jnp.arange(count) * m)
     return {u: both(t) for u, t in acc.items()}, both(bias), _prefix_end(g, v)
+
+
+def _identity_rows(rows, shape, dtype):
+    """Rows ``rows: (R,)`` of ``[I; -I]`` over a var of shape ``shape``: ``(R, *shape)``."""
+    n = math.prod(shape)
+    sign = jnp.where(rows < n, 1.0, -1.0).astype(dtype)[:, None]
+    return (jax.nn.one_hot(rows % n, n, dtype=dtype) * sign).reshape(rows.shape + shape)
 
 
 def _crown_var(g: Graph, consts, ivs, v, prefix):
@@ -245,9 +251,7 @@ def _refine_var(g: Graph, consts, rel, iv, v, prefix, kink):
 
     def state(rows):  # the prefix's rows; an identity prefix's (None) made here
         if acc is None:
-            sign = jnp.where(rows < n, 1.0, -1.0).astype(flo.dtype)[:, None]
-            lam = jax.nn.one_hot(rows % n, n, dtype=flo.dtype) * sign
-            return {v: lam.reshape(rows.shape + shape)}, jnp.zeros(rows.shape, flo.dtype), last
+            return {v: _identity_rows(rows, shape, flo.dtype)}, jnp.zeros(rows.shape, flo.dtype), last
         return {u: t[rows] for u, t in acc.items()}, bias[rows], last
 
     def blocks(start, size, count, c):
