@@ -31,7 +31,8 @@ GRID = tuple(np.round(np.arange(1, 201) * 0.002, 6))
 NET = "networks/mnist/vnncomp2021_mnistfc/mnist-net_256x2.onnx"
 CONFIGS = {  # label -> make_oracle options of the attack oracle
     "minimum-norm, 60 steps": {},
-    "minimum-norm alone (no bound-guided)": {"guided": False},
+    "minimum-norm alone": {"guided": False, "leaky": False},
+    "minimum-norm + leaky, no bound-guided": {"guided": False},
     "PGD-40 bisection": {"min_norm_steps": 0, "targets": 0},
     "PGD-40 + 9 targets bisection": {"min_norm_steps": 0, "targets": 9},
 }

@@ -199,7 +199,7 @@ CSV_COLUMNS = ("network", "dataset", "split", "index", "label", "eps_lower", "ep
                "time_s", "network_name", "predicted", "queries", "config")
 # the attack options of every oracle (`oracles.make_oracle`), stated here so that the rows' key names each one
 ATTACK_OPTIONS = {"attack_steps": 40, "restarts": 1, "targets": 9, "min_norm_steps": 60, "guided": True,
-                  "norm": "linf"}
+                  "leaky": True, "norm": "linf"}
 ORACLES = ("attack", "ibp", "crown", "alpha-crown", "complete")
 
 

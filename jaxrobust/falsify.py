@@ -3,9 +3,11 @@
 Gradient attacks see only the active units of a ReLU network: where most units of a layer are off (on
 mnist-net_256x2, 3 of 256 first-layer units are active at test image 61), the counterexamples lie across
 kinks the gradient knows nothing of, and PGD, targeted PGD and the minimum-norm attack fail at every radius.
-The bound-guided attack (`guided_falsifier`) starts instead from the minimisers of α-CROWN's linear lower
-bounds of every margin, whose relaxation includes the inactive unstable units, and descends from there;
-`guided_minimizer` runs it at shrinking radii, the oracles' last resort before an input is called censored.
+Two attacks see past them: the minimum-norm attack on gradients that leak through inactive ReLUs
+(`leaky_minimizer`, `kernels.surrogate`; as cheap as the attack itself), and the bound-guided attack
+(`guided_falsifier`), which starts from the minimisers of α-CROWN's linear lower bounds of every margin, whose
+relaxation includes the inactive unstable units, and descends from there; `guided_minimizer` runs it at
+shrinking radii (costly). `chained` runs them in turn: the oracles' last resort before an input is called censored.
 
 ``falsify(x, y, eps, key)`` and ``minimize(x, y, eps, key)`` take a batch ``x: (B, *shape)``, ``y: (B,)``,
 ``eps: (B,)`` and return VIOLATED rows with their counterexample (inside the ε-ball and the domain) or
@@ -24,6 +26,7 @@ from .kernels.attacks import box_descent
 from .kernels.bab import Splits, network_brancher
 from .kernels.bounds import margin_bounds, robustness_spec
 from .kernels.norms import check_norm, row_norm
+from .kernels.surrogate import kinks, leaky_gradients
 from .network import Network
 from .verdict import UNKNOWN, VIOLATED, Verdicts
 
@@ -58,6 +61,50 @@ def min_norm_falsifier(net: Network, *, steps: int = 60, norm: str = "linf") -> 
     def minimize(x, y, eps, key) -> Verdicts:
         r = min_norm(net, x, y, eps, key=key, steps=steps, norm=norm)
         return _verdicts(np.asarray(r.success), np.asarray(r.x_adv))
+
+    return minimize
+
+
+def leaky_minimizer(net: Network, *, steps: int = 60, slope: float = 0.01, targets: int = 9,
+                    norm: str = "linf") -> Callable | None:
+    """The minimum-norm attack (``targets`` wrong classes side by side, ``steps`` steps) on the gradients of
+    `kernels.surrogate.leaky_gradients` (``slope`` through inactive ReLUs) as a ``minimize`` oracle, each point
+    confirmed by a full-precision forward pass of ``net`` itself; None when ``net`` has no kink to rewrite."""
+    from .kernels.minnorm import min_norm
+    if not kinks(net):
+        return None
+    leaky = leaky_gradients(net, slope)
+    targets = min(targets, net.num_classes - 1)
+
+    def attack(x, y, eps, key) -> Verdicts:
+        r = min_norm(leaky, x, y, eps, key=key, steps=steps, targets=targets, norm=norm)
+        pts = np.asarray(r.x_adv)
+        return _verdicts(np.asarray(r.success) & (_logits(net, pts).argmax(-1) != np.asarray(y)), pts)
+
+    def minimize(x, y, eps, key) -> Verdicts:
+        eps = np.broadcast_to(np.asarray(eps, np.float32), (len(x),))
+        return padded_call(attack, np.asarray(x), np.asarray(y), eps, key, size=len(x) if len(x) > 64 else 64)
+
+    return minimize
+
+
+def chained(*minimizers) -> Callable | None:
+    """``minimize`` oracles (None entries skipped) tried in turn, each on the inputs those before it left
+    UNKNOWN; None when there are none."""
+    minimizers = [m for m in minimizers if m is not None]
+    if not minimizers:
+        return None
+
+    def minimize(x, y, eps, key) -> Verdicts:
+        eps = np.broadcast_to(np.asarray(eps, np.float32), (len(x),))
+        status, cex = np.full(len(x), UNKNOWN, np.int8), np.full(np.shape(x), np.nan, np.float32)
+        for i, m in enumerate(minimizers):
+            rest = np.flatnonzero(status != VIOLATED)
+            if not len(rest):
+                break
+            v = m(x[rest], y[rest], eps[rest], jax.random.fold_in(key, i))
+            status[rest], cex[rest] = v.status, v.counterexample
+        return Verdicts(status, cex)
 
     return minimize
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import InputError, UnsupportedOpError
-from .falsify import attack_falsifier, guided_minimizer, min_norm_falsifier
+from .falsify import attack_falsifier, chained, guided_minimizer, leaky_minimizer, min_norm_falsifier
 from .kernels.norms import check_norm, row_norm
 from .network import Network
 from .subdomains import PendingStore
@@ -68,13 +68,15 @@ def bound_prover(net: Network, method: str = "crown", norm: str = "linf") -> Cal
 
 
 def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: int = 1, targets: int = 9,
-                min_norm_steps: int = 60, guided: bool = True, norm: str = "linf", **options) -> Oracle:
+                min_norm_steps: int = 60, guided: bool = True, leaky: bool = True, norm: str = "linf",
+                **options) -> Oracle:
     """Oracle by name: ``attack`` (falsify only: a minimum-norm attack of ``min_norm_steps`` steps, or
     bisection with PGD when 0), ``ibp``/``crown``/``alpha-crown`` (bounds + attack), ``complete`` (branch and
     bound, warm-started by CROWN and the minimum-norm attack unless ``min_norm_steps`` is 0), over balls of
-    ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). ``guided``: the bound-guided attack
-    (`falsify.guided_minimizer`) is the last resort for inputs the gradient attacks leave without a
-    counterexample up to ``eps_max`` (not for ``complete``, whose branch and bound searches the same minimisers)."""
+    ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). The last resort for inputs the gradient attacks leave without a
+    counterexample up to ``eps_max``: with ``leaky`` the minimum-norm attack on leaky ReLU gradients
+    (`falsify.leaky_minimizer`), then with ``guided`` the bound-guided attack (`falsify.guided_minimizer`) on what it leaves (not for
+    ``complete``, whose branch and bound searches the same minimisers)."""
     if kind not in ("attack", "complete", *BOUND_METHODS):
         raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
     norm = check_norm(norm)
@@ -82,14 +84,15 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
         warm = None
         if min_norm_steps:    # CROWN proofs beside the minimum-norm attack
             warm = make_oracle(net, "crown", attack_steps=attack_steps, restarts=restarts, targets=targets,
-                               guided=False, norm=norm)._replace(
+                               guided=False, leaky=leaky, norm=norm)._replace(
                 minimize=min_norm_falsifier(net, steps=min_norm_steps, norm=norm), attacks=_named(("min-norm",), norm))
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
                                norm=norm, warm=warm, **options)
     guided = guided and _boundable(net)
-    last = guided_minimizer(net, norm) if guided else None
+    leaky = leaky_minimizer(net, steps=min_norm_steps or 60, targets=targets, norm=norm) if leaky else None
+    last = chained(leaky, guided_minimizer(net, norm) if guided else None)
     falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, norm=norm)
-    tail = ("bound-guided",) if guided else ()
+    tail = (("min-norm-leaky",) if leaky else ()) + (("bound-guided",) if guided else ())
     attacks = ("pgd-margin",) + (("pgd-targeted",) if targets else ()) + tail
     if kind == "attack" and min_norm_steps:
         return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps, norm=norm),

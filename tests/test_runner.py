@@ -184,7 +184,7 @@ def test_rows_name_the_attacks_that_ran(tmp_path):
                          oracle_options={**ATTACK, "guided": guided})
     configs = ResultStore(tmp_path / "r.h5", critical_eps.TABLE, critical_eps.columns(ds.image_shape)).configs()
     keys = sorted(tuple(c["attacks"]) for c in configs.values())
-    assert keys == [("min-norm",), ("min-norm", "bound-guided")]
+    assert keys == [("min-norm", "min-norm-leaky"), ("min-norm", "min-norm-leaky", "bound-guided")]
 
 
 # --- batch verification of an instances file ----------------------------------------------------------
