@@ -4,10 +4,11 @@ An input is censored when every attack failed up to ``eps_max``. Gradient attack
 off: on this network 3-4 of 256 first-layer units are active at some images, and their counterexamples lie
 across kinks no gradient points to. For test and train images 0..N-1 this runs the attack oracle three ways: the
 minimum-norm attack alone, then the same on leaky ReLU gradients (`falsify.leaky_minimizer`) for the inputs it
-leaves, then also the bound-guided attack (`falsify.guided_falsifier`) for what is left; then `verify` (branch
-and bound, 60 s) at
+leaves, the bound-guided attack (`falsify.guided_falsifier`) instead, and both in turn (the default); then
+`verify` (branch and bound, 60 s) at
 ``eps_max`` on every input either leaves censored: a VIOLATED verdict there is a counterexample the attacks
-missed. Prints seconds per image (median of --runs) and the counts.
+missed. Prints seconds per image (median of --runs), the counts, and each configuration's upper bounds on the
+inputs the minimum-norm attack alone leaves censored.
 
     python benchmarks/bench_censored.py [--images 100] [--runs 3]
 """
@@ -40,11 +41,12 @@ def main():
     net = load_onnx(shared / NET)
     d = np.load(shared / "data/mnist.npz")
     cfg = SearchConfig(eps_max=args.eps_max, tol=1e-3)
-    print(f"{'split':6} {'attacks':28} {'s/image':>8} {'censored':>9} {'missed':>7}  inputs left censored")
+    print(f"{'split':6} {'attacks':38} {'s/image':>8} {'censored':>9} {'missed':>7}  inputs left censored")
     for split in ("test", "train"):
         x = (d[f"x_{split}"][:args.images].reshape(-1, 784, 1) / 255.0).astype(np.float32)
         y = d[f"y_{split}"][:args.images].astype(np.int64)
-        for options in ({"leaky": False, "guided": False}, {"guided": False}, {}):
+        hard = None    # the inputs the minimum-norm attack alone leaves censored
+        for options in ({"leaky": False, "guided": False}, {"guided": False}, {"leaky": False}, {}):
             oracle = make_oracle(net, "attack", **options)
             search(net, oracle, x[:2], y[:2], cfg)   # compile
             times = []
@@ -57,8 +59,9 @@ def main():
             if len(left):
                 v = verify(net, x[left], y[left], args.eps_max, VerifyConfig(timeout=60.0), key=jax.random.PRNGKey(0))
                 missed = left[v.status == VIOLATED].tolist()
-            print(f"{split:6} {'+'.join(oracle.attacks):28} {np.median(times):8.3f} {len(left):9d} {len(missed):7d}"
-                  f"  {left.tolist()}")
+            hard = left if hard is None else hard
+            print(f"{split:6} {'+'.join(oracle.attacks):38} {np.median(times):8.4f} {len(left):9d} {len(missed):7d}"
+                  f"  {left.tolist()}; upper bounds of {hard.tolist()}: {np.round(r.eps_upper[hard], 4).tolist()}")
 
 
 if __name__ == "__main__":
