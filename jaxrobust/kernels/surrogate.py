@@ -27,8 +27,7 @@ def leaky_gradients(net: Network, slope: float = 0.01) -> Network:
     slope = float(slope)
 
     def apply(params, x):
-        leaves, tree = jax.tree_util.tree_flatten(params)
-        closed = jax.make_jaxpr(lambda ls, v: net.apply(jax.tree_util.tree_unflatten(tree, ls), v))(leaves, x)
+        closed, leaves = _traced(net.apply, params, x)
         return _run(closed.jaxpr, closed.consts, [*leaves, x], [False] * len(leaves) + [True], slope)[0]
 
     return Network(apply, net.params, net.input_shape, net.num_classes, net.domain, net.name, net.arch)
@@ -43,11 +42,16 @@ def kinks(net: Network) -> int:
         return jnp.maximum(x, k) if is_max else jnp.minimum(x, k)
 
     x = jax.ShapeDtypeStruct((1,) + tuple(net.input_shape), jnp.float32)
-    leaves, tree = jax.tree_util.tree_flatten(net.params)
-    closed = jax.make_jaxpr(lambda ls, v: net.apply(jax.tree_util.tree_unflatten(tree, ls), v))(leaves, x)
+    closed, leaves = _traced(net.apply, net.params, x)
     jax.eval_shape(lambda ls, v: _run(closed.jaxpr, closed.consts, [*ls, v], [False] * len(ls) + [True], 0.0,
                                       counting), leaves, x)
     return count[0]
+
+
+def _traced(apply, params, x):
+    """The jaxpr of ``apply`` with the parameters' leaves and ``x`` as inputs, and the leaves."""
+    leaves, tree = jax.tree_util.tree_flatten(params)
+    return jax.make_jaxpr(lambda ls, v: apply(jax.tree_util.tree_unflatten(tree, ls), v))(leaves, x), leaves
 
 
 def _run(jaxpr, consts, args, dynamic, slope, kink=None) -> list:
