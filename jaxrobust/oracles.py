@@ -75,24 +75,25 @@ def make_oracle(net: Network, kind: str, *, attack_steps: int = 40, restarts: in
     bound, warm-started by CROWN and the minimum-norm attack unless ``min_norm_steps`` is 0), over balls of
     ``norm`` (``"linf"``, ``"l2"``, ``"l1"``). The last resort for inputs the gradient attacks leave without a
     counterexample up to ``eps_max``: with ``leaky`` the minimum-norm attack on leaky ReLU gradients
-    (`falsify.leaky_minimizer`), then with ``guided`` the bound-guided attack (`falsify.guided_minimizer`) on what it leaves (not for
-    ``complete``, whose branch and bound searches the same minimisers)."""
+    (`falsify.leaky_minimizer`), then with ``guided`` the bound-guided attack (`falsify.guided_minimizer`) on
+    what it leaves (not for ``complete``, whose branch and bound searches the same minimisers)."""
     if kind not in ("attack", "complete", *BOUND_METHODS):
         raise InputError(f"unknown oracle {kind!r}; choose attack, ibp, crown, alpha-crown or complete")
     norm = check_norm(norm)
     if kind == "complete":
         warm = None
         if min_norm_steps:    # CROWN proofs beside the minimum-norm attack
-            warm = make_oracle(net, "crown", attack_steps=attack_steps, restarts=restarts, targets=targets,
-                               guided=False, leaky=leaky, norm=norm)._replace(
-                minimize=min_norm_falsifier(net, steps=min_norm_steps, norm=norm), attacks=_named(("min-norm",), norm))
+            base = make_oracle(net, "crown", attack_steps=attack_steps, restarts=restarts, targets=targets,
+                               guided=False, leaky=leaky, norm=norm)     # its last resort: the leaky attack
+            named = _named(("min-norm",), norm) + (base.attacks[-1:] if base.last_resort else ())
+            warm = base._replace(minimize=min_norm_falsifier(net, steps=min_norm_steps, norm=norm), attacks=named)
         return complete_oracle(net, attack_steps=attack_steps, attack_restarts=restarts, attack_targets=targets,
                                norm=norm, warm=warm, **options)
     guided = guided and _boundable(net)
-    leaky = leaky_minimizer(net, steps=min_norm_steps or 60, targets=targets, norm=norm) if leaky else None
-    last = chained(leaky, guided_minimizer(net, norm) if guided else None)
+    leaky_last = leaky_minimizer(net, steps=min_norm_steps or 60, targets=targets, norm=norm) if leaky else None
+    last = chained(leaky_last, guided_minimizer(net, norm) if guided else None)
     falsify = attack_falsifier(net, steps=attack_steps, restarts=restarts, targets=targets, norm=norm)
-    tail = (("min-norm-leaky",) if leaky else ()) + (("bound-guided",) if guided else ())
+    tail = (("min-norm-leaky",) if leaky_last else ()) + (("bound-guided",) if guided else ())
     attacks = ("pgd-margin",) + (("pgd-targeted",) if targets else ()) + tail
     if kind == "attack" and min_norm_steps:
         return Oracle(kind, None, falsify, min_norm_falsifier(net, steps=min_norm_steps, norm=norm),

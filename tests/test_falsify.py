@@ -51,6 +51,8 @@ def test_min_norm_ladder_brackets_the_smallest_radius():
     assert oracle.attacks == ("min-norm", "min-norm-leaky", "bound-guided") and oracle.last_resort is not None
     assert make_oracle(net, "crown", guided=False).attacks[-1] == "min-norm-leaky"
     assert make_oracle(net, "crown", guided=False, leaky=False).last_resort is None
+    assert make_oracle(net, "complete").warm.attacks == ("min-norm", "min-norm-leaky")
+    assert make_oracle(net, "complete", leaky=False).warm.attacks == ("min-norm",)
 
 
 def test_leaky_gradients_keep_values_and_pass_through_inactive_units():
