@@ -18,12 +18,20 @@ forward passes. ``--json`` writes the table for the notebook.
 ``--mc-known IMAGE:HITS,...`` skips steps 1, 2 and the Monte Carlo run of step 3 and takes its hit counts (of
 ``--mc-samples`` samples, from an earlier run with the same network, eps and delta) and its inputs, to sweep
 AMLS configurations quickly: ``--mc-known 66:1111,121:1693,73:1402,14:2372`` are the README's 10^8-sample counts;
-``--roma-samples ''`` skips RoMA; ``--seed`` then changes only the AMLS seeds.
+``--roma-samples ''`` skips RoMA; ``--seed`` then changes only the AMLS seeds. ``--ids`` names the images instead of
+the pilot; ``--mc-rng threefry`` draws Monte Carlo's samples with threefry instead of the hash generator AMLS uses
+(an independent reference, ~7x slower: 10^8 samples of one input take ~15 min here).
+
+The summary gives each configuration's bias against Monte Carlo in units of its standard error, and the share of
+runs an unbiased estimator with that sd would put inside the Monte Carlo interval (MC's interval has an error of
+its own, so even a perfect estimator with sd comparable to it lands outside in some runs).
 
     python benchmarks/bench_amls.py [--net PATH] [--eps 0.2] [--delta 0.5] [--mc-samples 100000000] [--reps 8]
 
     python benchmarks/bench_amls.py --mc-known 66:1111,121:1693,73:1402,14:2372 --roma-samples '' \
         --amls '40000,0.2,3;35000,0.3,3' --reps 8 --seed 1
+
+    python benchmarks/bench_amls.py --ids 66 --mc-rng threefry --seed 5 --roma-samples '' --amls '40000,0.2,3'
 """
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ import warnings
 import jax
 import numpy as np
 from common import SHARED
+from scipy import stats
 
 from jaxrobust.kernels.amls import AmlsConfig, latent_size
 from jaxrobust.kernels.stats import clopper_pearson, roma_statistics
@@ -107,6 +116,11 @@ def main():
     ap.add_argument("--delta", type=float, default=0.5)
     ap.add_argument("--mc-samples", type=int, default=10 ** 8)
     ap.add_argument("--chunk", type=int, default=4096, help="Monte Carlo samples per input per step")
+    ap.add_argument("--mc-rng", choices=("hash", "threefry"), default="hash",
+                    help="Monte Carlo's per-coordinate generator (AMLS keeps its own): threefry is independent of "
+                         "the hash AMLS draws its latents from, and ~7x slower")
+    ap.add_argument("--ids", type=lambda t: [int(v) for v in t.split(",")],
+                    help="compare these test images (positions) instead of the pilot's choice")
     ap.add_argument("--mc-known", type=known_counts,
                     help="IMAGE:HITS,... Monte Carlo hit counts of --mc-samples samples from an earlier run (same net, "
                          "eps, delta): skips the throughput run, the pilot selection and Monte Carlo itself")
@@ -139,29 +153,32 @@ def main():
         xs, ys, k = x[pos], y[pos], len(pos)
     else:
         # 1. Monte Carlo throughput, as many inputs at once as in step 3
-        b = min(args.inputs, len(x))
+        b = len(args.ids) if args.ids else min(args.inputs, len(x))
         n0 = 50 * args.chunk
-        monte_carlo(net, x[:b], y[:b], args.eps, args.delta, args.chunk, args.chunk)  # compiles
-        _, t = timed(lambda: monte_carlo(net, x[:b], y[:b], args.eps, args.delta, n0, args.chunk))
+        monte_carlo(net, x[:b], y[:b], args.eps, args.delta, args.chunk, args.chunk, rng=args.mc_rng)  # compiles
+        _, t = timed(lambda: monte_carlo(net, x[:b], y[:b], args.eps, args.delta, n0, args.chunk, rng=args.mc_rng))
         rate = b * n0 / t
         print(f"Monte Carlo: {rate:.3g} samples/s ({b} inputs x {n0} samples in {t:.1f} s): 10^8 samples of one "
               f"input take {1e8 / rate:.0f} s, of {b} inputs {b * 1e8 / rate / 60:.1f} min")
 
         # 2. pilot selection
-        (pos, pilot), t = timed(lambda: select(net, x, y, args))
-        print(f"pilot AMLS over {len(x)} images ({t:.0f} s): {len(pos)} in [1e-6, 1e-3]: "
-              + ", ".join(f"#{p} ({pilot[p]:.1f})" for p in pos))
+        if args.ids:
+            pos = np.asarray(args.ids, np.int64)
+        else:
+            (pos, pilot), t = timed(lambda: select(net, x, y, args))
+            print(f"pilot AMLS over {len(x)} images ({t:.0f} s): {len(pos)} in [1e-6, 1e-3]: "
+                  + ", ".join(f"#{p} ({pilot[p]:.1f})" for p in pos))
         if not len(pos):
             return
         xs, ys, k = x[pos], y[pos], len(pos)
 
         # 3. the estimators on the selected inputs
         mc, t_mc = timed(lambda: monte_carlo(net, xs, ys, args.eps, args.delta, args.mc_samples, args.chunk,
-                                             seed=args.seed, indices=pos))
+                                             seed=args.seed, indices=pos, rng=args.mc_rng))
     mc_lo, mc_hi = np.log10(np.maximum(mc.low, 1e-300)), np.log10(mc.high)
     rows = [{"image": int(p), "estimator": f"MC n={args.mc_samples:.0e}", "log10_p": float(np.log10(mc.p[i])),
              "low": float(mc_lo[i]), "high": float(mc_hi[i]), "forward": args.mc_samples, "seconds": t_mc / k,
-             "note": f"{mc.count[i]} hits"} for i, p in enumerate(pos)]
+             "note": f"{mc.count[i]} hits ({args.mc_rng})"} for i, p in enumerate(pos)]
     for n, r, fit, t in roma_rows(net, xs, ys, pos, args):
         rows += [{"image": int(p), "estimator": f"RoMA n={n:.0e}", "log10_p": float(r.log10_tail[i]),
                   "low": None, "high": None, "forward": n, "seconds": t,
@@ -213,12 +230,20 @@ def main():
               f"passes for {met} of {len(mine)} inputs; all seeds: {sum(r['reps_inside'] for r in mine)} of "
               f"{args.reps * len(mine)} inside")
     mc_log = np.log10(mc.p)
-    print(f"\nAMLS over all {args.reps} seeds x {k} inputs: bias = mean log10 p - MC log10 p per input; sd per input; "
-          "forward passes and levels per run; acceptance: mean over levels of a run, min: lowest level")
+    mc_sd = (mc_hi - mc_lo) / (2 * 1.96)      # Monte Carlo's own standard error in log10
+    print(f"\nAMLS over all {args.reps} seeds x {k} inputs: bias = mean log10 p - MC log10 p per input, and in units "
+          "of its standard error (AMLS mean and MC together); sd per input; expected inside: the share of runs an "
+          "unbiased estimator with this sd puts inside the MC interval, given MC's own error; forward passes and "
+          "levels per run; acceptance: mean over levels of a run, min: lowest level")
     for cfg, lp, inside, fwd, acc, acc_min, levels, t in summary:
-        print(f"AMLS N={cfg.particles} rho={cfg.rho:g} M={cfg.steps}: inside {inside.sum()} of {inside.size}; bias "
-              + " ".join(f"{v:+.3f}" for v in lp.mean(0) - mc_log) + "; sd "
-              + " ".join(f"{v:.3f}" for v in (lp.std(0, ddof=1) if args.reps > 1 else np.full(k, np.nan)))
+        sd = lp.std(0, ddof=1) if args.reps > 1 else np.full(k, np.nan)
+        bias = lp.mean(0) - mc_log
+        z = bias / np.sqrt(sd ** 2 / args.reps + mc_sd ** 2)
+        expected = 2 * stats.norm.cdf(1.96 * mc_sd / np.sqrt(sd ** 2 + mc_sd ** 2)) - 1
+        print(f"AMLS N={cfg.particles} rho={cfg.rho:g} M={cfg.steps}: inside {inside.sum()} of {inside.size} "
+              f"(expected {expected.sum() * args.reps:.0f}); bias "
+              + " ".join(f"{v:+.3f} ({w:+.1f})" for v, w in zip(bias, z)) + "; sd "
+              + " ".join(f"{v:.3f}" for v in sd)
               + f"; passes median {np.median(fwd):.3g} max {fwd.max():.3g} (MC/max {args.mc_samples / fwd.max():.0f})"
               f"; levels {levels.min()}-{levels.max()}; acceptance {np.mean(acc):.2f} (min {np.min(acc_min):.2f})"
               f"; {t:.2f} s per run")

@@ -114,10 +114,11 @@ def _exceeds(scorer, labels, threshold, samples):
 
 
 def monte_carlo(net: Network, x, y, eps, delta: float | None, n: int, chunk: int, *, sampler: str = "linf",
-                seed: int = 0, indices=None, confidence: float = 0.95) -> MonteCarloResult:
+                seed: int = 0, indices=None, confidence: float = 0.95, rng: str | None = None) -> MonteCarloResult:
     """Plain Monte Carlo estimate of ``P(c > δ)`` (``delta=None``: of misclassification) from ``n`` perturbations
     of every input ``x: (B, *shape)``, labels ``y: (B,)``, ``chunk`` samples per input per step (memory; the
-    samples do not depend on it); ``indices``: the inputs' global ids (default ``0..B-1``)."""
+    samples do not depend on it); ``indices``: the inputs' global ids (default ``0..B-1``); ``rng``: the samples'
+    per-coordinate generator (`perturb.map_samples`; None: the sampler's default)."""
     t = _threshold(delta, seed)
     if int(n) != n or not 1 <= n < 2 ** 31:
         raise InputError(f"n must be an integer in [1, 2^31), got {n}")
@@ -125,7 +126,7 @@ def monte_carlo(net: Network, x, y, eps, delta: float | None, n: int, chunk: int
     offset = 0 if indices is None else jnp.asarray(indices, jnp.int32)
     key = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
     k = map_samples(Partial(_exceeds, _scorer(net, delta), y, jnp.float32(t)), key, x, eps, int(n), chunk,
-                    sampler=sampler, domain=net.domain, offset=offset, reduce="sum")
+                    sampler=sampler, domain=net.domain, offset=offset, reduce="sum", rng=rng)
     k = np.asarray(k, np.int64)
     low, high = clopper_pearson(k, n, confidence)     # float64 on the host
     return MonteCarloResult(k, k / n, np.asarray(low, np.float64), np.asarray(high, np.float64))

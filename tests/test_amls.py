@@ -82,6 +82,8 @@ def test_rare_events_of_a_network_match_the_irwin_hall_tail(cube_net):
     assert np.all((mc.low <= p) & (p <= mc.high)) and np.all(mc.count == np.round(mc.p * 20_000))
     stats_ = stats.binomtest(int(mc.count[0]), 20_000).proportion_ci(0.95, "exact")
     np.testing.assert_allclose([mc.low[0], mc.high[0]], [stats_.low, stats_.high], rtol=1e-6)
+    other = monte_carlo(net, x[:4], y[:4], 0.5, 0.5, 20_000, 5_000, indices=[0, 1, 2, 3], rng="threefry")
+    assert np.all((other.low <= p) & (p <= other.high)) and np.any(other.count != mc.count)  # other samples
 
 
 @pytest.mark.parametrize("sampler,domain", [("linf", (0.0, 1.0)), ("gaussian", (0.0, 1.0)), ("l2", None),
@@ -185,6 +187,7 @@ def test_bad_network_level_options(cube_net):
     x, y = np.full((1, 2, 3), 0.5, np.float32), [0]
     for call in (lambda: monte_carlo(cube_net, x, y, 0.1, 0.5, 0, 10),
                  lambda: monte_carlo(cube_net, x, y, 0.1, 0.0, 10, 10),
+                 lambda: monte_carlo(cube_net, x, y, 0.1, 0.5, 10, 10, rng="mt19937"),
                  lambda: amls_estimate(cube_net, x, y, 0.1, 1.5)):
         with pytest.raises(InputError):
             call()
