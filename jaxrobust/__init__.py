@@ -46,7 +46,7 @@ def __dir__():
     return sorted(set(globals()) | set(__all__))
 
 
-__version__ = "0.3.5"
+__version__ = "0.3.6"
 
 
 def alpha_crown(fn, lo, hi, spec=None, **options):
