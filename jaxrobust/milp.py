@@ -25,6 +25,8 @@ network classifies correctly) is UNKNOWN.
 """
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import NamedTuple
 
@@ -32,7 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint
+from scipy.optimize import milp as _scipy_milp
 
 from .box_search import _logits
 from .errors import InputError
@@ -266,7 +269,7 @@ def _lp_tighten(ws, bs, bounds, lo, hi, l, u, deadline, *, integer: bool = False
             opts = {} if solve_limit is None else {"time_limit": float(solve_limit)}
             if deadline is not None:
                 opts["time_limit"] = max(1e-3, min(opts.get("time_limit", np.inf), deadline - time.perf_counter()))
-            r = milp(sign * obj, bounds=enc.bounds, constraints=cons,
+            r = _milp(sign * obj, bounds=enc.bounds, constraints=cons,
                      integrality=enc.integrality if integer else None, options=opts)
             best = r.get("mip_dual_bound") if integer else (r.fun if r.status == 0 else None)
             if best is None or not np.isfinite(best):
@@ -357,9 +360,24 @@ class _Encoding:
         cons = [LinearConstraint(sparse.csr_matrix(obj), -np.inf, tol - float(c_row @ self.b_out))]
         if self.a is not None:
             cons.append(LinearConstraint(self.a, self.r_lo, self.r_hi))
-        r = milp(obj, integrality=self.integrality, bounds=self.bounds, constraints=cons,
+        r = _milp(obj, integrality=self.integrality, bounds=self.bounds, constraints=cons,
                  options={"time_limit": float(time_limit), "mip_rel_gap": 1e30})
         return _Solve(None if r.x is None else r.x[:self.n0], r.status == 2, int(r.get("mip_node_count") or 0))
+
+
+def _milp(*args, **kwargs):
+    """`scipy.optimize.milp` with the process's standard output closed while it runs: some HiGHS releases print a
+    debug line (``HighsMipSolverData::transformNewIntegerFeasibleSolution``) there for every new incumbent,
+    whatever their output options, thousands of lines per verification query."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        return _scipy_milp(*args, **kwargs)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _check_box(lo, hi, n0: int):

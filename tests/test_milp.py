@@ -1,5 +1,6 @@
 """The MILP back-end against exhaustive ground truth on small networks and against the JAIR results."""
 import itertools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -259,3 +260,15 @@ def test_intersect_root_rounds_outward():
     assert np.all(hi >= want_hi) and np.all(hi <= want_hi + step)
     wide = intersect_root(root, ["a"], [(np.full(5, -5.0), np.full(5, 5.0))])
     np.testing.assert_array_equal(hidden_bounds(wide, ["a"])[0], hidden_bounds(root, ["a"])[0])
+
+
+def test_solver_output_on_stdout_is_silenced_and_stdout_restored(monkeypatch, capfd):
+    def noisy(*args, **kwargs):        # what HiGHS does: writes to file descriptor 1 from C, whatever its options
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+        return "solved"
+
+    monkeypatch.setattr(milp_mod, "_scipy_milp", noisy)
+    assert milp_mod._milp([1.0]) == "solved"
+    print("after")
+    out = capfd.readouterr().out
+    assert "HighsMip" not in out and "after" in out
