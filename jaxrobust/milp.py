@@ -25,8 +25,10 @@ network classifies correctly) is UNKNOWN.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -270,7 +272,7 @@ def _lp_tighten(ws, bs, bounds, lo, hi, l, u, deadline, *, integer: bool = False
             if deadline is not None:
                 opts["time_limit"] = max(1e-3, min(opts.get("time_limit", np.inf), deadline - time.perf_counter()))
             r = _milp(sign * obj, bounds=enc.bounds, constraints=cons,
-                     integrality=enc.integrality if integer else None, options=opts)
+                      integrality=enc.integrality if integer else None, options=opts)
             best = r.get("mip_dual_bound") if integer else (r.fun if r.status == 0 else None)
             if best is None or not np.isfinite(best):
                 continue
@@ -361,24 +363,39 @@ class _Encoding:
         if self.a is not None:
             cons.append(LinearConstraint(self.a, self.r_lo, self.r_hi))
         r = _milp(obj, integrality=self.integrality, bounds=self.bounds, constraints=cons,
-                 options={"time_limit": float(time_limit), "mip_rel_gap": 1e30})
+                  options={"time_limit": float(time_limit), "mip_rel_gap": 1e30})
         return _Solve(None if r.x is None else r.x[:self.n0], r.status == 2, int(r.get("mip_node_count") or 0))
 
 
 def _milp(*args, **kwargs):
-    """`scipy.optimize.milp` with the process's standard output closed while it runs: some HiGHS releases print a
-    debug line (``HighsMipSolverData::transformNewIntegerFeasibleSolution``) there for every new incumbent,
-    whatever their output options, thousands of lines per verification query."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
+    """`scipy.optimize.milp` with the process's standard output sent to the null device while it runs: some HiGHS
+    releases print a debug line (``HighsMipSolverData::transformNewIntegerFeasibleSolution``) there for every new
+    incumbent, whatever their output options, thousands of lines per verification query."""
+    with _stdout_silenced():
         return _scipy_milp(*args, **kwargs)
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
 
+
+_SILENCE = {"lock": threading.Lock(), "depth": 0, "saved": None}
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+    """File descriptor 1 on the null device inside, restored when the last thread inside leaves."""
+    with _SILENCE["lock"]:
+        if _SILENCE["depth"] == 0:
+            sys.stdout.flush()
+            _SILENCE["saved"] = os.dup(1)
+            with open(os.devnull, "w") as null:
+                os.dup2(null.fileno(), 1)
+        _SILENCE["depth"] += 1
+    try:
+        yield
+    finally:
+        with _SILENCE["lock"]:
+            _SILENCE["depth"] -= 1
+            if _SILENCE["depth"] == 0:
+                os.dup2(_SILENCE["saved"], 1)
+                os.close(_SILENCE["saved"])
 
 def _check_box(lo, hi, n0: int):
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)

@@ -1,6 +1,8 @@
 """The MILP back-end against exhaustive ground truth on small networks and against the JAIR results."""
 import itertools
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -263,12 +265,26 @@ def test_intersect_root_rounds_outward():
 
 
 def test_solver_output_on_stdout_is_silenced_and_stdout_restored(monkeypatch, capfd):
-    def noisy(*args, **kwargs):        # what HiGHS does: writes to file descriptor 1 from C, whatever its options
+    entered, first_done = [threading.Event() for _ in range(2)], threading.Event()
+
+    def noisy(which, **kwargs):        # what HiGHS does: writes to file descriptor 1 from C, whatever its options
+        if which == 1:
+            entered[0].wait(10)
         os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
-        return "solved"
+        entered[which].set()
+        if which == 0:                 # the first solve leaves while the second is still writing
+            entered[1].wait(10)
+        else:
+            first_done.wait(10)
+            os.write(1, b"HighsMip again\n")
+        return which
 
     monkeypatch.setattr(milp_mod, "_scipy_milp", noisy)
-    assert milp_mod._milp([1.0]) == "solved"
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.submit(milp_mod._milp, 0), pool.submit(milp_mod._milp, 1)
+        assert first.result(10) == 0
+        first_done.set()
+        assert second.result(10) == 1
     print("after")
     out = capfd.readouterr().out
     assert "HighsMip" not in out and "after" in out
