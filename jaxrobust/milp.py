@@ -397,6 +397,7 @@ def _stdout_silenced():
                 os.dup2(_SILENCE["saved"], 1)
                 os.close(_SILENCE["saved"])
 
+
 def _check_box(lo, hi, n0: int):
     lo, hi = np.asarray(lo, np.float64), np.asarray(hi, np.float64)
     if lo.shape != (n0,) or hi.shape != (n0,):
